@@ -1,0 +1,142 @@
+"""Choose a backend for each fused op, per call.
+
+`backend="auto"` resolves in this order: a per-op override (`set_backend`, a
+recipe's `kernels:` section, or the environment variable
+``LLM_KERNELS="attention=triton,rms_norm=cuda"``), then the first backend in
+`AUTO_ORDER` for the tensor's device that is installed and supports the call,
+then torch, which always can. A backend asked for by name that cannot run (not
+installed, wrong device, unsupported arguments) raises `BackendUnavailable`
+naming the reason: a named backend is never silently swapped for another.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+OPS = ("attention", "layer_norm", "rms_norm", "linear_cross_entropy")
+BACKENDS = ("torch", "triton", "cuda", "flash_attn", "apex")
+ENV_VAR = "LLM_KERNELS"
+
+# Preference for "auto" per device type; the first that is available and
+# supports a call wins. CPU runs torch only (Triton on a CPU needs the interpreter).
+AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    "cpu": {op: ("torch",) for op in OPS},
+    "cuda": {op: ("torch",) for op in OPS},
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was asked for by name and cannot run this call."""
+
+
+@dataclass
+class Backend:
+    """One implementation of an op.
+
+    `load()` imports it lazily and returns the callable; `unavailable(device)`
+    returns why it cannot run on that device type (None when it can);
+    `unsupported(**call)` returns why it cannot take these arguments (None when it can).
+    """
+
+    load: Callable[[], Callable]
+    unavailable: Callable[[str], str | None] = lambda device: None
+    unsupported: Callable[..., str | None] = lambda **call: None
+    _fn: Callable | None = field(default=None, repr=False)
+
+    def fn(self) -> Callable:
+        if self._fn is None:
+            self._fn = self.load()
+        return self._fn
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
+_OVERRIDES: dict[str, str] = {}
+
+
+def register(op: str, name: str, backend: Backend) -> None:
+    if op not in OPS or name not in BACKENDS:
+        raise ValueError(f"unknown op {op!r} or backend {name!r}")
+    _REGISTRY[op][name] = backend
+
+
+def _check_name(op: str, backend: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"unknown kernel op {op!r}; ops are {', '.join(OPS)}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} for {op}; choose auto or one of {', '.join(BACKENDS)}")
+
+
+def set_backend(op: str, backend: str) -> None:
+    """Make `backend` what "auto" means for `op` in this process ("auto" clears it)."""
+    _check_name(op, backend)
+    if backend == "auto":
+        _OVERRIDES.pop(op, None)
+    else:
+        _OVERRIDES[op] = backend
+
+
+def configure(backends: dict[str, str]) -> None:
+    """Apply a recipe's `kernels:` mapping, e.g. {"attention": "triton"}."""
+    for op, backend in backends.items():
+        set_backend(op, backend)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_env(spec: str) -> dict[str, str]:
+    result = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        op, sep, backend = item.partition("=")
+        if not sep:
+            raise ValueError(f"{ENV_VAR}: expected op=backend items, got {item!r}")
+        _check_name(op.strip(), backend.strip())
+        result[op.strip()] = backend.strip()
+    return result
+
+
+def override(op: str) -> str | None:
+    return _parse_env(os.environ.get(ENV_VAR, "").strip()).get(op) or _OVERRIDES.get(op)
+
+
+def why_not(op: str, name: str, device: str, **call: Any) -> str | None:
+    """Why backend `name` cannot run this call of `op` on `device` (None when it can)."""
+    backend = _REGISTRY[op].get(name)
+    if backend is None:
+        return f"no {name} implementation of {op} exists"
+    return backend.unavailable(device) or backend.unsupported(**call)
+
+
+def resolve(op: str, backend: str, device: str, **call: Any) -> tuple[str, Callable]:
+    """Return (name, function) of the backend that runs this call."""
+    _check_name(op, backend)
+    if backend == "auto":
+        backend = override(op) or "auto"
+    if backend != "auto":
+        reason = why_not(op, backend, device, **call)
+        if reason:
+            raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {reason}")
+        return backend, _REGISTRY[op][backend].fn()
+    for name in AUTO_ORDER.get(device, AUTO_ORDER["cpu"])[op]:
+        if why_not(op, name, device, **call) is None:
+            return name, _REGISTRY[op][name].fn()
+    return "torch", _REGISTRY[op]["torch"].fn()
+
+
+def available_backends(op: str, device: str = "cpu") -> dict[str, str | None]:
+    """Each known backend of `op` mapped to None (usable) or the reason it is not."""
+    return {name: why_not(op, name, device) for name in BACKENDS}
+
+
+def _reference(name: str) -> Callable[[], Callable]:
+    def load():
+        from llm.kernels import reference
+
+        return getattr(reference, name)
+
+    return load
+
+
+for _op in OPS:
+    register(_op, "torch", Backend(load=_reference(_op)))

@@ -1,0 +1,70 @@
+"""Plain PyTorch versions of every fused op: the "torch" backend and the ground truth.
+
+Shapes and semantics here are the contract that every other backend matches:
+
+* attention: q (B, H, Lq, D), k and v (B, Hkv, Lk, D) with H % Hkv == 0 (GQA/MQA).
+  `causal` aligns the mask to the bottom right (query i sees keys j <= i + Lk - Lq),
+  so a cached decode step (Lq=1) sees every key. `key_padding_mask` (B, Lk) is True
+  where a key may be attended. A query that may attend to no key outputs zeros.
+* layer_norm / rms_norm normalise over the last dimension; rms_norm computes in
+  fp32 and casts back before the weight, as LLaMA does.
+* linear_cross_entropy(hidden (N, D), weight (V, D), labels (N,), bias (V,) or None)
+  is the mean cross-entropy of hidden @ weight.T + bias over labels != ignore_index (0 when none).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    lq, lk = q.shape[-2], k.shape[-2]
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask.to(torch.bool)[:, None, None, :]
+    is_causal = causal and mask is None and lq == lk
+    if causal and not is_causal:
+        rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
+        causal_mask = torch.arange(lk, device=q.device)[None, :] <= rows
+        mask = causal_mask if mask is None else mask & causal_mask
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else weight * y
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return total / (labels != ignore_index).sum().clamp(min=1)

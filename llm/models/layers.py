@@ -1,0 +1,175 @@
+"""The pieces of a Transformer block: norms, positions, attention, MLP, the block.
+
+Attention and norms go through `llm.kernels`, so a fused kernel reaches every
+model without changes here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm import kernels
+from llm.config import ModelConfig
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last dimension (LayerNorm's bias follows `bias`)."""
+
+    def __init__(self, dim: int, kind: str, eps: float, bias: bool):
+        super().__init__()
+        self.kind = kind
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" and bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rmsnorm":
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, dim={self.weight.numel()}, eps={self.eps}"
+
+
+def build_norm(cfg: ModelConfig) -> Norm:
+    return Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.bias)
+
+
+def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    inv = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    table = torch.empty(n_positions, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)
+    return table.float()
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding in the half-split layout of Hugging Face LLaMA:
+    dimension i pairs with i + head_dim/2."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin, each (B or 1, T, head_dim), for positions (B or 1, T)."""
+        freqs = position_ids[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, D) by the angles whose cos/sin are (B, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads (MHA, GQA, MQA).
+
+    One fused projection makes q, k and v; `cache` (a KVCache) holds earlier keys
+    and values during generation.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.causal = cfg.causal
+        self.dropout_p = cfg.attention_dropout
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+        self.proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = kernels.attention(
+            q,
+            k,
+            v,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """GELU MLP, or SwiGLU with gate and up projections fused into `fc_in` (gate first)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
+        self.fc_in = nn.Linear(cfg.d_model, width, bias=cfg.bias)
+        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc_in(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.fc_out(h)
+
+
+class Block(nn.Module):
+    """Attention then MLP, each in a residual branch, normalised before (pre) or after (post)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.attn_norm = build_norm(cfg)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = build_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, key_padding_mask=None, cache=None):
+        if self.pre_norm:
+            x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_padding_mask, cache))
+            return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, rope, key_padding_mask, cache)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+
+
+def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
+    """Normal(0, init_std) for matrices and embeddings, zeros for biases, ones for norms;
+    residual output projections scaled by 1/sqrt(2 * n_layers) as in GPT-2."""
+    std = cfg.init_std
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            scale = 1 / math.sqrt(2 * cfg.n_layers) if name.endswith(("attn.proj", "mlp.fc_out")) else 1.0
+            nn.init.normal_(m.weight, std=std * scale)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, Norm):
+            nn.init.ones_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

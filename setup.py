@@ -1,0 +1,64 @@
+"""Install the `llm` package.
+
+csrc/ is compiled into `llm._C` only where a CUDA build of torch and nvcc are
+present (build with `pip install --no-build-isolation -e .` so the build sees
+that torch). Everywhere else the package installs as pure Python and the
+kernels fall back to Triton or torch.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+
+def cuda_extension():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None or os.environ.get("LLM_NO_CUDA_EXT"):
+        return [], {}
+    archs = os.environ.get("LLM_CUDA_ARCHS", "80;90").split(";")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    ext = CUDAExtension(
+        "llm._C",
+        sorted(glob.glob("csrc/*.cu")) + ["csrc/bindings.cpp"],
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo", *gencode]},
+    )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="llm",
+    version="0.1.0",
+    description="Pretrain and fine-tune Transformer models with DeepSpeed ZeRO, Arrow data and fused kernels",
+    long_description=open("README.md").read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llm", "llm.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "tokenizers",
+        "pyarrow",
+        "tqdm",
+        "deepspeed>=0.16",
+        "tensorboard",
+        "matplotlib",
+        "psutil",
+        "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow"],
+        "mpi": ["mpi4py", "openmpi"],
+    },
+    entry_points={"console_scripts": ["llm=llm.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
