@@ -275,8 +275,7 @@ class ModelConfig:
             _check(
                 self.task in ("encoder", "contrastive") + IMAGE_TASKS,
                 _join(path, "task"),
-                f"{self.task!r} needs text; a vit model does encoder, contrastive or "
-                f"{' or '.join(IMAGE_TASKS)}",
+                f"{self.task!r} needs text; a vit model does encoder, contrastive or {' or '.join(IMAGE_TASKS)}",
             )
         else:
             _check(

@@ -12,9 +12,12 @@ naming the reason: a named backend is never silently swapped for another.
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 OPS = ("attention", "layer_norm", "rms_norm", "linear_cross_entropy")
 BACKENDS = ("torch", "triton", "cuda", "flash_attn", "apex")
@@ -129,14 +132,69 @@ def available_backends(op: str, device: str = "cpu") -> dict[str, str | None]:
     return {name: why_not(op, name, device) for name in BACKENDS}
 
 
-def _reference(name: str) -> Callable[[], Callable]:
-    def load():
-        from llm.kernels import reference
+def _triton_unavailable(device: str) -> str | None:
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton needs a GPU, or TRITON_INTERPRET=1 on a CPU"
+    if device not in ("cpu", "cuda"):
+        return f"Triton does not run on {device}"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
 
-        return getattr(reference, name)
+
+def _cuda_ext_unavailable(device: str) -> str | None:
+    if device != "cuda":
+        return "the csrc/ CUDA kernels need a CUDA device"
+    try:
+        importlib.import_module("llm._C")
+    except ImportError as e:
+        return f"llm._C is not built ({e}); build with `pip install --no-build-isolation -e .` on a CUDA machine"
+    return None
+
+
+def _package_unavailable(package: str, device: str) -> str | None:
+    if device != "cuda":
+        return f"{package} needs a CUDA device"
+    if importlib.util.find_spec(package) is None:
+        return f"{package} is not installed"
+    return None
+
+
+# (op, backend) -> module implementing it; the module defines a function named
+# like the op and, optionally, `<op>_unsupported(**call) -> reason | None`.
+IMPLEMENTATIONS: dict[tuple[str, str], tuple[str, Callable[[str], str | None]]] = {
+    **{(op, "torch"): ("llm.kernels.reference", lambda device: None) for op in OPS},
+    ("attention", "triton"): ("llm.kernels.triton_attention", _triton_unavailable),
+    ("layer_norm", "triton"): ("llm.kernels.triton_norms", _triton_unavailable),
+    ("rms_norm", "triton"): ("llm.kernels.triton_norms", _triton_unavailable),
+    ("linear_cross_entropy", "triton"): ("llm.kernels.triton_cross_entropy", _triton_unavailable),
+    ("layer_norm", "cuda"): ("llm.kernels.cuda_norms", _cuda_ext_unavailable),
+    ("rms_norm", "cuda"): ("llm.kernels.cuda_norms", _cuda_ext_unavailable),
+    ("attention", "flash_attn"): ("llm.kernels.flash_attn_backend", lambda d: _package_unavailable("flash_attn", d)),
+    ("layer_norm", "apex"): ("llm.kernels.apex_backend", lambda d: _package_unavailable("apex", d)),
+    ("rms_norm", "apex"): ("llm.kernels.apex_backend", lambda d: _package_unavailable("apex", d)),
+}
+
+
+def _lazy(module: str, op: str, attr: str | None = None) -> Callable:
+    def load():
+        return getattr(importlib.import_module(module), attr or op)
 
     return load
 
 
-for _op in OPS:
-    register(_op, "torch", Backend(load=_reference(_op)))
+def _lazy_check(module: str, op: str) -> Callable[..., str | None]:
+    def check(**call):
+        fn = getattr(importlib.import_module(module), f"{op}_unsupported", None)
+        return fn(**call) if fn is not None else None
+
+    return check
+
+
+for (_op, _name), (_module, _unavailable) in IMPLEMENTATIONS.items():
+    if importlib.util.find_spec(_module) is not None:
+        register(
+            _op,
+            _name,
+            Backend(load=_lazy(_module, _op), unavailable=_unavailable, unsupported=_lazy_check(_module, _op)),
+        )

@@ -1,0 +1,218 @@
+"""The `llm` command: parse, validate, call the library.
+
+Each command group has its own `_add_*` function below; handlers import the
+library lazily so `llm --help` stays fast. A `UserError` (bad config, missing
+file, corrupt shard...) prints as one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from llm.errors import UserError
+
+
+def _parser(sub, name: str, help: str, example: str, description: str | None = None):
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        epilog="example:\n" + textwrap.indent(example.strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return p
+
+
+def _group(sub, name: str, help: str, example: str):
+    p = _parser(sub, name, help, example)
+    inner = p.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+    return inner
+
+
+# ----------------------------------------------------------------------------
+# llm model
+# ----------------------------------------------------------------------------
+
+
+def _cmd_model_info(args) -> int:
+    from llm.config import load_model_config
+    from llm.models.info import format_model_info
+
+    cfg = load_model_config(args.config, args.set)
+    print(format_model_info(cfg, ranks=args.ranks, seq_len=args.seq_len))
+    return 0
+
+
+def _add_model_commands(sub) -> None:
+    model = _group(sub, "model", "inspect model configs", "llm model info configs/models/gpt2-124m.yaml")
+    p = _parser(
+        model,
+        "info",
+        "parameters, training FLOPs per token and ZeRO memory per rank of a model config",
+        "llm model info configs/models/llama-8b.yaml --ranks 64",
+    )
+    p.add_argument("config", help="a model YAML (configs/models/*.yaml)")
+    p.add_argument("--ranks", type=int, default=8, help="data-parallel ranks for the ZeRO memory table (default 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    p.set_defaults(func=_cmd_model_info)
+
+
+# ----------------------------------------------------------------------------
+# llm convert / generate
+# ----------------------------------------------------------------------------
+
+
+def _cmd_convert(args) -> int:
+    from llm.models.convert import convert
+
+    print(convert(args.source, args.output, to=args.to, tag=args.tag))
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from llm.models.generation import generate_text
+
+    for text in generate_text(
+        args.model,
+        args.prompt,
+        tokenizer=args.tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    ):
+        print(text)
+    return 0
+
+
+def _add_model_io_commands(sub) -> None:
+    p = _parser(
+        sub,
+        "convert",
+        "convert models between Hugging Face directories, llm directories and training checkpoints",
+        """
+llm convert path/to/hf-gpt2 models/gpt2              # Hugging Face -> llm
+llm convert models/gpt2 exported/gpt2 --to hf        # llm -> Hugging Face (safetensors)
+llm convert runs/gpt/checkpoints exported/gpt --to hf  # latest ZeRO checkpoint -> Hugging Face
+""",
+        description=(
+            "Convert a model. SOURCE is a Hugging Face directory (config.json), an llm model directory "
+            "(config.yaml + model.safetensors), or a training checkpoint (a run's checkpoints/ folder or one "
+            "step inside it, any ZeRO stage). --to llm writes config.yaml + model.safetensors; --to hf writes a "
+            "Hugging Face directory."
+        ),
+    )
+    p.add_argument("source")
+    p.add_argument("output")
+    p.add_argument("--to", choices=["llm", "hf"], default="llm", help="output format (default llm)")
+    p.add_argument("--tag", default=None, help="checkpoint step folder to convert (default: the latest)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = _parser(
+        sub,
+        "generate",
+        "generate text from a model with a KV cache (greedy, temperature, top-k, top-p)",
+        'llm generate --model runs/quickstart/export --prompt "def main(" --max-new-tokens 64 --top-k 40',
+    )
+    p.add_argument("--model", required=True, help="llm model directory, Hugging Face directory or checkpoint")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the model)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_generate)
+
+
+# ----------------------------------------------------------------------------
+# llm data
+# ----------------------------------------------------------------------------
+
+
+def _add_data_commands(sub) -> None:
+    data = _group(sub, "data", "tokenizers and Arrow shards", "llm data prepare --help")
+    p = _parser(
+        data,
+        "tokenizer",
+        "train a byte-level BPE or WordPiece tokenizer, or adopt a tokenizer.json",
+        "llm data tokenizer --stdlib --kind bpe --vocab-size 8192 --out data/tok",
+    )
+    p.set_defaults(func=_not_built("data tokenizer"))
+    p = _parser(data, "prepare", "tokenize text into Arrow shards with a manifest", "llm data prepare --help")
+    p.set_defaults(func=_not_built("data prepare"))
+
+
+# ----------------------------------------------------------------------------
+# llm pretrain / finetune / eval / plot
+# ----------------------------------------------------------------------------
+
+
+def _add_train_commands(sub) -> None:
+    p = _parser(sub, "pretrain", "pretrain a model from a recipe on DeepSpeed", "llm pretrain configs/recipes/gpt.yaml")
+    p.set_defaults(func=_not_built("pretrain"))
+    p = _parser(sub, "finetune", "fine-tune a pretrained model from a recipe", "llm finetune --help")
+    p.set_defaults(func=_not_built("finetune"))
+    p = _parser(sub, "eval", "evaluate a model on a held-out split", "llm eval --help")
+    p.set_defaults(func=_not_built("eval"))
+
+
+# ----------------------------------------------------------------------------
+# llm bench
+# ----------------------------------------------------------------------------
+
+
+def _add_bench_commands(sub) -> None:
+    bench = _group(sub, "bench", "benchmarks: kernels, training, memory, data", "llm bench train --help")
+    for name in ("kernels", "train", "memory", "data"):
+        p = _parser(bench, name, f"{name} benchmark", f"llm bench {name}")
+        p.set_defaults(func=_not_built(f"bench {name}"))
+
+
+def _not_built(name: str):
+    def run(args) -> int:
+        raise UserError(f"`llm {name}` is not available in this build")
+
+    return run
+
+
+# ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llm",
+        description="Pretrain and fine-tune Transformer models with DeepSpeed ZeRO, Arrow data and fused kernels.",
+        epilog="example:\n  llm pretrain configs/recipes/quickstart.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from llm import __version__
+
+    parser.add_argument("--version", action="version", version=f"llm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_data_commands(sub)
+    _add_train_commands(sub)
+    _add_model_io_commands(sub)
+    _add_model_commands(sub)
+    _add_bench_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"llm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("llm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data: tokenizers, Arrow shards with a manifest, the streaming reader, collators."""

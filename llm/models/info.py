@@ -1,0 +1,89 @@
+"""Size, compute and memory of a model config, without allocating its weights.
+
+FLOPs follow the usual accounting (PaLM appendix B, Megatron): a matmul with an
+(m x k) weight costs 2k FLOPs per output per token forward and twice that
+backward, so training costs 6 FLOPs per matmul parameter per token, plus
+attention scores and values, 12 * n_layers * d_model * seq_len per token (full
+square, causal masking not discounted). Embedding lookups cost nothing; a tied
+output projection is a matmul and counts.
+
+Model-state memory for mixed-precision Adam is 16 bytes per parameter: 2 for
+the half-precision weights, 2 for their gradients, 12 for the fp32 master copy
+and the two moments. ZeRO-1 shards the 12, ZeRO-2 also the gradients, ZeRO-3
+everything (Rajbhandari et al., 2020).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llm.config import ModelConfig
+
+BYTES_WEIGHTS, BYTES_GRADS, BYTES_OPTIMIZER = 2, 2, 12
+
+
+def meta_model(cfg: ModelConfig) -> nn.Module:
+    """The model on the meta device: shapes without memory."""
+    from llm.models import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg)
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    return sum(p.numel() for p in meta_model(cfg).parameters())
+
+
+def matmul_parameters(cfg: ModelConfig) -> int:
+    """Parameters that take part in a matmul per token (weights of Linear layers,
+    the patch projection and the output projection), excluding biases, norms and lookups."""
+    model = meta_model(cfg)
+    total, seen = 0, set()
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            total += module.weight.numel()
+    return total
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward + backward FLOPs per token (per patch for ViT)."""
+    seq = seq_len or cfg.seq_len
+    return 6.0 * matmul_parameters(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq
+
+
+def zero_memory_per_rank(n_params: int, ranks: int, stage: int) -> dict[str, float]:
+    """Bytes per rank of weights, gradients and optimizer state under ZeRO `stage`."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
+    weights = n_params * BYTES_WEIGHTS / (ranks if stage >= 3 else 1)
+    grads = n_params * BYTES_GRADS / (ranks if stage >= 2 else 1)
+    optimizer = n_params * BYTES_OPTIMIZER / (ranks if stage >= 1 else 1)
+    return {"weights": weights, "grads": grads, "optimizer": optimizer, "total": weights + grads + optimizer}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def format_model_info(cfg: ModelConfig, ranks: int = 8, seq_len: int | None = None) -> str:
+    n = count_parameters(cfg)
+    seq = seq_len or cfg.seq_len
+    flops = training_flops_per_token(cfg, seq)
+    unit = "patch" if cfg.is_image else "token"
+    lines = [
+        f"model: {cfg.family} {cfg.task}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+        f"{cfg.n_heads} heads ({cfg.kv_heads} kv), d_ff {cfg.d_ff}, {cfg.norm} {cfg.norm_position}-norm, "
+        f"{cfg.position} positions, {cfg.mlp}",
+        f"parameters: {n:,}",
+        f"training FLOPs per {unit} (seq {seq}): {flops:,.0f} ({flops / 1e9:,.2f} GFLOP)",
+        f"model-state memory per rank, mixed-precision Adam (16 bytes/param), {ranks} ranks:",
+        f"  {'ZeRO':<6}{'weights':>16}{'grads':>16}{'optimizer':>16}{'total':>16}",
+    ]
+    for stage in range(4):
+        m = zero_memory_per_rank(n, ranks, stage)
+        lines.append(
+            f"  {stage:<6}{_gib(m['weights']):>16}{_gib(m['grads']):>16}{_gib(m['optimizer']):>16}{_gib(m['total']):>16}"
+        )
+    return "\n".join(lines)
