@@ -83,7 +83,6 @@ def format_model_info(cfg: ModelConfig, ranks: int = 8, seq_len: int | None = No
     ]
     for stage in range(4):
         m = zero_memory_per_rank(n, ranks, stage)
-        lines.append(
-            f"  {stage:<6}{_gib(m['weights']):>16}{_gib(m['grads']):>16}{_gib(m['optimizer']):>16}{_gib(m['total']):>16}"
-        )
+        cells = "".join(f"{_gib(m[k]):>16}" for k in ("weights", "grads", "optimizer", "total"))
+        lines.append(f"  {stage:<6}{cells}")
     return "\n".join(lines)
