@@ -168,9 +168,30 @@ def _add_train_commands(sub) -> None:
 
 def _add_bench_commands(sub) -> None:
     bench = _group(sub, "bench", "benchmarks: kernels, training, memory, data", "llm bench train --help")
-    for name in ("kernels", "train", "memory", "data"):
-        p = _parser(bench, name, f"{name} benchmark", f"llm bench {name}")
-        p.set_defaults(func=_not_built(f"bench {name}"))
+    _add_bench_kernels(bench)
+    _add_bench_train(bench)
+    _add_bench_memory(bench)
+    _add_bench_data(bench)
+
+
+def _add_bench_kernels(bench) -> None:
+    p = _parser(bench, "kernels", "fused kernels against torch and peers", "llm bench kernels")
+    p.set_defaults(func=_not_built("bench kernels"))
+
+
+def _add_bench_train(bench) -> None:
+    p = _parser(bench, "train", "training throughput and MFU", "llm bench train")
+    p.set_defaults(func=_not_built("bench train"))
+
+
+def _add_bench_memory(bench) -> None:
+    p = _parser(bench, "memory", "model-state memory per rank under ZeRO", "llm bench memory")
+    p.set_defaults(func=_not_built("bench memory"))
+
+
+def _add_bench_data(bench) -> None:
+    p = _parser(bench, "data", "data-loader and tokenization throughput", "llm bench data")
+    p.set_defaults(func=_not_built("bench data"))
 
 
 def _not_built(name: str):

@@ -11,12 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm import kernels
 from llm.config import ModelConfig
-from llm.models.layers import Norm, init_weights
+from llm.models.layers import IGNORE_INDEX, LMHead, Norm, init_weights
 from llm.models.transformer import KVCache, ModelOutput, Transformer
-
-IGNORE_INDEX = -100
 
 
 class Model(nn.Module):
@@ -71,10 +68,12 @@ class CausalLM(Model):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
         self.post_init()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.tok_embed.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
 
     def forward(
         self,
@@ -86,10 +85,7 @@ class CausalLM(Model):
         return_logits: bool = True,
     ) -> ModelOutput:
         h = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
-        loss = None
-        if labels is not None:
-            loss = kernels.linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, labels.flatten())
-        logits = self.lm_head(h) if return_logits or labels is None else None
+        logits, loss = self.lm_head(h, labels, return_logits)
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
 
     def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -99,16 +95,26 @@ class CausalLM(Model):
 
 
 class MaskedLMHead(nn.Module):
-    """BERT's transform (dense, GELU, LayerNorm) then a decoder tied to the token embeddings."""
+    """BERT's transform (dense, GELU, LayerNorm) then the decoder to the vocabulary,
+    whose weight is tied to the token embeddings; the loss is computed inside (see LMHead)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.d_model, cfg.d_model)
         self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
         self.norm = Norm(cfg.d_model, "layernorm", cfg.norm_eps, bias=True)
-        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder = LMHead(cfg.d_model, cfg.vocab_size, bias=True)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool = True):
+        """(logits or None, MLM loss or None); only masked positions pay for the vocabulary projection."""
+        loss = None
+        if labels is not None:
+            masked = labels != IGNORE_INDEX
+            _, loss = self.decoder(self.transform(h[masked]), labels[masked], return_logits=False)
+        logits = self.decoder(self.transform(h))[0] if return_logits or labels is None else None
+        return logits, loss
+
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(F.gelu(self.dense(h), approximate=self.approximate))
 
 
@@ -122,10 +128,7 @@ class MaskedLM(Model):
         self.mlm = MaskedLMHead(cfg)
         self.nsp = nn.Linear(cfg.d_model, 2) if cfg.task == "pretraining" else None
         self.post_init()
-
-    @property
-    def decoder_weight(self) -> torch.Tensor:
-        return self.transformer.tok_embed.weight
+        self.mlm.decoder.weight = self.transformer.tok_embed.weight
 
     def forward(
         self,
@@ -139,17 +142,9 @@ class MaskedLM(Model):
         h = self.transformer(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         pooled = self.pooler(h[:, 0]) if self.pooler is not None else None
         nsp_logits = self.nsp(pooled) if self.nsp is not None else None
-        loss = None
-        if labels is not None:
-            masked = labels != IGNORE_INDEX  # only masked positions pay for the vocabulary projection
-            loss = kernels.linear_cross_entropy(
-                self.mlm(h[masked]), self.decoder_weight, labels[masked], bias=self.mlm.bias
-            )
-            if next_sentence_label is not None and nsp_logits is not None:
-                loss = loss + F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
-        logits = None
-        if return_logits or labels is None:
-            logits = F.linear(self.mlm(h), self.decoder_weight, self.mlm.bias)
+        logits, loss = self.mlm(h, labels, return_logits)
+        if loss is not None and next_sentence_label is not None and nsp_logits is not None:
+            loss = loss + F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
         return ModelOutput(logits=logits, loss=loss, hidden_states=h, pooled=pooled, nsp_logits=nsp_logits)
 
 

@@ -15,6 +15,8 @@ from torch import nn
 from llm import kernels
 from llm.config import ModelConfig
 
+IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch and Hugging Face agree)
+
 
 class Norm(nn.Module):
     """LayerNorm or RMSNorm over the last dimension (LayerNorm's bias follows `bias`)."""
@@ -157,6 +159,29 @@ class Block(nn.Module):
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
+class LMHead(nn.Module):
+    """Output projection to the vocabulary, and the token loss computed inside it.
+
+    The loss lives in this module's forward so that ZeRO-3, which gathers a
+    module's parameters around its forward, hands the fused loss the full weight.
+    """
+
+    def __init__(self, d_model: int, vocab_size: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+        self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
+
+    def forward(
+        self, h: torch.Tensor, labels: torch.Tensor | None = None, return_logits: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits or None, mean loss over labels != -100 or None)."""
+        loss = None
+        if labels is not None:
+            loss = kernels.linear_cross_entropy(h.flatten(0, -2), self.weight, labels.flatten(), bias=self.bias)
+        logits = F.linear(h, self.weight, self.bias) if return_logits or labels is None else None
+        return logits, loss
+
+
 def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
     """Normal(0, init_std) for matrices and embeddings, zeros for biases, ones for norms;
     residual output projections scaled by 1/sqrt(2 * n_layers) as in GPT-2."""
@@ -169,6 +194,10 @@ def init_weights(module: nn.Module, cfg: ModelConfig) -> None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, LMHead):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, Norm):
             nn.init.ones_(m.weight)
             if m.bias is not None:
