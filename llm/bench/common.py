@@ -1,0 +1,114 @@
+"""What every benchmark suite shares: the environment record, timing, the table, the JSON."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path("benchmarks/results")
+
+
+def environment() -> dict:
+    """Hardware and software versions, recorded with every result."""
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
+    for pkg in ("triton", "deepspeed", "transformers", "flash-attn", "apex", "pyarrow", "numpy"):
+        env[pkg] = version(pkg)
+    return env
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 3, repeat: int = 10) -> list[float]:
+    """Seconds per call for `repeat` calls after `warmup`, synchronising a GPU around each."""
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A plain-text table; floats get 4 significant digits."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: list[dict], out_dir: str | Path | None = None, **extra) -> Path:
+    """Write {suite, command, environment, rows, ...} to <out_dir>/<name>-<date>.json.
+
+    out_dir defaults to $OUT (the GPU suite's output folder) or benchmarks/results/.
+    """
+    out = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    stamp = env["date"].replace(":", "").replace("-", "")[:15]
+    path = out / f"{name}-{stamp}.json"
+    record = {"suite": name, "command": " ".join(sys.argv), "environment": env, **extra, "rows": rows}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
