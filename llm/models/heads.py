@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.kernels.reference import upcast
 from llm.models.layers import IGNORE_INDEX, LMHead, Norm, init_weights
 from llm.models.transformer import KVCache, ModelOutput, Transformer
 
@@ -144,7 +145,7 @@ class MaskedLM(Model):
         nsp_logits = self.nsp(pooled) if self.nsp is not None else None
         logits, loss = self.mlm(h, labels, return_logits)
         if loss is not None and next_sentence_label is not None and nsp_logits is not None:
-            loss = loss + F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
+            loss = loss + F.cross_entropy(upcast(nsp_logits), next_sentence_label.view(-1))
         return ModelOutput(logits=logits, loss=loss, hidden_states=h, pooled=pooled, nsp_logits=nsp_logits)
 
 
@@ -181,7 +182,7 @@ class SequenceClassifier(Model):
         if self.pooler is not None:
             pooled = self.pooler(pooled)
         logits = self.classifier(self.dropout(pooled))
-        loss = F.cross_entropy(logits.float(), labels.view(-1)) if labels is not None else None
+        loss = F.cross_entropy(upcast(logits), labels.view(-1)) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, hidden_states=h, pooled=pooled)
 
 
@@ -196,7 +197,7 @@ class ImageClassifier(Model):
     def forward(self, pixel_values, labels=None) -> ModelOutput:
         h = self.transformer(pixel_values=pixel_values)
         logits = self.classifier(h[:, 0])
-        loss = F.cross_entropy(logits.float(), labels.view(-1)) if labels is not None else None
+        loss = F.cross_entropy(upcast(logits), labels.view(-1)) if labels is not None else None
         return ModelOutput(logits=logits, loss=loss, hidden_states=h, pooled=h[:, 0])
 
 
@@ -246,7 +247,7 @@ class Contrastive(Model):
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, labels=None) -> ModelOutput:
         h = self.transformer(input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
-        emb = F.normalize(pool(h, attention_mask, self.config.pooling).float(), dim=-1)
+        emb = F.normalize(upcast(pool(h, attention_mask, self.config.pooling)), dim=-1)
         if emb.shape[0] % 2:
             raise ValueError(f"a contrastive batch holds pairs; got an odd batch of {emb.shape[0]}")
         a, b = emb.chunk(2)

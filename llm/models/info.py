@@ -38,10 +38,12 @@ def count_parameters(cfg: ModelConfig) -> int:
 def matmul_parameters(cfg: ModelConfig) -> int:
     """Parameters that take part in a matmul per token (weights of Linear layers,
     the patch projection and the output projection), excluding biases, norms and lookups."""
+    from llm.models.layers import LMHead
+
     model = meta_model(cfg)
     total, seen = 0, set()
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and id(module.weight) not in seen:
+        if isinstance(module, (nn.Linear, nn.Conv2d, LMHead)) and id(module.weight) not in seen:
             seen.add(id(module.weight))
             total += module.weight.numel()
     return total
