@@ -13,7 +13,7 @@ from torch import nn
 
 from llm.config import ModelConfig
 from llm.kernels.reference import upcast
-from llm.models.layers import IGNORE_INDEX, LMHead, Norm, init_weights
+from llm.models.layers import IGNORE_INDEX, LMHead, Norm, dropout, init_weights
 from llm.models.transformer import KVCache, ModelOutput, Transformer
 
 
@@ -172,7 +172,7 @@ class SequenceClassifier(Model):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.pooler = Pooler(cfg.d_model) if cfg.pooler else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
         self.classifier = nn.Linear(cfg.d_model, cfg.num_labels)
         self.post_init()
 

@@ -18,6 +18,11 @@ from llm.config import ModelConfig
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch and Hugging Face agree)
 
 
+def dropout(p: float) -> nn.Module:
+    """Dropout, or nothing at p = 0 (training-mode dropout at 0 still copies and masks)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class Norm(nn.Module):
     """LayerNorm or RMSNorm over the last dimension (LayerNorm's bias follows `bias`)."""
 
@@ -149,7 +154,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = build_norm(cfg)
         self.mlp = MLP(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
 
     def forward(self, x, rope=None, key_padding_mask=None, cache=None):
         if self.pre_norm:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llm.config import ModelConfig
-from llm.models.layers import Block, Rotary, build_norm, sinusoidal_table
+from llm.models.layers import Block, Rotary, build_norm, dropout, sinusoidal_table
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Transformer(nn.Module):
             self.type_embed = nn.Embedding(cfg.type_vocab_size, d) if cfg.type_vocab_size else None
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.position == "rotary" else None
         self.embed_norm = build_norm(cfg) if cfg.norm_position == "post" else None
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg) if cfg.norm_position == "pre" else None
         self.gradient_checkpointing = False
