@@ -1,4 +1,4 @@
-"""Test-wide settings: CPU DeepSpeed, one thread per process, deterministic seeds, GPU marker."""
+"""Test-wide settings: CPU DeepSpeed, Triton interpreter without a GPU, one thread per process, seeds, GPU marker."""
 
 import os
 
@@ -10,6 +10,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Triton kernels run on a CPU only through its interpreter, which must be chosen
+# before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):
