@@ -1,0 +1,177 @@
+"""Hugging Face interop: small random `transformers` models, converted both ways.
+
+The reference is `transformers` itself (eager attention): our model built from its
+directory must give the same logits, hidden states and pooled outputs (fp32
+relative error < 1e-5), and exporting ours back must reproduce every tensor exactly.
+"""
+
+import json
+
+import pytest
+import torch
+
+from llm.errors import UserError
+from llm.models import from_hf, to_hf
+from tests.conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = dict(vocab_size=101, attn_implementation="eager")
+GPT2 = dict(TEXT, n_embd=48, n_layer=2, n_head=4, n_positions=40, bos_token_id=0, eos_token_id=0)
+LLAMA = dict(TEXT, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)
+LLAMA.update(max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=500.0, bos_token_id=1, eos_token_id=2)
+BERT = dict(TEXT, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+BERT.update(max_position_embeddings=40, type_vocab_size=3, pad_token_id=0)
+VIT = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, image_size=12)
+VIT.update(patch_size=4, encoder_stride=4, num_channels=3, attn_implementation="eager")
+
+CASES = {
+    "gpt2-lm": ("GPT2LMHeadModel", "GPT2Config", GPT2),
+    "gpt2-base": ("GPT2Model", "GPT2Config", {**GPT2, "activation_function": "gelu", "n_inner": 72}),
+    "llama-gqa-untied": ("LlamaForCausalLM", "LlamaConfig", {**LLAMA, "num_key_value_heads": 2}),
+    "llama-mha-tied": ("LlamaForCausalLM", "LlamaConfig", {**LLAMA, "tie_word_embeddings": True}),
+    "llama-mqa-bias-base": (
+        "LlamaModel",
+        "LlamaConfig",
+        {**LLAMA, "num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True},
+    ),
+    "bert-pretraining": ("BertForPreTraining", "BertConfig", BERT),
+    "bert-mlm": ("BertForMaskedLM", "BertConfig", BERT),
+    "bert-base": ("BertModel", "BertConfig", BERT),
+    "vit-base": ("ViTModel", "ViTConfig", VIT),
+    "vit-cls": ("ViTForImageClassification", "ViTConfig", {**VIT, "num_labels": 5}),
+    "vit-mim": ("ViTForMaskedImageModeling", "ViTConfig", VIT),
+}
+
+
+def hf_model(arch: str, config_class: str, kwargs: dict):
+    """A random transformers model whose every tensor (norms and biases too) is perturbed."""
+    model = getattr(transformers, arch)(getattr(transformers, config_class)(**kwargs)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def inputs(arch: str):
+    if arch.startswith("ViT"):
+        return dict(pixel_values=torch.randn(2, 3, 12, 12))
+    ids = torch.randint(1, 101, (2, 13))
+    mask = torch.ones_like(ids)
+    if arch.startswith("Bert"):
+        mask[1, 9:] = 0  # right padding
+        types = torch.zeros_like(ids)
+        types[:, 6:] = 1
+        types[0, 10:] = 2
+        return dict(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    return dict(input_ids=ids)
+
+
+def compare(arch: str, ref, ours, x) -> None:
+    """Every output the HF model gives against ours; padded positions are not compared for BERT."""
+    with torch.no_grad():
+        out = ref(**x)
+        base = ref.base_model(**x)
+        mine = ours(**x)
+    keep = x.get("attention_mask", torch.ones(1, 1)).bool()
+    real = (lambda t: t[keep]) if keep.shape[-1] > 1 else (lambda t: t)
+    assert rel_err(real(mine.hidden_states), real(base.last_hidden_state)) < 1e-5
+    if getattr(base, "pooler_output", None) is not None and mine.pooled is not None:
+        assert rel_err(mine.pooled, base.pooler_output) < 1e-5
+    if arch.endswith(("LMHeadModel", "ForCausalLM", "ForMaskedLM")):
+        assert rel_err(real(mine.logits), real(out.logits)) < 1e-5
+    if arch == "BertForPreTraining":
+        assert rel_err(real(mine.logits), real(out.prediction_logits)) < 1e-5
+        assert rel_err(mine.nsp_logits, out.seq_relationship_logits) < 1e-5
+    if arch == "ViTForImageClassification":
+        assert rel_err(mine.logits, out.logits) < 1e-5
+    if arch == "ViTModel":
+        assert mine.pooled is not None
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_parity_and_exact_round_trip(case, tmp_path):
+    arch, config_class, kwargs = CASES[case]
+    ref = hf_model(arch, config_class, kwargs)
+    ref.save_pretrained(tmp_path / "hf")
+    ours = from_hf(tmp_path / "hf").eval()
+    compare(arch, ref, ours, inputs(arch))
+
+    to_hf(ours, tmp_path / "back")
+    back, info = getattr(transformers, arch).from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    original, restored = ref.state_dict(), back.state_dict()
+    assert original.keys() == restored.keys()
+    for name, tensor in original.items():
+        assert torch.equal(tensor, restored[name]), name
+
+
+def test_vit_masked_image_modeling_reconstruction_and_loss(tmp_path):
+    ref = hf_model("ViTForMaskedImageModeling", "ViTConfig", VIT)
+    ref.save_pretrained(tmp_path)
+    ours = from_hf(tmp_path).eval()
+    pixels = torch.randn(2, 3, 12, 12)
+    masked = torch.rand(2, 9) < 0.5
+    masked[:, 0] = True
+    with torch.no_grad():
+        out = ref(pixel_values=pixels, bool_masked_pos=masked)
+        mine = ours(pixel_values=pixels, bool_masked_pos=masked)
+    assert rel_err(mine.logits, out.reconstruction) < 1e-5
+    assert rel_err(mine.loss, out.loss) < 1e-5
+
+
+def test_llama_loss_and_config_fields(tmp_path):
+    ref = hf_model("LlamaForCausalLM", "LlamaConfig", {**LLAMA, "num_key_value_heads": 2})
+    ref.save_pretrained(tmp_path)
+    ours = from_hf(tmp_path).eval()
+    cfg = ours.config
+    assert (cfg.n_kv_heads, cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings) == (2, 500.0, 1e-5, False)
+    assert cfg.eos_token_id == 2
+    ids = torch.randint(0, 101, (2, 11))
+    with torch.no_grad():
+        ref_loss = ref(input_ids=ids, labels=ids).loss  # HF shifts inside
+        labels = torch.cat((ids[:, 1:], torch.full((2, 1), -100)), dim=1)
+        assert rel_err(ours(ids, labels=labels).loss, ref_loss) < 1e-5
+
+
+def test_task_override_keeps_the_trunk(tmp_path):
+    ref = hf_model("BertForPreTraining", "BertConfig", BERT)
+    ref.save_pretrained(tmp_path)
+    ours = from_hf(tmp_path, task="sequence_classification").eval()
+    x = inputs("BertModel")
+    with torch.no_grad():
+        keep = x["attention_mask"].bool()
+        want = ref.bert(**x)
+        got = ours.transformer(x["input_ids"], attention_mask=x["attention_mask"], token_type_ids=x["token_type_ids"])
+    assert rel_err(got[keep], want.last_hidden_state[keep]) < 1e-5
+    assert ours(**x).logits.shape == (2, 2)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"]}))
+    with pytest.raises(UserError, match=r"config\.json.*'T5ForConditionalGeneration' is not supported"):
+        from_hf(tmp_path)
+
+
+def test_missing_and_mismatched_weights_name_the_directory(tmp_path):
+    with pytest.raises(UserError, match="config.json: not found"):
+        from_hf(tmp_path)
+    ref = hf_model("GPT2LMHeadModel", "GPT2Config", GPT2)
+    ref.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["n_inner"] = 64  # the weights say 4 * 48
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="mlp.fc_in.weight has shape"):
+        from_hf(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="no weights found"):
+        from_hf(tmp_path)
+
+
+def test_export_rejects_a_model_without_hf_equivalent(tmp_path):
+    from llm.models import build_model
+
+    model = build_model(dict(family="gpt", vocab_size=50, max_seq_len=8, d_model=16, n_layers=1, n_heads=2,
+                             d_ff=32, norm="rmsnorm"))  # fmt: skip
+    with pytest.raises(UserError, match="model.norm: GPT2LMHeadModel needs 'layernorm'"):
+        to_hf(model, tmp_path)
