@@ -175,3 +175,30 @@ def test_export_rejects_a_model_without_hf_equivalent(tmp_path):
                              d_ff=32, norm="rmsnorm"))  # fmt: skip
     with pytest.raises(UserError, match="model.norm: GPT2LMHeadModel needs 'layernorm'"):
         to_hf(model, tmp_path)
+
+
+def test_pytorch_bin_and_sharded_safetensors_load_the_same(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = hf_model("LlamaForCausalLM", "LlamaConfig", {**LLAMA, "tie_word_embeddings": True})
+    ref.save_pretrained(tmp_path / "single")
+    expected = from_hf(tmp_path / "single").state_dict()
+    tensors = load_file(str(tmp_path / "single" / "model.safetensors"))
+    config = (tmp_path / "single" / "config.json").read_text()
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text(config)
+    torch.save(ref.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # carries the tied lm_head too
+
+    (tmp_path / "sharded").mkdir()
+    (tmp_path / "sharded" / "config.json").write_text(config)
+    names = sorted(tensors)
+    shards = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / "sharded" / shard))
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    for kind in ("bin", "sharded"):
+        got = from_hf(tmp_path / kind).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), kind
