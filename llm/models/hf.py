@@ -454,7 +454,7 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             return tensors
         if pickle.is_file():
             return torch.load(pickle, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # safetensors, json and unpickling each raise their own types
         raise UserError(f"{path}: cannot read the weights ({type(e).__name__}: {e})") from None
     raise UserError(f"{path}: no weights found (expected model.safetensors, its index, or pytorch_model.bin)")
 
@@ -490,6 +490,8 @@ def from_hf(path: str | Path, task: str | None = None) -> Model:
             value = value[0] if value else None
         if family != "vit" and isinstance(value, int) and 0 <= value < fields["vocab_size"]:
             fields[name] = value
+    if family in ("gpt", "llama"):
+        fields["pooling"] = "last"  # a causal model summarises a sequence in its last token
     try:
         cfg = build_config(ModelConfig, fields, "model")
     except ConfigError as e:

@@ -163,6 +163,9 @@ def test_missing_and_mismatched_weights_name_the_directory(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="mlp.fc_in.weight has shape"):
         from_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="cannot read the weights"):
+        from_hf(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(UserError, match="no weights found"):
         from_hf(tmp_path)
