@@ -205,3 +205,18 @@ def test_pytorch_bin_and_sharded_safetensors_load_the_same(tmp_path):
     for kind in ("bin", "sharded"):
         got = from_hf(tmp_path / kind).state_dict()
         assert all(torch.equal(got[k], v) for k, v in expected.items()), kind
+
+
+def test_missing_or_extra_tensors_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ref = hf_model("BertModel", "BertConfig", BERT)
+    ref.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    key = next(k for k in tensors if k.endswith("layer.1.output.dense.weight"))
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match="1 tensors that BertModel does not have, e.g. extra.weight"):
+        from_hf(tmp_path)
+    save_file({k: v for k, v in tensors.items() if k != key}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match="lack encoder.layer.1.output.dense.weight"):
+        from_hf(tmp_path)
