@@ -1,1 +1,27 @@
 """Data: tokenizers, Arrow shards with a manifest, the streaming reader, collators."""
+
+from llm.data.collate import collate_causal_lm
+from llm.data.prepare import prepare
+from llm.data.shards import ShardError, check_vocab, inspect, load_manifest, verify
+from llm.data.sources import stdlib_files
+from llm.data.stream import Blend, PackedTokens, StatefulLoader, Stream, make_loader
+from llm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+__all__ = [
+    "Blend",
+    "PackedTokens",
+    "ShardError",
+    "StatefulLoader",
+    "Stream",
+    "Tokenizer",
+    "check_vocab",
+    "collate_causal_lm",
+    "inspect",
+    "load_manifest",
+    "load_tokenizer",
+    "make_loader",
+    "prepare",
+    "stdlib_files",
+    "train_tokenizer",
+    "verify",
+]
