@@ -188,3 +188,21 @@ def prepare(
             raise UserError(f"{out / split}: val_fraction={val_fraction} selected no documents; raise it")
         summary[split] = {"documents": manifest["num_documents"], "tokens": manifest["num_tokens"]}
     return summary
+
+
+def write_token_shards(
+    out_dir: str | Path,
+    documents,
+    vocab_size: int,
+    tokenizer_info: dict | None = None,
+    shard_tokens: int = 1 << 26,
+) -> dict:
+    """Write already-tokenized documents (arrays of ids, EOS included) as a shard directory."""
+    writer = _TokenShardWriter(Path(out_dir), shard_tokens, S.token_dtype(vocab_size))
+    for doc in documents:
+        writer.add(np.asarray(doc))
+    info = tokenizer_info or {"path": None, "sha256": "none", "eos_id": None}
+    manifest = writer.close({"dtype": writer.dtype, "vocab_size": vocab_size, "tokenizer": info, "stats": {}})
+    if manifest is None:
+        raise UserError(f"{out_dir}: no documents to write")
+    return manifest

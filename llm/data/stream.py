@@ -89,9 +89,10 @@ class Stream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for k in range(wid, count, nw):
-            yield self.sample_at(start + k * self.world_size + self.rank)
-            if info is None:
+            sample = self.sample_at(start + k * self.world_size + self.rank)
+            if info is None:  # handed out = consumed
                 self.position = start + (k + 1) * self.world_size
+            yield sample
         self.position = start + count * self.world_size
 
     # -- state ------------------------------------------------------------------------------------
