@@ -214,6 +214,100 @@ class Blend(Stream):
         return self.datasets[d].sample_at(block_id * int(self.counts[d]) + int(rank_in[offset]))
 
 
+class Documents(Stream):
+    """Whole documents (EOS stripped) of a token shard directory in the global order: the
+    document-level reader under sentence pairs (NSP) and span pairs (contrastive). Documents
+    shorter than `min_tokens` are left out of the order (a pair needs two pieces)."""
+
+    def __init__(self, path: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1, min_tokens: int = 1):
+        self.path = Path(path)
+        self.manifest = S.load_manifest(path, kind="tokens")
+        self.eos_id = self.manifest["tokenizer"].get("eos_id")
+        self.values, starts, ends = [], [], []
+        for s in self.manifest["shards"]:
+            values, offsets = S.shard_tokens(self.path / s["file"], s, self.manifest["dtype"])
+            self.values.append(values)
+            starts.append(offsets[:-1])
+            ends.append(offsets[1:])
+        self.doc_shard = np.concatenate([np.full(len(st), i, dtype=np.int32) for i, st in enumerate(starts)])
+        self.doc_start, self.doc_end = np.concatenate(starts), np.concatenate(ends)
+        if self.eos_id is not None:  # strip the EOS prepare appended
+            last = np.array(
+                [
+                    self.values[sh][e - 1] if e > b else -1
+                    for sh, b, e in zip(self.doc_shard, self.doc_start, self.doc_end)
+                ]
+            )
+            self.doc_end = self.doc_end - (last == self.eos_id)
+        self.doc_ids = np.flatnonzero(self.doc_end - self.doc_start >= min_tokens)
+        super().__init__(len(self.doc_ids), seed, rank, world_size, name=str(self.path))
+
+    def document(self, doc: int) -> np.ndarray:
+        """Tokens of document `doc` (an index among all documents of the directory)."""
+        return self.values[self.doc_shard[doc]][self.doc_start[doc] : self.doc_end[doc]]
+
+    def get(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.document(int(self.doc_ids[index])).astype(np.int64))
+
+    def rng(self, position: int, salt: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, salt, position])
+
+
+class SentencePairs(Documents):
+    """BERT's next-sentence pairs. Each document in the global order is cut at a random point
+    into segment A (before) and B (after); with probability 1/2 B is replaced by a span of
+    another random document. Samples: {"a", "b", "next_sentence_label"} (0: B follows A,
+    1: B is random, as Hugging Face). Each segment holds at most max_tokens // 2 tokens.
+    Randomness is seeded by the global position, so resuming reproduces it."""
+
+    def __init__(self, path, max_tokens: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if max_tokens < 5:
+            raise UserError(f"max_tokens: expected >= 5 ([CLS] A [SEP] B [SEP]), got {max_tokens}")
+        super().__init__(path, seed, rank, world_size, min_tokens=2)
+        if self.num_samples < 2:
+            raise UserError(f"{self.path}: sentence pairs need at least two documents of 2+ tokens")
+        self.half = (max_tokens - 3) // 2
+
+    def sample_at(self, position: int) -> dict:
+        rng = self.rng(position, 1)
+        doc = int(self.doc_ids[self.index_at(position)])
+        tokens = self.document(doc)
+        cut = int(rng.integers(1, len(tokens)))
+        a = tokens[max(0, cut - self.half) : cut]
+        if rng.random() < 0.5:
+            b, label = tokens[cut : cut + self.half], 0
+        else:
+            other = int(rng.integers(self.num_samples - 1))
+            other = int(self.doc_ids[other + (other >= self.doc_ids.searchsorted(doc))])
+            other_tokens = self.document(other)
+            start = int(rng.integers(0, max(1, len(other_tokens) - self.half + 1)))
+            b, label = other_tokens[start : start + self.half], 1
+        return {
+            "a": torch.from_numpy(a.astype(np.int64)),
+            "b": torch.from_numpy(b.astype(np.int64)),
+            "next_sentence_label": label,
+        }
+
+
+class SpanPairs(Documents):
+    """Two random spans of one document (positives for contrastive learning; the other pairs
+    of the batch are the negatives). Samples: {"a", "b"}, each of at most span_tokens tokens."""
+
+    def __init__(self, path, span_tokens: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if span_tokens < 1:
+            raise UserError(f"span_tokens: expected >= 1, got {span_tokens}")
+        super().__init__(path, seed, rank, world_size, min_tokens=2)
+        self.span_tokens = span_tokens
+
+    def sample_at(self, position: int) -> dict:
+        rng = self.rng(position, 2)
+        tokens = self.document(int(self.doc_ids[self.index_at(position)]))
+        length = min(self.span_tokens, max(1, len(tokens) // 2))
+        starts = rng.integers(0, len(tokens) - length + 1, size=2)
+        a, b = (tokens[s : s + length].astype(np.int64) for s in starts)
+        return {"a": torch.from_numpy(a), "b": torch.from_numpy(b)}
+
+
 # ----------------------------------------------------------------------------
 # Batches
 # ----------------------------------------------------------------------------

@@ -59,6 +59,11 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return self.special_id("pad")
 
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every special token (never masked by MLM)."""
+        return sorted(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -21,3 +21,19 @@ def counting_shards(tmp_path_factory):
     docs = np.split(np.arange(10_000, dtype=np.int64), cuts)
     write_token_shards(out, docs, vocab_size=1 << 20, shard_tokens=1500)
     return out
+
+
+@pytest.fixture(scope="session")
+def wordpiece(tmp_path_factory):
+    return train_tokenizer(
+        "stdlib", tmp_path_factory.mktemp("wp"), kind="wordpiece", vocab_size=800, limit_bytes=300_000
+    )
+
+
+@pytest.fixture(scope="session")
+def wordpiece_shards(tmp_path_factory, wordpiece):
+    from llm.data import prepare
+
+    out = tmp_path_factory.mktemp("wp_shards")
+    prepare("stdlib", wordpiece, out, workers=1, limit_bytes=400_000)
+    return out / "train"
