@@ -19,8 +19,10 @@ from llm.models import build_model
 
 
 def contains(doc: np.ndarray, piece: np.ndarray) -> bool:
-    n = len(piece)
-    return any(np.array_equal(doc[i : i + n], piece) for i in range(len(doc) - n + 1))
+    if len(piece) > len(doc):
+        return False
+    windows = np.lib.stride_tricks.sliding_window_view(doc, len(piece))
+    return bool((windows == piece).all(axis=1).any())
 
 
 def test_mlm_rates_and_special_tokens(wordpiece, wordpiece_shards):
