@@ -136,6 +136,8 @@ def prepare(
     writers = {"train": _TokenShardWriter(out / "train", shard_tokens, dtype)}
     if val_fraction > 0:
         writers["val"] = _TokenShardWriter(out / "val", shard_tokens, dtype)
+    elif (out / "val" / S.MANIFEST).exists():
+        S.start_directory(out / "val")  # a stale split from an earlier prepare must not outlive it
     eos = np.array([tok.eos_id], dtype=np.uint32)
     seen: set[bytes] = set()
     stats = {"documents_read": 0, "dropped_duplicates": 0, "dropped_short": 0, "text_bytes": 0}
