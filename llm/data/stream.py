@@ -54,6 +54,12 @@ class Stream(torch.utils.data.IterableDataset):
         epoch, offset = divmod(position, self.num_samples)
         return int(self.order(epoch)[offset])
 
+    def indices_at(self, positions: list[int]) -> np.ndarray:
+        epochs, offsets = np.divmod(np.asarray(positions, dtype=np.int64), self.num_samples)
+        if len(epochs) and (epochs == epochs[0]).all():
+            return self.order(int(epochs[0]))[offsets]
+        return np.array([self.index_at(int(p)) for p in positions], dtype=np.int64)
+
     def sample_at(self, position: int):
         return self.get(self.index_at(position))
 
@@ -162,8 +168,8 @@ class PackedTokens(Stream):
         out = np.empty((len(positions), self.seq_len + 1), dtype=np.int64)
         span, values = self.seq_len + 1, self.values
         single = len(values) == 1
-        for row, p in enumerate(positions):
-            start = self.index_at(p) * self.seq_len
+        for row, index in enumerate(self.indices_at(positions)):
+            start = int(index) * self.seq_len
             if single:
                 out[row] = values[0][start : start + span]
             else:
