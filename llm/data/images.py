@@ -144,11 +144,16 @@ class ImageStream(Stream):
     def __init__(self, path: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.path = Path(path)
         self.manifest = S.load_manifest(path, kind="images")
+        self.map_files()
+        self.bounds = np.cumsum([0] + [len(p) for p in self.pixels])
+        super().__init__(int(self.bounds[-1]), seed, rank, world_size, name=str(self.path))
+
+    MAPPED = ("pixels", "labels")
+
+    def map_files(self) -> None:
         columns = [S.image_columns(self.path / s["file"], s, self.manifest) for s in self.manifest["shards"]]
         self.pixels = [c[0] for c in columns]
         self.labels = [c[1] for c in columns]
-        self.bounds = np.cumsum([0] + [len(p) for p in self.pixels])
-        super().__init__(int(self.bounds[-1]), seed, rank, world_size, name=str(self.path))
 
     def sample_at(self, position: int) -> dict:
         index = self.index_at(position)

@@ -101,6 +101,22 @@ class Stream(torch.utils.data.IterableDataset):
             yield sample
         self.position = start + count * self.world_size
 
+    # -- pickling (spawned DataLoader workers): memory maps are reopened, never copied ------------
+
+    MAPPED: tuple[str, ...] = ()
+
+    def map_files(self) -> None:
+        """(Re)open the memory-mapped arrays named in MAPPED."""
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in self.MAPPED}
+        state["_order_epoch"], state["_order"] = -1, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.map_files()
+
     # -- state ------------------------------------------------------------------------------------
 
     @property
@@ -137,15 +153,20 @@ class PackedTokens(Stream):
             raise UserError(f"seq_len: expected >= 1, got {seq_len}")
         self.path, self.seq_len = Path(path), seq_len
         self.manifest = S.load_manifest(path, kind="tokens")
-        self.values = [
-            S.shard_tokens(self.path / s["file"], s, self.manifest["dtype"])[0] for s in self.manifest["shards"]
-        ]
+        self.map_files()
         self.bounds = np.cumsum([0] + [len(v) for v in self.values])
         total = int(self.bounds[-1])
         windows = (total - 1) // seq_len
         if windows < 1:
             raise UserError(f"{self.path}: {total} tokens do not fill one window of {seq_len + 1}")
         super().__init__(windows, seed, rank, world_size, name=str(self.path))
+
+    MAPPED = ("values",)
+
+    def map_files(self) -> None:
+        self.values = [
+            S.shard_tokens(self.path / s["file"], s, self.manifest["dtype"])[0] for s in self.manifest["shards"]
+        ]
 
     def tokens(self, start: int, length: int, out: np.ndarray) -> None:
         """Copy tokens [start, start + length) of the concatenated stream into `out`."""
@@ -229,12 +250,12 @@ class Documents(Stream):
         self.path = Path(path)
         self.manifest = S.load_manifest(path, kind="tokens")
         self.eos_id = self.manifest["tokenizer"].get("eos_id")
-        self.values, starts, ends = [], [], []
+        self.map_files()
+        starts, ends = [], []
         for s in self.manifest["shards"]:
-            values, offsets = S.shard_tokens(self.path / s["file"], s, self.manifest["dtype"])
-            self.values.append(values)
-            starts.append(offsets[:-1])
-            ends.append(offsets[1:])
+            offsets = S.shard_tokens(self.path / s["file"], s, self.manifest["dtype"])[1]
+            starts.append(offsets[:-1].astype(np.int64))
+            ends.append(offsets[1:].astype(np.int64))
         self.doc_shard = np.concatenate([np.full(len(st), i, dtype=np.int32) for i, st in enumerate(starts)])
         self.doc_start, self.doc_end = np.concatenate(starts), np.concatenate(ends)
         if self.eos_id is not None:  # strip the EOS prepare appended
@@ -247,6 +268,13 @@ class Documents(Stream):
             self.doc_end = self.doc_end - (last == self.eos_id)
         self.doc_ids = np.flatnonzero(self.doc_end - self.doc_start >= min_tokens)
         super().__init__(len(self.doc_ids), seed, rank, world_size, name=str(self.path))
+
+    MAPPED = ("values",)
+
+    def map_files(self) -> None:
+        self.values = [
+            S.shard_tokens(self.path / s["file"], s, self.manifest["dtype"])[0] for s in self.manifest["shards"]
+        ]
 
     def document(self, doc: int) -> np.ndarray:
         """Tokens of document `doc` (an index among all documents of the directory)."""

@@ -164,3 +164,14 @@ def test_blend_follows_weights_deterministically_and_resumes(counting_shards):
     resumed.load_state_dict(again.state_dict())
     tail = [tuple(s[:2].tolist()) for s in resumed]
     assert head + tail == ref
+
+
+def test_pickled_reader_reopens_its_files_and_keeps_its_position(counting_shards):
+    import pickle
+
+    ds = PackedTokens(counting_shards, SEQ, seed=3)
+    ds.position = 17
+    blob = pickle.dumps(ds)
+    assert len(blob) < 20_000  # the memory maps are not copied into the pickle
+    copy = pickle.loads(blob)
+    assert copy.position == 17 and torch.equal(copy.sample_at(40), ds.sample_at(40))
