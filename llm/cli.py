@@ -218,7 +218,8 @@ def _cmd_data_verify(args) -> int:
     manifest = verify(args.dir)
     if args.vocab_size is not None:
         check_vocab(args.dir, args.vocab_size)
-    print(f"{args.dir}: {len(manifest['shards'])} shards OK (sha256, structure, counts, token ids)")
+    checked = "sha256, structure, counts" + (", token ids" if manifest["kind"] == "tokens" else "")
+    print(f"{args.dir}: {len(manifest['shards'])} {manifest['kind']} shards OK ({checked})")
     return 0
 
 

@@ -139,7 +139,7 @@ def prepare_images(
 
 class ImageStream(Stream):
     """Images of a shard directory in the global order; each sample is
-    {"pixels": uint8 (C, H, W), "label": int, "position": global position} (the position seeds augmentations)."""
+    {"pixels": uint8 (C, H, W), "label": int}."""
 
     def __init__(self, path: str | Path, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.path = Path(path)
@@ -162,5 +162,4 @@ class ImageStream(Stream):
         return {
             "pixels": torch.from_numpy(np.array(self.pixels[shard][local])),
             "label": int(self.labels[shard][local]),
-            "position": position,
         }
