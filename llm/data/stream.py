@@ -259,13 +259,11 @@ class Documents(Stream):
         self.doc_shard = np.concatenate([np.full(len(st), i, dtype=np.int32) for i, st in enumerate(starts)])
         self.doc_start, self.doc_end = np.concatenate(starts), np.concatenate(ends)
         if self.eos_id is not None:  # strip the EOS prepare appended
-            last = np.array(
-                [
-                    self.values[sh][e - 1] if e > b else -1
-                    for sh, b, e in zip(self.doc_shard, self.doc_start, self.doc_end)
-                ]
-            )
-            self.doc_end = self.doc_end - (last == self.eos_id)
+            ends_eos = [
+                (e > b) & (v[np.maximum(e - 1, 0)] == self.eos_id) if len(v) else np.zeros(len(e), dtype=bool)
+                for v, b, e in zip(self.values, starts, ends)
+            ]
+            self.doc_end = self.doc_end - np.concatenate(ends_eos)
         self.doc_ids = np.flatnonzero(self.doc_end - self.doc_start >= min_tokens)
         super().__init__(len(self.doc_ids), seed, rank, world_size, name=str(self.path))
 

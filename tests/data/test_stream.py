@@ -175,3 +175,14 @@ def test_pickled_reader_reopens_its_files_and_keeps_its_position(counting_shards
     assert len(blob) < 20_000  # the memory maps are not copied into the pickle
     copy = pickle.loads(blob)
     assert copy.position == 17 and torch.equal(copy.sample_at(40), ds.sample_at(40))
+
+
+def test_documents_strip_eos_and_skip_short_ones(tmp_path):
+    from llm.data import Documents
+    from llm.data.prepare import write_token_shards
+
+    docs = [[5, 6, 7, 0], [8, 0], [9, 9, 0], [3, 4, 5, 6, 0]]
+    write_token_shards(tmp_path, docs, vocab_size=16, tokenizer_info={"eos_id": 0}, shard_tokens=5)
+    got = sorted(Documents(tmp_path, min_tokens=2).get(i).tolist() for i in range(3))
+    assert got == [[3, 4, 5, 6], [5, 6, 7], [9, 9]]
+    assert Documents(tmp_path).num_samples == 4
