@@ -22,7 +22,7 @@ from llm.data.sources import expand_sources, read_documents
 from llm.data.tokenizer import Tokenizer
 from llm.errors import UserError
 
-CHUNK_BYTES = 1 << 20  # text per task sent to a worker
+CHUNK_BYTES = 1 << 18  # text per task sent to a worker (small enough to balance the pool)
 
 _worker_tokenizer: Tokenizer | None = None
 
