@@ -25,6 +25,16 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+# (manifest fields, per-shard fields) each kind must have
+REQUIRED = {
+    "tokens": (
+        ("dtype", "vocab_size", "tokenizer", "num_tokens", "num_documents"),
+        ("file", "sha256", "bytes", "num_tokens", "num_documents", "max_token_id"),
+    ),
+    "images": (("image_shape", "classes", "num_images"), ("file", "sha256", "bytes", "num_images")),
+}
+
+
 class ShardError(UserError):
     """A shard directory that does not match its manifest, or a file that is not a valid shard."""
 
@@ -112,6 +122,18 @@ def load_manifest(directory: str | Path, kind: str | None = None) -> dict:
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not shards:
         raise ShardError(f"{path}: lists no shards (empty dataset)")
+    kind_keys = REQUIRED.get(manifest.get("kind"))
+    if kind_keys is None:
+        raise ShardError(f"{path}: unknown kind {manifest.get('kind')!r} (expected one of {sorted(REQUIRED)})")
+    missing = [k for k in kind_keys[0] if k not in manifest]
+    if missing:
+        raise ShardError(f"{path}: missing fields {missing}")
+    for i, shard in enumerate(shards):
+        missing = [k for k in kind_keys[1] if not isinstance(shard, dict) or k not in shard]
+        if missing:
+            raise ShardError(f"{path}: shards[{i}] is missing fields {missing}")
+    if manifest["kind"] == "tokens" and manifest["dtype"] not in ("uint16", "uint32"):
+        raise ShardError(f"{path}: dtype {manifest['dtype']!r}, expected 'uint16' or 'uint32'")
     for shard in shards:
         file = directory / shard["file"]
         if not file.is_file():

@@ -125,6 +125,11 @@ def test_manifest_that_does_not_match_its_files(shards):
     path.write_text(json.dumps(manifest))
     with pytest.raises(S.ShardError, match="shard-00000.arrow: .* tokens, manifest says"):
         PackedTokens(shards, 8)
+    del manifest["shards"][1]["sha256"]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(S.ShardError, match=r"manifest.json: shards\[1\] is missing fields \['sha256'\]"):
+        verify(shards)
+    manifest["shards"][1]["sha256"] = "0" * 64
     manifest["shards"][0]["file"] = "shard-09999.arrow"
     path.write_text(json.dumps(manifest))
     with pytest.raises(S.ShardError, match="shard-09999.arrow: listed in .* but missing"):
