@@ -125,8 +125,16 @@ def test_contrastive_text_pairs(wordpiece_shards):
     assert torch.isfinite(model(**batch).loss)
 
 
-def test_causal_lm_batch_is_shifted(counting_shards):
-    windows = PackedTokens(counting_shards, 8).samples_at([0, 1])
+def test_causal_lm_batch_is_shifted_and_fits_causal_lm(bpe, tmp_path):
+    from llm.data import prepare
+
+    prepare("stdlib", bpe, tmp_path, workers=1, limit_bytes=50_000)
+    windows = PackedTokens(tmp_path / "train", 8).samples_at([0, 1, 2])
     batch = collate_causal_lm(windows)
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
-    assert batch["input_ids"].shape == (2, 8) and batch["input_ids"].is_contiguous()
+    assert torch.equal(batch["labels"][:, -1], windows[:, -1])
+    assert batch["input_ids"].shape == (3, 8) and batch["labels"].is_contiguous()
+    model = build_model(dict(vocab_size=600, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16))
+    out = model(**batch)  # the model does not shift again: position t predicts labels[t]
+    ref = torch.nn.functional.cross_entropy(out.logits.double().flatten(0, 1), batch["labels"].flatten())
+    assert abs(out.loss.item() - ref.item()) < 1e-4
