@@ -9,6 +9,7 @@ all cores, MB of UTF-8 text per second (after training a BPE tokenizer on part o
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -99,6 +100,7 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
         out_dir,
         loader_tokens_per_s={"llm": ours_tps, "numpy_memmap": plain_tps},
         tokens_in_shards=int(len(flat)),
+        load_average_1_5_15min=list(os.getloadavg()),  # the machine may be shared
         batch=[BATCH, SEQ],
     )
     print(f"\nwrote {path}")
