@@ -92,13 +92,13 @@ def test_query_and_key_lengths_differ(lq, lk, causal):
     check(*inputs(2, 2, 1, lq, lk, 32), causal=causal)
 
 
-
 def test_fp16_inputs_accumulate_in_fp32():
     """fp16 in, fp32 accumulation, P rounded to fp16 for the second product: within the half-precision bound.
     (bf16 runs only compiled, in the gpu-marked tests: Triton's interpreter multiplies bf16 blocks wrongly.)"""
     mask = torch.ones(2, 45, dtype=torch.bool, device=DEVICE)
     mask[1, 30:] = False
     check(*inputs(2, 2, 1, 45, 45, 40, torch.float16), tol=1e-2, causal=True, key_padding_mask=mask)
+
 
 def test_strided_inputs_and_explicit_scale():
     """Heads interleaved in memory, as the model's (b, t, h, d).transpose(1, 2) produces."""
