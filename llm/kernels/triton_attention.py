@@ -655,17 +655,20 @@ class FlashAttention(torch.autograd.Function):
 
 
 def attention_unsupported(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
     causal: bool = False,
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     **_,
 ) -> str | None:
-    """Why this kernel cannot run the call (None when it can); the dispatcher falls back on it."""
+    """Why this kernel cannot run the call (None when it can); the dispatcher falls back on it.
+    Without tensors (`available_backends` asks about the backend in general) there is nothing to refuse."""
     if dropout_p:
         return "attention dropout is not implemented in the Triton kernel"
+    if q is None or k is None or v is None:
+        return None
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"expects (batch, heads, seq, head_dim) tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}"
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:

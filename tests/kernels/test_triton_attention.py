@@ -137,6 +137,7 @@ def test_unsupported_calls_name_the_reason():
     wide = q.new_zeros(1, 2, 8, 160)
     assert "head_dim" in triton_attention.attention_unsupported(q=wide, k=wide, v=wide)
     assert triton_attention.attention_unsupported(q=q, k=k, v=v, causal=True) is None
+    assert kernels.available_backends("attention", DEVICE)["triton"] is None
     with pytest.raises(kernels.BackendUnavailable, match="dropout"):
         kernels.attention(q, k, v, dropout_p=0.1, backend="triton")
 
