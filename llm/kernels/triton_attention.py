@@ -22,6 +22,7 @@ is True where a key may be attended, and a query that sees no key outputs zeros
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -306,6 +307,7 @@ def _attn_bwd_dkdv(
     stride_pad,
     H,
     GROUP,
+    SPLITS,
     Lq,
     Lk,
     qk_scale,
@@ -320,9 +322,13 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One key block of one key/value head; sums over the GROUP query heads that share it."""
+    """One key block of one key/value head; sums over the GROUP query heads that share it, or over
+    GROUP / SPLITS of them when the group is split across programs (partial sums in fp32, added by the host)."""
     pid_n = tl.program_id(0)
-    off_hk = tl.program_id(1)
+    pid_h = tl.program_id(1)  # key/value head * SPLITS + split
+    off_hk = pid_h // SPLITS
+    heads_per_program = GROUP // SPLITS
+    first_h = off_hk * GROUP + (pid_h % SPLITS) * heads_per_program
     off_b = tl.program_id(2).to(tl.int64)
     start_n = pid_n * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -354,8 +360,8 @@ def _attn_bwd_dkdv(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(GROUP):
-        off_h = off_hk * GROUP + g
+    for g in range(heads_per_program):
+        off_h = first_h + g
         q_base = Q + off_b * stride_qb + off_h * stride_qh
         do_base = DO + off_b * stride_dob + off_h * stride_doh
         lse_base = LSE + (off_b * H + off_h) * Lq
@@ -374,8 +380,8 @@ def _attn_bwd_dkdv(
         keep = tl.load(PAD + off_b * stride_pad + cols, mask=cols < Lk, other=0) != 0
         dk = tl.where(keep[:, None], dk, 0.0)
         dv = tl.where(keep[:, None], dv, 0.0)
-    dk_ptrs = DK + off_b * stride_dkb + off_hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :]
-    dv_ptrs = DV + off_b * stride_dvb + off_hk * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :]
+    dk_ptrs = DK + off_b * stride_dkb + pid_h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + off_b * stride_dvb + pid_h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -568,6 +574,27 @@ def _launch(kernel, tuned, name: str, blocks_along: str, length: int, heads: int
         tuned[lambda cfg: (triton.cdiv(length, cfg[blocks_along]), heads, batch)](*args, **meta)
 
 
+# The dK/dV kernel runs one program per key block and key/value head. With few of those (MQA, small
+# batch) it splits each head's query group over programs until the grid fills the card; the estimate
+# uses the largest candidate key block, as the autotuner's choice is not known before the launch.
+KEY_BLOCK_ESTIMATE = INTERPRET_BLOCKS["dkdv"][1] if INTERPRET else 128
+
+
+@functools.cache
+def _min_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: small, so that the tests see split and unsplit groups
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _group_splits(group: int, programs: int, min_programs: int) -> int:
+    """The smallest divisor of `group` that gives at least `min_programs` programs (the group when none does)."""
+    for splits in range(1, group + 1):
+        if group % splits == 0 and programs * splits >= min_programs:
+            return splits
+    return group
+
+
 def _bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 16))
 
@@ -616,22 +643,30 @@ def _backward(do, q, k, v, o, lse, pad, causal: bool, scale: float):
         o, do, delta, *o.stride()[:3], *do.stride()[:3], h, lq,
         HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=block,
     )  # fmt: skip
+    group = h // hkv
+    splits = _group_splits(group, b * hkv * triton.cdiv(lk, KEY_BLOCK_ESTIMATE), _min_programs(q.device))
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if splits == 1:
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    else:  # per-split partial sums, (B, Hkv * splits, Lk, D) in fp32, added below
+        dk, dv = (torch.empty(b, hkv * splits, lk, d, device=q.device, dtype=torch.float32) for _ in range(2))
     pad_arg, pad_stride = (pad, pad.stride(0)) if pad is not None else (q, 0)
-    common = (h, h // hkv, lq, lk, scale * LOG2E, scale, _bucket(lq), _bucket(lk))
+    common = (lq, lk, scale * LOG2E, scale, _bucket(lq), _bucket(lk))
     _launch(
-        _attn_bwd_dkdv, _dkdv_tuned, "dkdv", "BLOCK_N", lk, hkv, b,
+        _attn_bwd_dkdv, _dkdv_tuned, "dkdv", "BLOCK_N", lk, hkv * splits, b,
         q, k, v, do, lse, delta, dk, dv, pad_arg,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        pad_stride, *common, **meta,
+        pad_stride, h, group, splits, *common, **meta,
     )  # fmt: skip
+    if splits > 1:
+        dk = dk.view(b, hkv, splits, lk, d).sum(2).to(k.dtype)
+        dv = dv.view(b, hkv, splits, lk, d).sum(2).to(v.dtype)
     _launch(
         _attn_bwd_dq, _dq_tuned, "dq", "BLOCK_M", lq, h, b,
         q, k, v, do, lse, delta, dq, pad_arg,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        pad_stride, *common, **meta,
+        pad_stride, h, group, *common, **meta,
     )  # fmt: skip
     return dq, dk, dv
 

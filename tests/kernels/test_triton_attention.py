@@ -81,6 +81,15 @@ def test_grouped_key_value_heads(kv_heads):
     check(*inputs(2, 4, kv_heads, 37, 37, 48), causal=True, key_padding_mask=mask)
 
 
+def test_small_grids_split_the_query_group():
+    """MQA at batch 1 has one dK/dV program per key block: the group is split until the grid is full enough.
+    (The tests above run both ways: GQA 2 x 2 heads x 2 blocks unsplit, MQA split in 2.)"""
+    assert triton_attention._group_splits(group=4, programs=8, min_programs=8) == 1
+    assert triton_attention._group_splits(group=4, programs=4, min_programs=8) == 2
+    assert triton_attention._group_splits(group=6, programs=2, min_programs=8) == 6
+    assert triton_attention._group_splits(group=32, programs=32, min_programs=264) == 16
+
+
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 def test_head_dims(head_dim):
     check(*inputs(1, 2, 1, 19, 19, head_dim), causal=True)
@@ -199,7 +208,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from llm.kernels import triton_attention as ta
 
-ints = {"H", "GROUP", "Lq", "Lk", "LQ_BUCKET", "LK_BUCKET"}
+ints = {"H", "GROUP", "SPLITS", "Lq", "Lk", "LQ_BUCKET", "LK_BUCKET"}
 pointer_types = {"LSE": "*fp32", "DELTA": "*fp32", "PAD": "*u8"}
 meta = dict(HEAD_DIM=96, BLOCK_D=128, CAUSAL=True, HAS_PAD=True, DOT_PRECISION="tf32")
 for kernel, config in [
