@@ -126,5 +126,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return RMSNormFunction.apply(x, weight, eps)
 
 
-def rms_norm_unsupported(x: torch.Tensor, **call) -> str | None:
-    return too_wide(x.shape[-1])
+def rms_norm_unsupported(x: torch.Tensor | None = None, **call) -> str | None:
+    return too_wide(x.shape[-1]) if x is not None else None
