@@ -26,13 +26,24 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// Explicit conversions: torch builds with __CUDA_NO_HALF_CONVERSIONS__ and friends.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
 template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  return static_cast<float>(v);
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
 }
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  return static_cast<T>(v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -246,10 +257,12 @@ int next_pow2(int64_t n) {
   return p;
 }
 
-Plan make_plan(int64_t cols, int vec) {
+// `per_thread`: vectors each thread of a block-per-row plan aims at (the backward pass
+// keeps five values per element in registers, so it takes fewer and more threads).
+Plan make_plan(int64_t cols, int vec, int per_thread) {
   const int64_t vectors = (cols + vec - 1) / vec;
   if (vectors <= kWarp * kMaxWarpIters) return {vec, next_pow2((vectors + kWarp - 1) / kWarp), kWarp, true};
-  int threads = next_pow2((vectors + kMaxWarpIters - 1) / kMaxWarpIters);  // aim at 4 vectors per thread
+  int threads = next_pow2((vectors + per_thread - 1) / per_thread);
   if (threads > kMaxThreads) threads = kMaxThreads;
   const int iters = next_pow2((vectors + threads - 1) / threads);
   return {vec, iters, threads, iters <= kMaxBlockIters};
@@ -258,11 +271,11 @@ Plan make_plan(int64_t cols, int vec) {
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 template <typename T>
-Plan plan_for(int64_t cols, std::initializer_list<const void*> pointers) {
+Plan plan_for(int64_t cols, int per_thread, std::initializer_list<const void*> pointers) {
   constexpr int wide = 16 / sizeof(T);
   bool vectorize = cols % wide == 0;
   for (const void* p : pointers) vectorize = vectorize && (p == nullptr || aligned16(p));
-  return make_plan(cols, vectorize ? wide : 1);
+  return make_plan(cols, vectorize ? wide : 1, per_thread);
 }
 
 int sm_count() {
@@ -358,7 +371,7 @@ template <typename T>
 cudaError_t forward(const void* x, const void* weight, const void* bias, void* y, float* mean, float* rstd, int64_t rows,
                     int64_t cols, float eps, bool rms, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  const Plan plan = plan_for<T>(cols, {x, weight, bias, y});
+  const Plan plan = plan_for<T>(cols, 4, {x, weight, bias, y});
   const dim3 grid((rows + rows_per_block(plan) - 1) / rows_per_block(plan));
   const ForwardLaunch<T> launch{x,   weight, bias, y,    mean, rstd, rows, static_cast<int>(cols),
                                 eps, rms,    grid, block_of(plan), stream};
@@ -370,7 +383,7 @@ cudaError_t backward(const void* x, const void* dy, const void* weight, const fl
                      void* dweight, void* dbias, float* partial_dweight, float* partial_dbias, int64_t rows,
                      int64_t cols, bool rms, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  const Plan plan = plan_for<T>(cols, {x, dy, weight, dx});
+  const Plan plan = plan_for<T>(cols, 2, {x, dy, weight, dx});
   const int64_t partials = partial_rows(rows);
   const dim3 grid(partials / rows_per_block(plan));
   const BackwardLaunch<T> launch{x,
