@@ -135,3 +135,19 @@ def test_auto_order_from_bench_results(tmp_path):
     dispatch.set_auto_order(order)
     assert dispatch.AUTO_ORDER["cuda"]["rms_norm"] == ("triton", "cuda", "torch")
     assert dispatch.AUTO_ORDER["cuda"]["layer_norm"] != ()
+
+
+def test_backends_decline_calls_they_cannot_take():
+    from llm.kernels import cuda_norms, flash_attn_backend
+
+    x = torch.empty(2, 4096, dtype=torch.bfloat16)
+    assert cuda_norms.rms_norm_unsupported(x=x, weight=torch.empty(4096, dtype=torch.bfloat16)) is None
+    assert "dtype" in cuda_norms.layer_norm_unsupported(x=x, weight=torch.empty(4096), bias=None)
+    assert "70001" in cuda_norms.rms_norm_unsupported(x=torch.empty(1, 70001, dtype=torch.bfloat16))
+    assert "float64" in cuda_norms.rms_norm_unsupported(x=torch.empty(1, 8, dtype=torch.float64))
+    q = torch.empty(1, 2, 8, 64, dtype=torch.bfloat16)
+    assert flash_attn_backend.attention_unsupported(q=q) is None
+    assert "padding" in flash_attn_backend.attention_unsupported(
+        q=q, key_padding_mask=torch.ones(1, 8, dtype=torch.bool)
+    )
+    assert "fp16/bf16" in flash_attn_backend.attention_unsupported(q=q.float())
