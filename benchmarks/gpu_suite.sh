@@ -73,13 +73,13 @@ if ((DRY_RUN)); then
 else
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU: use --dry-run'" || exit 2
   ARCH=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
-  step "build csrc" 180 env LLM_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
+  step "build csrc" 150 env LLM_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
   step "import llm._C" 30 "$PY" -c "import llm._C"
   step "gpu tests" 150 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
-  step "bench kernels" 180 "$PY" -m llm bench kernels
+  step "bench kernels" 150 "$PY" -m llm bench kernels
   if train_bench_built; then
     # shellcheck disable=SC2086  # LLM_SUITE_TRAIN_ARGS is a list of flags
-    step "bench train" 90 "$PY" -m llm bench train ${LLM_SUITE_TRAIN_ARGS:-}
+    step "bench train" 60 "$PY" -m llm bench train ${LLM_SUITE_TRAIN_ARGS:-}
   else
     printf 'bench train\tskipped\t0\tnot built\t\n' >>"$STEPS"
   fi
