@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from llm.kernels import reference
+
 # Elements of one logits chunk; the chunk width is this divided by the rows.
 CHUNK_ELEMENTS = 1 << 25
 BLOCK_V = 1024
@@ -143,6 +145,8 @@ def linear_cross_entropy(
             f"linear_cross_entropy: label {labels[bad][0].item()} is outside the vocabulary of {vocab} "
             f"(and is not ignore_index={ignore_index})"
         )
+    if hidden.shape[0] == 0:  # no tokens: nothing to launch
+        return reference.linear_cross_entropy(hidden, weight, labels, bias, ignore_index)
     return LinearCrossEntropyFunction.apply(
         hidden.contiguous(), weight, labels.contiguous(), bias, ignore_index, chunk_size
     )

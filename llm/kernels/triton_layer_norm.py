@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llm.kernels import reference
 from llm.kernels.triton_utils import as_rows, num_partial_programs, num_warps_for, row_block, too_wide
 
 
@@ -143,6 +144,8 @@ class LayerNormFunction(torch.autograd.Function):
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if x.numel() == 0:  # no rows: nothing to launch
+        return reference.layer_norm(x, weight, bias, eps)
     return LayerNormFunction.apply(x, weight, bias, eps)
 
 

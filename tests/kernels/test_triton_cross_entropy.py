@@ -86,3 +86,8 @@ def test_lm_head_loss_through_the_triton_backend(monkeypatch):
     reference.linear_cross_entropy(h.flatten(0, 1).double(), w64, labels.flatten(), head.bias.double()).backward()
     assert rel_err(head.weight.grad, w64.grad) < 1e-5
     assert kernels.dispatch.resolve("linear_cross_entropy", "auto", "cpu")[0] == "triton"
+
+
+def test_no_tokens_gives_zero_loss():
+    hidden, weight, _, _ = _case(0, 8, 20, False, 0)
+    assert triton_ce.linear_cross_entropy(hidden, weight, torch.zeros(0, dtype=torch.long)).item() == 0.0

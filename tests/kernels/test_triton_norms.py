@@ -75,3 +75,12 @@ def test_too_wide_rows_are_declined_with_a_reason():
     reason = triton_layer_norm.layer_norm_unsupported(x=torch.empty(1, 70000))
     assert reason and "70000" in reason
     assert triton_rms_norm.rms_norm_unsupported(x=torch.empty(1, 4096)) is None
+
+
+def test_empty_batches_pass_through():
+    x = torch.randn(0, 7, 32, requires_grad=True)
+    w = torch.randn(32, requires_grad=True)
+    assert triton_layer_norm.layer_norm(x, w, None, 1e-5).shape == x.shape
+    out = triton_rms_norm.rms_norm(x, w, 1e-6)
+    out.sum().backward()
+    assert out.shape == x.shape and x.grad.shape == x.shape
