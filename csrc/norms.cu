@@ -23,6 +23,9 @@ constexpr int kMaxWarpIters = 4;    // warp per row up to 32 * VEC * 4 elements
 constexpr int kMaxBlockIters = 8;   // block per row up to 1024 * VEC * 8 elements
 constexpr int kMaxThreads = 1024;
 constexpr int kWarpRowsPerBlock = 4;
+// The backward pass keeps five fp32 values per element in registers; rows up to this
+// many elements fit one block (rows that cannot be vectorized: half as many).
+constexpr int64_t kMaxCols = 8192;
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -328,6 +331,28 @@ cudaError_t dispatch_plan(const Plan& plan, const F& f) {
 dim3 block_of(const Plan& plan) { return dim3(plan.threads == kWarp ? kWarp * kWarpRowsPerBlock : plan.threads); }
 int rows_per_block(const Plan& plan) { return plan.threads == kWarp ? kWarpRowsPerBlock : 1; }
 
+// cudaErrorLaunchOutOfResources when the kernel's registers do not allow `block` threads.
+template <typename Kernel>
+cudaError_t fits_registers(Kernel kernel, dim3 block) {
+  cudaFuncAttributes attr;
+  const cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  return attr.maxThreadsPerBlock >= static_cast<int>(block.x) ? cudaSuccess : cudaErrorLaunchOutOfResources;
+}
+
+// Launch with the plan; where its block is too large for the kernel's registers, try half
+// the threads with twice the vectors each (a block-per-row plan only).
+template <typename T, typename MakeLaunch>
+cudaError_t launch_fitting(Plan plan, MakeLaunch make_launch) {
+  cudaError_t err = dispatch_plan<T>(plan, make_launch(plan));
+  while (err == cudaErrorLaunchOutOfResources && plan.threads > 2 * kWarp && plan.iters < kMaxBlockIters) {
+    plan.threads /= 2;
+    plan.iters *= 2;
+    err = dispatch_plan<T>(plan, make_launch(plan));
+  }
+  return err;
+}
+
 template <typename T>
 struct ForwardLaunch {
   const void *x, *weight, *bias;
@@ -342,6 +367,8 @@ struct ForwardLaunch {
 
   template <int VEC, int ITERS, bool BLOCK_ROW>
   cudaError_t operator()() const {
+    const cudaError_t fits = fits_registers(norm_forward_kernel<T, VEC, ITERS, BLOCK_ROW>, block);
+    if (fits != cudaSuccess) return fits;
     norm_forward_kernel<T, VEC, ITERS, BLOCK_ROW><<<grid, block, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias), static_cast<T*>(y),
         mean, rstd, rows, cols, eps, rms);
@@ -363,6 +390,8 @@ struct BackwardLaunch {
 
   template <int VEC, int ITERS, bool BLOCK_ROW>
   cudaError_t operator()() const {
+    const cudaError_t fits = fits_registers(norm_backward_kernel<T, VEC, ITERS, BLOCK_ROW>, block);
+    if (fits != cudaSuccess) return fits;
     norm_backward_kernel<T, VEC, ITERS, BLOCK_ROW><<<grid, block, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<const T*>(weight), mean, rstd,
         static_cast<T*>(dx), partial_dweight, partial_dbias, rows, cols, rms);
@@ -376,9 +405,10 @@ cudaError_t forward(const void* x, const void* weight, const void* bias, void* y
   if (rows == 0) return cudaSuccess;
   const Plan plan = plan_for<T>(cols, 4, {x, weight, bias, y});
   const dim3 grid((rows + rows_per_block(plan) - 1) / rows_per_block(plan));
-  const ForwardLaunch<T> launch{x,   weight, bias, y,    mean, rstd, rows, static_cast<int>(cols),
-                                eps, rms,    grid, block_of(plan), stream};
-  return dispatch_plan<T>(plan, launch);
+  return launch_fitting<T>(plan, [&](const Plan& p) {
+    return ForwardLaunch<T>{x, weight, bias, y, mean, rstd, rows, static_cast<int>(cols), eps, rms, grid, block_of(p),
+                            stream};
+  });
 }
 
 template <typename T>
@@ -389,21 +419,22 @@ cudaError_t backward(const void* x, const void* dy, const void* weight, const fl
   const Plan plan = plan_for<T>(cols, 2, {x, dy, weight, dx});
   const int64_t partials = partial_rows(rows);
   const dim3 grid(partials / rows_per_block(plan));
-  const BackwardLaunch<T> launch{x,
-                                 dy,
-                                 weight,
-                                 mean,
-                                 rstd,
-                                 dx,
-                                 dweight ? partial_dweight : nullptr,
-                                 dbias ? partial_dbias : nullptr,
-                                 rows,
-                                 static_cast<int>(cols),
-                                 rms,
-                                 grid,
-                                 block_of(plan),
-                                 stream};
-  cudaError_t err = dispatch_plan<T>(plan, launch);
+  cudaError_t err = launch_fitting<T>(plan, [&](const Plan& p) {
+    return BackwardLaunch<T>{x,
+                             dy,
+                             weight,
+                             mean,
+                             rstd,
+                             dx,
+                             dweight ? partial_dweight : nullptr,
+                             dbias ? partial_dbias : nullptr,
+                             rows,
+                             static_cast<int>(cols),
+                             rms,
+                             grid,
+                             block_of(p),
+                             stream};
+  });
   if (err != cudaSuccess) return err;
   const dim3 sum_grid((cols + kWarp - 1) / kWarp), sum_block(kWarp, 8);
   if (dweight)
@@ -415,10 +446,7 @@ cudaError_t backward(const void* x, const void* dy, const void* weight, const fl
 
 }  // namespace
 
-int64_t norm_max_cols(DType dtype) {
-  const int wide = dtype == DType::kFloat32 ? 4 : 8;
-  return static_cast<int64_t>(kMaxThreads) * kMaxBlockIters * wide;
-}
+int64_t norm_max_cols(DType) { return kMaxCols; }
 
 int64_t norm_backward_partials(int64_t rows, int64_t, DType) { return partial_rows(rows); }
 

@@ -14,7 +14,8 @@ namespace llm {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Widest row the kernels take for this dtype (every row is kept in registers).
+// Widest row the kernels take (a row is kept in registers): 8192 elements; rows whose
+// length or pointers rule out 16-byte vectors fit up to 4096.
 int64_t norm_max_cols(DType dtype);
 
 cudaError_t layer_norm_forward(DType dtype, const void* x, const void* weight, const void* bias, void* y, float* mean,

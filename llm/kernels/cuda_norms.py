@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-# Widest row per dtype with 16-byte vectors (1024 threads x 8 vectors); rows that
-# cannot be vectorized (length not a multiple of the vector) stop at 1024 x 8.
+# Elements per 16-byte vector. The backward kernel keeps five fp32 values per element
+# in registers: rows up to 8192 elements fit a block, 4096 when they cannot be vectorized.
 _VECTOR = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
+MAX_COLS, MAX_COLS_UNVECTORIZED = 8192, 4096
 
 
 def _ext():
@@ -65,7 +66,7 @@ def _unsupported(x: torch.Tensor | None, params: tuple[torch.Tensor | None, ...]
         if p is not None and p.dtype != x.dtype:
             return f"the CUDA norms need weight/bias in the input's dtype ({x.dtype}), not {p.dtype}"
     cols, vector = x.shape[-1], _VECTOR[x.dtype]
-    widest = 1024 * 8 * (vector if cols % vector == 0 else 1)
+    widest = MAX_COLS if cols % vector == 0 else MAX_COLS_UNVECTORIZED
     if cols > widest:
         return f"rows of {cols} elements exceed the {widest} the CUDA norms keep in registers"
     return None

@@ -53,7 +53,7 @@ def test_every_cu_file_compiles_for_sm80_and_sm90(tmp_path):
 
 def _cases():
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)):
-        for shape in ((3, 37, 129), (64, 1000), (16, 4096), (8, 8192), (5, 12288)):
+        for shape in ((3, 37, 129), (64, 1000), (16, 4096), (8, 8192), (7, 4095)):
             yield dtype, tol, shape
 
 

@@ -143,7 +143,9 @@ def test_backends_decline_calls_they_cannot_take():
     x = torch.empty(2, 4096, dtype=torch.bfloat16)
     assert cuda_norms.rms_norm_unsupported(x=x, weight=torch.empty(4096, dtype=torch.bfloat16)) is None
     assert "dtype" in cuda_norms.layer_norm_unsupported(x=x, weight=torch.empty(4096), bias=None)
-    assert "70001" in cuda_norms.rms_norm_unsupported(x=torch.empty(1, 70001, dtype=torch.bfloat16))
+    assert "8200" in cuda_norms.rms_norm_unsupported(x=torch.empty(1, 8200, dtype=torch.bfloat16))
+    assert "4097" in cuda_norms.rms_norm_unsupported(x=torch.empty(1, 4097, dtype=torch.bfloat16))
+    assert cuda_norms.rms_norm_unsupported(x=torch.empty(1, 4095, dtype=torch.bfloat16)) is None
     assert "float64" in cuda_norms.rms_norm_unsupported(x=torch.empty(1, 8, dtype=torch.float64))
     q = torch.empty(1, 2, 8, 64, dtype=torch.bfloat16)
     assert flash_attn_backend.attention_unsupported(q=q) is None
