@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from llm.errors import UserError
+
 OPS = ("attention", "layer_norm", "rms_norm", "linear_cross_entropy")
 BACKENDS = ("torch", "triton", "cuda", "flash_attn", "apex")
 ENV_VAR = "LLM_KERNELS"
@@ -40,8 +42,12 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-class BackendUnavailable(RuntimeError):
-    """A backend was asked for by name and cannot run this call."""
+class BackendUnavailable(UserError, RuntimeError):
+    """A backend was asked for by name (call, recipe or LLM_KERNELS) and cannot run this call."""
+
+
+class UnknownKernelName(UserError, ValueError):
+    """An op or backend name that does not exist (from a call, a recipe or LLM_KERNELS)."""
 
 
 @dataclass
@@ -76,9 +82,9 @@ def register(op: str, name: str, backend: Backend) -> None:
 
 def _check_name(op: str, backend: str) -> None:
     if op not in OPS:
-        raise ValueError(f"unknown kernel op {op!r}; ops are {', '.join(OPS)}")
+        raise UnknownKernelName(f"unknown kernel op {op!r}; ops are {', '.join(OPS)}")
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} for {op}; choose auto or one of {', '.join(BACKENDS)}")
+        raise UnknownKernelName(f"unknown backend {backend!r} for {op}; choose auto or one of {', '.join(BACKENDS)}")
 
 
 def set_backend(op: str, backend: str) -> None:
@@ -102,7 +108,7 @@ def _parse_env(spec: str) -> dict[str, str]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         op, sep, backend = item.partition("=")
         if not sep:
-            raise ValueError(f"{ENV_VAR}: expected op=backend items, got {item!r}")
+            raise UnknownKernelName(f"{ENV_VAR}: expected op=backend items, got {item!r}")
         _check_name(op.strip(), backend.strip())
         result[op.strip()] = backend.strip()
     return result

@@ -153,3 +153,12 @@ def test_backends_decline_calls_they_cannot_take():
         q=q, key_padding_mask=torch.ones(1, 8, dtype=torch.bool)
     )
     assert "fp16/bf16" in flash_attn_backend.attention_unsupported(q=q.float())
+
+
+def test_bad_names_and_unrunnable_backends_are_user_errors():
+    from llm.errors import UserError
+
+    with pytest.raises(UserError, match="unknown backend 'fastest'"):
+        kernels.configure({"rms_norm": "fastest"})
+    with pytest.raises(UserError, match="cannot run here"):
+        dispatch.resolve("layer_norm", "cuda", "cpu")
