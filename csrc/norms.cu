@@ -291,10 +291,12 @@ int sm_count() {
   return count > 0 ? count : 1;
 }
 
-// Row groups in the backward grid, each writing one partial gradient row: two blocks
-// per SM, a multiple of the warp-per-row group count so either plan fills whole blocks.
-int64_t partial_rows(int64_t rows) {
-  int64_t blocks = 2LL * sm_count();
+// Row groups in the backward grid, each writing one partial gradient row; a multiple of
+// the warp-per-row group count, so either plan fills whole blocks. Short rows (a warp
+// each, small blocks) take more blocks per SM to keep it busy than long rows do.
+int64_t partial_rows(int64_t rows, int64_t cols) {
+  const int64_t per_sm = cols <= 1024 ? 8 : 2;
+  int64_t blocks = per_sm * sm_count();
   const int64_t needed = (rows + kWarpRowsPerBlock - 1) / kWarpRowsPerBlock;
   if (blocks > needed) blocks = needed;
   return (blocks < 1 ? 1 : blocks) * kWarpRowsPerBlock;
@@ -417,7 +419,7 @@ cudaError_t backward(const void* x, const void* dy, const void* weight, const fl
                      int64_t cols, bool rms, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const Plan plan = plan_for<T>(cols, 2, {x, dy, weight, dx});
-  const int64_t partials = partial_rows(rows);
+  const int64_t partials = partial_rows(rows, cols);
   const dim3 grid(partials / rows_per_block(plan));
   cudaError_t err = launch_fitting<T>(plan, [&](const Plan& p) {
     return BackwardLaunch<T>{x,
@@ -448,7 +450,7 @@ cudaError_t backward(const void* x, const void* dy, const void* weight, const fl
 
 int64_t norm_max_cols(DType) { return kMaxCols; }
 
-int64_t norm_backward_partials(int64_t rows, int64_t, DType) { return partial_rows(rows); }
+int64_t norm_backward_partials(int64_t rows, int64_t cols, DType) { return partial_rows(rows, cols); }
 
 #define LLM_DISPATCH_DTYPE(dtype, FN, ...)                                      \
   switch (dtype) {                                                              \
