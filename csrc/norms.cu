@@ -58,11 +58,11 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Sum over the threads that own a row: the warp, or the whole block.
-template <bool BLOCK_ROW>
-__device__ __forceinline__ float row_sum(float v) {
+// Sum over the threads that own a row: the warp, or the whole block (`group_size` is the
+// same for every thread of a launch, so the barriers are reached by all or none).
+__device__ __forceinline__ float row_sum(float v, int group_size) {
   v = warp_sum(v);
-  if constexpr (BLOCK_ROW) {
+  if (group_size > kWarp) {
     __shared__ float partial[kMaxThreads / kWarp];
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     __syncthreads();  // the previous call's readers are done with `partial`
@@ -89,36 +89,27 @@ __device__ __forceinline__ void store(T* p, const float* in) {
   *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
 }
 
-// Which row this thread works on first, its index in the row group, the group's size,
-// and how many row groups the grid holds.
-template <bool BLOCK_ROW>
+// The row group of this thread: `size` threads (a warp, or the whole block) share a row.
+// `row` is the group's first row, `tid` the thread's index in it, `count` the groups in the grid.
 struct RowGroup {
   int64_t row;
   int tid;
   int size;
   int64_t count;
-  __device__ RowGroup() {
-    if constexpr (BLOCK_ROW) {
-      row = blockIdx.x;
-      tid = threadIdx.x;
-      size = blockDim.x;
-      count = gridDim.x;
-    } else {
-      const int per_block = blockDim.x / kWarp;
-      row = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / kWarp;
-      tid = threadIdx.x % kWarp;
-      size = kWarp;
-      count = static_cast<int64_t>(gridDim.x) * per_block;
-    }
+  __device__ explicit RowGroup(int group_size) : size(group_size) {
+    const int per_block = blockDim.x / group_size;
+    row = static_cast<int64_t>(blockIdx.x) * per_block + threadIdx.x / group_size;
+    tid = threadIdx.x % group_size;
+    count = static_cast<int64_t>(gridDim.x) * per_block;
   }
 };
 
-template <typename T, int VEC, int ITERS, bool BLOCK_ROW>
+template <typename T, int VEC, int ITERS>
 __global__ void norm_forward_kernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
                                     T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                    int64_t rows, int cols, float eps, bool rms) {
-  const RowGroup<BLOCK_ROW> group;
-  if (group.row >= rows) return;  // a whole warp (warp per row) or block leaves together
+                                    int64_t rows, int cols, float eps, bool rms, int group_size) {
+  const RowGroup group(group_size);
+  if (group.row >= rows) return;  // a whole row group leaves together
   const T* xr = x + group.row * cols;
   float v[ITERS][VEC];
   float sum = 0.f;
@@ -131,7 +122,7 @@ __global__ void norm_forward_kernel(const T* __restrict__ x, const T* __restrict
       for (int j = 0; j < VEC; ++j) sum += v[i][j];
     }
   }
-  const float mean = rms ? 0.f : row_sum<BLOCK_ROW>(sum) / cols;
+  const float mean = rms ? 0.f : row_sum(sum, group.size) / cols;
   float squares = 0.f;
 #pragma unroll
   for (int i = 0; i < ITERS; ++i) {
@@ -141,7 +132,7 @@ __global__ void norm_forward_kernel(const T* __restrict__ x, const T* __restrict
       for (int j = 0; j < VEC; ++j) squares += (v[i][j] - mean) * (v[i][j] - mean);
     }
   }
-  const float rstd = rsqrtf(row_sum<BLOCK_ROW>(squares) / cols + eps);
+  const float rstd = rsqrtf(row_sum(squares, group.size) / cols + eps);
   T* yr = y + group.row * cols;
 #pragma unroll
   for (int i = 0; i < ITERS; ++i) {
@@ -167,12 +158,12 @@ __global__ void norm_forward_kernel(const T* __restrict__ x, const T* __restrict
   }
 }
 
-template <typename T, int VEC, int ITERS, bool BLOCK_ROW>
+template <typename T, int VEC, int ITERS>
 __global__ void norm_backward_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ weight,
                                      const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
                                      float* __restrict__ partial_dweight, float* __restrict__ partial_dbias,
-                                     int64_t rows, int cols, bool rms) {
-  const RowGroup<BLOCK_ROW> group;
+                                     int64_t rows, int cols, bool rms, int group_size) {
+  const RowGroup group(group_size);
   float w[ITERS][VEC], dw[ITERS][VEC], db[ITERS][VEC];
 #pragma unroll
   for (int i = 0; i < ITERS; ++i) {
@@ -206,8 +197,8 @@ __global__ void norm_backward_kernel(const T* __restrict__ x, const T* __restric
         }
       }
     }
-    const float c1 = row_sum<BLOCK_ROW>(sum_xhat_wdy) / cols;
-    const float c2 = rms ? 0.f : row_sum<BLOCK_ROW>(sum_wdy) / cols;
+    const float c1 = row_sum(sum_xhat_wdy, group.size) / cols;
+    const float c2 = rms ? 0.f : row_sum(sum_wdy, group.size) / cols;
 #pragma unroll
     for (int i = 0; i < ITERS; ++i) {
       const int c = (i * group.size + group.tid) * VEC;
@@ -302,22 +293,14 @@ int64_t partial_rows(int64_t rows, int64_t cols) {
   return (blocks < 1 ? 1 : blocks) * kWarpRowsPerBlock;
 }
 
-// Calls f.template operator()<VEC, ITERS, BLOCK_ROW>() for the plan's compile-time shape.
+// Calls f.template operator()<VEC, ITERS>() for the plan's compile-time shape.
 template <int VEC, typename F>
 cudaError_t with_iters(const Plan& plan, const F& f) {
-  if (plan.threads == kWarp) {
-    switch (plan.iters) {
-      case 1: return f.template operator()<VEC, 1, false>();
-      case 2: return f.template operator()<VEC, 2, false>();
-      case 4: return f.template operator()<VEC, 4, false>();
-    }
-  } else {
-    switch (plan.iters) {
-      case 1: return f.template operator()<VEC, 1, true>();
-      case 2: return f.template operator()<VEC, 2, true>();
-      case 4: return f.template operator()<VEC, 4, true>();
-      case 8: return f.template operator()<VEC, 8, true>();
-    }
+  switch (plan.iters) {
+    case 1: return f.template operator()<VEC, 1>();
+    case 2: return f.template operator()<VEC, 2>();
+    case 4: return f.template operator()<VEC, 4>();
+    case 8: return f.template operator()<VEC, 8>();
   }
   return cudaErrorInvalidValue;
 }
@@ -365,15 +348,16 @@ struct ForwardLaunch {
   float eps;
   bool rms;
   dim3 grid, block;
+  int group_size;
   cudaStream_t stream;
 
-  template <int VEC, int ITERS, bool BLOCK_ROW>
+  template <int VEC, int ITERS>
   cudaError_t operator()() const {
-    const cudaError_t fits = fits_registers(norm_forward_kernel<T, VEC, ITERS, BLOCK_ROW>, block);
+    const cudaError_t fits = fits_registers(norm_forward_kernel<T, VEC, ITERS>, block);
     if (fits != cudaSuccess) return fits;
-    norm_forward_kernel<T, VEC, ITERS, BLOCK_ROW><<<grid, block, 0, stream>>>(
+    norm_forward_kernel<T, VEC, ITERS><<<grid, block, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<const T*>(bias), static_cast<T*>(y),
-        mean, rstd, rows, cols, eps, rms);
+        mean, rstd, rows, cols, eps, rms, group_size);
     return cudaGetLastError();
   }
 };
@@ -388,15 +372,16 @@ struct BackwardLaunch {
   int cols;
   bool rms;
   dim3 grid, block;
+  int group_size;
   cudaStream_t stream;
 
-  template <int VEC, int ITERS, bool BLOCK_ROW>
+  template <int VEC, int ITERS>
   cudaError_t operator()() const {
-    const cudaError_t fits = fits_registers(norm_backward_kernel<T, VEC, ITERS, BLOCK_ROW>, block);
+    const cudaError_t fits = fits_registers(norm_backward_kernel<T, VEC, ITERS>, block);
     if (fits != cudaSuccess) return fits;
-    norm_backward_kernel<T, VEC, ITERS, BLOCK_ROW><<<grid, block, 0, stream>>>(
+    norm_backward_kernel<T, VEC, ITERS><<<grid, block, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<const T*>(weight), mean, rstd,
-        static_cast<T*>(dx), partial_dweight, partial_dbias, rows, cols, rms);
+        static_cast<T*>(dx), partial_dweight, partial_dbias, rows, cols, rms, group_size);
     return cudaGetLastError();
   }
 };
@@ -408,8 +393,8 @@ cudaError_t forward(const void* x, const void* weight, const void* bias, void* y
   const Plan plan = plan_for<T>(cols, 4, {x, weight, bias, y});
   const dim3 grid((rows + rows_per_block(plan) - 1) / rows_per_block(plan));
   return launch_fitting<T>(plan, [&](const Plan& p) {
-    return ForwardLaunch<T>{x, weight, bias, y, mean, rstd, rows, static_cast<int>(cols), eps, rms, grid, block_of(p),
-                            stream};
+    return ForwardLaunch<T>{x,   weight, bias, y,           mean,      rstd,  rows, static_cast<int>(cols),
+                            eps, rms,    grid, block_of(p), p.threads, stream};
   });
 }
 
@@ -435,6 +420,7 @@ cudaError_t backward(const void* x, const void* dy, const void* weight, const fl
                              rms,
                              grid,
                              block_of(p),
+                             p.threads,
                              stream};
   });
   if (err != cudaSuccess) return err;
