@@ -334,9 +334,28 @@ def _add_bench_commands(sub) -> None:
     _add_bench_data(bench)
 
 
+def _cmd_bench_kernels(args) -> int:
+    from llm.bench import kernels
+
+    kernels.main(ops=args.ops, quick=args.quick, repeat=args.repeat, out_dir=args.out)
+    return 0
+
+
 def _add_bench_kernels(bench) -> None:
-    p = _parser(bench, "kernels", "fused kernels against torch and peers", "llm bench kernels")
-    p.set_defaults(func=_not_built("bench kernels"))
+    p = _parser(
+        bench,
+        "kernels",
+        "fused kernels against torch and peers",
+        "llm bench kernels\nllm bench kernels --ops rms_norm layer_norm --out /tmp/results",
+        description="Time every kernel backend per op, shape, dtype and pass; report GB/s or TFLOP/s, percent of "
+        "the card's measured copy bandwidth / matmul rate, speed-up over torch and peers, peak memory. "
+        "On a CPU only torch runs (small shapes). Writes JSON and PNG under --out, $OUT or benchmarks/results/.",
+    )
+    p.add_argument("--ops", nargs="+", choices=["attention", "layer_norm", "rms_norm", "linear_cross_entropy"])
+    p.add_argument("--quick", action="store_true", help="small shapes also on a GPU (a smoke run)")
+    p.add_argument("--repeat", type=int, default=10, help="timed calls per measurement (median reported)")
+    p.add_argument("--out", help="results folder (default $OUT or benchmarks/results/)")
+    p.set_defaults(func=_cmd_bench_kernels)
 
 
 def _add_bench_train(bench) -> None:

@@ -12,9 +12,11 @@ from llm.kernels.dispatch import (
     BACKENDS,
     OPS,
     BackendUnavailable,
+    auto_order_from_results,
     available_backends,
     configure,
     resolve,
+    set_auto_order,
     set_backend,
 )
 
@@ -23,11 +25,13 @@ __all__ = [
     "OPS",
     "BackendUnavailable",
     "attention",
+    "auto_order_from_results",
     "available_backends",
     "configure",
     "layer_norm",
     "linear_cross_entropy",
     "rms_norm",
+    "set_auto_order",
     "set_backend",
 ]
 

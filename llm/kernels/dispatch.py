@@ -14,10 +14,14 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from llm.errors import UserError
 
 OPS = ("attention", "layer_norm", "rms_norm", "linear_cross_entropy")
 BACKENDS = ("torch", "triton", "cuda", "flash_attn", "apex")
@@ -25,14 +29,25 @@ ENV_VAR = "LLM_KERNELS"
 
 # Preference for "auto" per device type; the first that is available and
 # supports a call wins. CPU runs torch only (Triton on a CPU needs the interpreter).
+# The CUDA order is provisional until `llm bench kernels` has run on a GPU; load a
+# measured one with `set_auto_order(auto_order_from_results(path))`.
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "cpu": {op: ("torch",) for op in OPS},
-    "cuda": {op: ("torch",) for op in OPS},
+    "cuda": {
+        "attention": ("flash_attn", "torch", "triton"),
+        "layer_norm": ("triton", "cuda", "apex", "torch"),
+        "rms_norm": ("triton", "cuda", "apex", "torch"),
+        "linear_cross_entropy": ("triton", "torch"),
+    },
 }
 
 
-class BackendUnavailable(RuntimeError):
-    """A backend was asked for by name and cannot run this call."""
+class BackendUnavailable(UserError, RuntimeError):
+    """A backend was asked for by name (call, recipe or LLM_KERNELS) and cannot run this call."""
+
+
+class UnknownKernelName(UserError, ValueError):
+    """An op or backend name that does not exist (from a call, a recipe or LLM_KERNELS)."""
 
 
 @dataclass
@@ -67,9 +82,9 @@ def register(op: str, name: str, backend: Backend) -> None:
 
 def _check_name(op: str, backend: str) -> None:
     if op not in OPS:
-        raise ValueError(f"unknown kernel op {op!r}; ops are {', '.join(OPS)}")
+        raise UnknownKernelName(f"unknown kernel op {op!r}; ops are {', '.join(OPS)}")
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r} for {op}; choose auto or one of {', '.join(BACKENDS)}")
+        raise UnknownKernelName(f"unknown backend {backend!r} for {op}; choose auto or one of {', '.join(BACKENDS)}")
 
 
 def set_backend(op: str, backend: str) -> None:
@@ -93,7 +108,7 @@ def _parse_env(spec: str) -> dict[str, str]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         op, sep, backend = item.partition("=")
         if not sep:
-            raise ValueError(f"{ENV_VAR}: expected op=backend items, got {item!r}")
+            raise UnknownKernelName(f"{ENV_VAR}: expected op=backend items, got {item!r}")
         _check_name(op.strip(), backend.strip())
         result[op.strip()] = backend.strip()
     return result
@@ -127,6 +142,38 @@ def resolve(op: str, backend: str, device: str, **call: Any) -> tuple[str, Calla
     return "torch", _REGISTRY[op]["torch"].fn()
 
 
+def auto_order_from_results(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
+    """Per op, the backends of a `llm bench kernels` JSON ordered fastest first.
+
+    Each backend is scored by the geometric mean of its time over torch's time on the
+    rows (shape, dtype, pass) where both ran on a GPU; torch scores 1. Ops without GPU
+    rows are left out, so the defaults stay for them.
+    """
+    with open(path) as f:
+        rows = json.load(f)["rows"]
+    times: dict[tuple, float] = {}
+    for r in rows:
+        if r.get("device") == "cuda" and r.get("time_ms") is not None:
+            times[(r["op"], r["backend"], r["shape"], r["dtype"], r.get("pass", ""))] = r["time_ms"]
+    scores: dict[str, dict[str, list[float]]] = {}
+    for (op, backend, *config), t in times.items():
+        base = times.get((op, "torch", *config))
+        if base:
+            scores.setdefault(op, {}).setdefault(backend, []).append(math.log(t / base))
+    return {
+        op: tuple(sorted(by_backend, key=lambda b: sum(by_backend[b]) / len(by_backend[b])))
+        for op, by_backend in scores.items()
+    }
+
+
+def set_auto_order(order: dict[str, tuple[str, ...]], device: str = "cuda") -> None:
+    """Replace what "auto" tries, in order, for the ops in `order` on `device`."""
+    for op, backends in order.items():
+        for name in backends:
+            _check_name(op, name)
+        AUTO_ORDER.setdefault(device, dict(AUTO_ORDER["cpu"]))[op] = tuple(backends)
+
+
 def available_backends(op: str, device: str = "cpu") -> dict[str, str | None]:
     """Each known backend of `op` mapped to None (usable) or the reason it is not."""
     return {name: why_not(op, name, device) for name in BACKENDS}
@@ -155,9 +202,11 @@ def _cuda_ext_unavailable(device: str) -> str | None:
 def _package_unavailable(package: str, device: str) -> str | None:
     if device != "cuda":
         return f"{package} needs a CUDA device"
-    if importlib.util.find_spec(package) is None:
-        return f"{package} is not installed"
-    return None
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except ImportError:  # a dotted name whose parent package is missing
+        found = False
+    return None if found else f"{package} is not installed"
 
 
 # (op, backend) -> module implementing it; the module defines a function named
@@ -165,14 +214,15 @@ def _package_unavailable(package: str, device: str) -> str | None:
 IMPLEMENTATIONS: dict[tuple[str, str], tuple[str, Callable[[str], str | None]]] = {
     **{(op, "torch"): ("llm.kernels.reference", lambda device: None) for op in OPS},
     ("attention", "triton"): ("llm.kernels.triton_attention", _triton_unavailable),
-    ("layer_norm", "triton"): ("llm.kernels.triton_norms", _triton_unavailable),
-    ("rms_norm", "triton"): ("llm.kernels.triton_norms", _triton_unavailable),
+    ("layer_norm", "triton"): ("llm.kernels.triton_layer_norm", _triton_unavailable),
+    ("rms_norm", "triton"): ("llm.kernels.triton_rms_norm", _triton_unavailable),
     ("linear_cross_entropy", "triton"): ("llm.kernels.triton_cross_entropy", _triton_unavailable),
     ("layer_norm", "cuda"): ("llm.kernels.cuda_norms", _cuda_ext_unavailable),
     ("rms_norm", "cuda"): ("llm.kernels.cuda_norms", _cuda_ext_unavailable),
     ("attention", "flash_attn"): ("llm.kernels.flash_attn_backend", lambda d: _package_unavailable("flash_attn", d)),
-    ("layer_norm", "apex"): ("llm.kernels.apex_backend", lambda d: _package_unavailable("apex", d)),
-    ("rms_norm", "apex"): ("llm.kernels.apex_backend", lambda d: _package_unavailable("apex", d)),
+    # NVIDIA apex; the unrelated PyPI package named apex has no apex.normalization.
+    ("layer_norm", "apex"): ("llm.kernels.apex_backend", lambda d: _package_unavailable("apex.normalization", d)),
+    ("rms_norm", "apex"): ("llm.kernels.apex_backend", lambda d: _package_unavailable("apex.normalization", d)),
 }
 
 
