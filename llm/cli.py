@@ -202,6 +202,30 @@ def _not_built(name: str):
 
 
 # ----------------------------------------------------------------------------
+# llm plot
+# ----------------------------------------------------------------------------
+
+
+def _cmd_plot(args) -> int:
+    from llm.train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _add_plot_command(sub) -> None:
+    p = _parser(
+        sub,
+        "plot",
+        "draw a run's loss (train, validation) and throughput curves from metrics.jsonl to a PNG",
+        "llm plot runs/quickstart            # writes runs/quickstart/metrics.png",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    p.set_defaults(func=_cmd_plot)
+
+
+# ----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_io_commands(sub)
     _add_model_commands(sub)
     _add_bench_commands(sub)
+    _add_plot_command(sub)
     return parser
 
 

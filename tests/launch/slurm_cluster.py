@@ -119,8 +119,11 @@ class SlurmCluster:
         )
         self._wait(lambda: self.munge_socket.exists(), timeout, "munged socket")
         self._spawn("slurmctld", [_tool("slurmctld"), "-D", "-i"])
-        self._wait(lambda: self._scontrol("ping").returncode == 0 and "UP" in self._scontrol("ping").stdout,
-                   timeout, "slurmctld")
+        self._wait(
+            lambda: self._scontrol("ping").returncode == 0 and "UP" in self._scontrol("ping").stdout,
+            timeout,
+            "slurmctld",
+        )
         self._spawn("slurmd", [_tool("slurmd"), "-D", "-N", self.host])
         self._wait(self._node_idle, timeout, "slurmd (node idle)")
         return self
