@@ -152,13 +152,73 @@ def _add_data_commands(sub) -> None:
 # ----------------------------------------------------------------------------
 
 
+def _cmd_pretrain(args) -> int:
+    from llm.config import load_recipe
+    from llm.train.run import pretrain
+
+    overrides = list(args.set)
+    if getattr(args, "init_from", None):
+        overrides.append(f"init_from={args.init_from}")
+    recipe = load_recipe(args.recipe, overrides)
+    pretrain(recipe, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from llm.train.evaluate import evaluate_model
+
+    result = evaluate_model(
+        args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches
+    )
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+def _add_recipe_args(p) -> None:
+    p.add_argument("recipe", help="a recipe YAML (configs/recipes/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (the run's latest complete checkpoint, if any; default), none, or a checkpoint path",
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def _add_train_commands(sub) -> None:
-    p = _parser(sub, "pretrain", "pretrain a model from a recipe on DeepSpeed", "llm pretrain configs/recipes/gpt.yaml")
-    p.set_defaults(func=_not_built("pretrain"))
-    p = _parser(sub, "finetune", "fine-tune a pretrained model from a recipe", "llm finetune --help")
-    p.set_defaults(func=_not_built("finetune"))
-    p = _parser(sub, "eval", "evaluate a model on a held-out split", "llm eval --help")
-    p.set_defaults(func=_not_built("eval"))
+    p = _parser(
+        sub,
+        "pretrain",
+        "pretrain a model from a recipe on DeepSpeed",
+        """
+llm pretrain configs/recipes/quickstart.yaml
+llm pretrain configs/recipes/gpt.yaml --set deepspeed.zero_stage=3 --set train.max_steps=1000
+torchrun --nproc_per_node 2 -m llm pretrain configs/recipes/gpt.yaml
+""",
+    )
+    _add_recipe_args(p)
+    p.set_defaults(func=_cmd_pretrain)
+    p = _parser(
+        sub,
+        "finetune",
+        "fine-tune a pretrained model (a model directory or checkpoint) with a recipe",
+        "llm finetune configs/recipes/gpt.yaml --init-from runs/quickstart/export --set optim.lr=1e-4",
+    )
+    _add_recipe_args(p)
+    p.add_argument("--init-from", required=True, help="model directory or checkpoint to start from")
+    p.set_defaults(func=_cmd_pretrain)
+    p = _parser(
+        sub,
+        "eval",
+        "loss and perplexity of a model or checkpoint on a shard directory",
+        "llm eval --model runs/quickstart/checkpoints --data data/quickstart/val",
+    )
+    p.add_argument("--model", required=True, help="a run's checkpoints/ dir, a step dir, or a model directory")
+    p.add_argument("--data", required=True, help="a shard directory (manifest.json)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
+    p.set_defaults(func=_cmd_eval)
 
 
 # ----------------------------------------------------------------------------
