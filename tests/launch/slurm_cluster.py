@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol")
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
 
 
 def missing_tools() -> list[str]:
@@ -184,6 +184,16 @@ class SlurmCluster:
         self._scontrol("cancel", str(job_id))
         subprocess.run([_tool("scancel"), str(job_id)], env=self.env, capture_output=True)
         raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s\n{self.logs()}")
+
+    def signal_batch(self, job_id: int, signal_name: str) -> None:
+        """Signal the job's batch shell, as `--signal=B:SIG@T` does near the time limit."""
+        subprocess.run(
+            [_tool("scancel"), "--batch", f"--signal={signal_name}", str(job_id)],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=20,
+        )
 
     def logs(self) -> str:
         parts = []
