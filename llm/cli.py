@@ -239,9 +239,35 @@ def _add_bench_kernels(bench) -> None:
     p.set_defaults(func=_not_built("bench kernels"))
 
 
+def _cmd_bench_train(args) -> int:
+    from llm.bench.train import run
+
+    run(args)
+    return 0
+
+
 def _add_bench_train(bench) -> None:
-    p = _parser(bench, "train", "training throughput and MFU", "llm bench train")
-    p.set_defaults(func=_not_built("bench train"))
+    p = _parser(
+        bench,
+        "train",
+        "training tokens/s and MFU per model size and ZeRO stage on local ranks (table, JSON, PNG)",
+        "llm bench train --models gpt2-tiny llama-tiny --stages 0 1 2 3 --ranks 2",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["gpt2-tiny", "llama-tiny", "gpt2-124m"],
+        help="model configs under configs/models/ (default: gpt2-tiny llama-tiny gpt2-124m)",
+    )
+    p.add_argument("--stages", nargs="+", type=int, choices=[0, 1, 2, 3], default=[0, 1, 2, 3])
+    p.add_argument("--ranks", type=int, default=2, help="local processes (default 2)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step (default 2)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (default 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results/)")
+    p.set_defaults(func=_cmd_bench_train)
 
 
 def _add_bench_memory(bench) -> None:
