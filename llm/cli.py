@@ -270,9 +270,28 @@ def _add_bench_train(bench) -> None:
     p.set_defaults(func=_cmd_bench_train)
 
 
+def _cmd_bench_memory(args) -> int:
+    from llm.bench.memory import run
+
+    run(args)
+    return 0
+
+
 def _add_bench_memory(bench) -> None:
-    p = _parser(bench, "memory", "model-state memory per rank under ZeRO", "llm bench memory")
-    p.set_defaults(func=_not_built("bench memory"))
+    p = _parser(
+        bench,
+        "memory",
+        "measured per-rank bytes of weights, gradients and optimizer state under ZeRO 0-3 against the analytic "
+        "16 bytes/param (table, JSON, PNG)",
+        "llm bench memory --model gpt2-tiny --ranks 2 4 --precision bf16",
+    )
+    p.add_argument("--model", default="gpt2-tiny", help="a model config under configs/models/ (default gpt2-tiny)")
+    p.add_argument("--stages", nargs="+", type=int, choices=[0, 1, 2, 3], default=[0, 1, 2, 3])
+    p.add_argument("--ranks", nargs="+", type=int, default=[2, 4], help="rank counts (default 2 4)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results/)")
+    p.set_defaults(func=_cmd_bench_memory)
 
 
 def _add_bench_data(bench) -> None:
