@@ -101,6 +101,8 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, recipe: dict, r
 
     tag = step_tag(step)
     out = Path(ckpt_dir) / tag
+    if (out / COMPLETE).is_file():  # already saved (a resumed run that had nothing left to do)
+        return out
     if rank == 0 and out.exists():  # a half-written save of the same step from a killed run
         shutil.rmtree(out)
     dist.barrier()

@@ -27,9 +27,12 @@ def pretrain(recipe: RecipeConfig, resume: str = "none") -> dict:
     if trainer.rank == 0:
         val = summary.get("val") or {}
         ppl = f", val ppl {val['val_ppl']:.2f}" if "val_ppl" in val else ""
+        losses = ""
+        if summary["first_loss"] is not None:
+            losses = f", loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
         print(
-            f"llm: done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"
-            f"{ppl}, {summary['total_s']:.1f} s" + (" (preempted)" if summary["preempted"] else ""),
+            f"llm: done: {summary['steps']} steps{losses}{ppl}, {summary['total_s']:.1f} s"
+            + (" (preempted)" if summary["preempted"] else ""),
             file=sys.stderr,
             flush=True,
         )
