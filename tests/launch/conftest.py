@@ -9,23 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.train.helpers import TINY
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
-# A two-layer GPT on synthetic batches: a few steps take well under a second, so a launch test
+# train's tiny GPT on synthetic batches (tests/train/helpers.py), without the final export: a run
 # measures the launcher, not the model.
 TINY_RECIPE = {
-    "model": {
-        "family": "gpt",
-        "vocab_size": 128,
-        "max_seq_len": 32,
-        "d_model": 32,
-        "n_layers": 2,
-        "n_heads": 2,
-        "d_ff": 64,
-    },
-    "data": {"source": "synthetic", "seq_len": 32},
-    "train": {"micro_batch_size": 2, "max_steps": 3, "log_every": 1},
+    **TINY,
+    "train": {**TINY["train"], "max_steps": 3},
     "checkpoint": {"save_final": False},
     "logging": {"tensorboard": False, "progress": False},
 }
