@@ -195,6 +195,16 @@ class SlurmCluster:
             timeout=20,
         )
 
+    def restarts(self, job_id: int) -> int:
+        for field in self._scontrol("show", "job", str(job_id)).stdout.split():
+            if field.startswith("Restarts="):
+                return int(field.split("=", 1)[1])
+        return 0
+
+    def start_now(self, job_id: int) -> None:
+        """Slurm holds a requeued job for about two minutes (Reason=BeginTime); let it start at once."""
+        self._scontrol("update", f"JobId={job_id}", "StartTime=now")
+
     def logs(self) -> str:
         parts = []
         for name in ("slurmctld.log", "slurmd.log", "munge/munged.log"):

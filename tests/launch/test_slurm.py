@@ -60,6 +60,11 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tiny_recipe, tmp_pat
         assert slurm.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-3000:]
         time.sleep(0.5)
     slurm.signal_batch(job, "USR1")
+    while slurm.restarts(job) == 0:  # the script requeues the job once the ranks have checkpointed
+        assert time.monotonic() < deadline, f"job not requeued\n{log.read_text()[-3000:]}"
+        assert slurm.job_state(job) in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"), log.read_text()[-3000:]
+        time.sleep(0.5)
+    slurm.start_now(job)
 
     state = slurm.wait_job(job, timeout=300)
     output = log.read_text()
