@@ -33,12 +33,7 @@ TINY = {
 
 def env() -> dict:
     e = dict(os.environ)
-    e.update(
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT),
-        TORCH_EXTENSIONS_DIR=e.get("TORCH_EXTENSIONS_DIR", "/work/.cache/torch_extensions"),
-    )
+    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return e
 
 
