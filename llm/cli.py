@@ -134,17 +134,177 @@ llm convert runs/gpt/checkpoints exported/gpt --to hf  # latest ZeRO checkpoint 
 # ----------------------------------------------------------------------------
 
 
+def _cmd_data_tokenizer(args) -> int:
+    from llm.data.tokenizer import Tokenizer, adopt_tokenizer, train_tokenizer
+
+    if args.adopt:
+        path = adopt_tokenizer(args.adopt, args.out)
+    else:
+        sources = list(args.sources) + (["stdlib"] if args.stdlib else [])
+        if not sources:
+            raise UserError("give SOURCES (files, directories, .jsonl, .parquet), --stdlib, or --adopt FILE")
+        path = train_tokenizer(
+            sources,
+            args.out,
+            kind=args.kind,
+            vocab_size=args.vocab_size,
+            special_tokens=args.special_token,
+            text_field=args.text_field,
+            limit_bytes=args.limit_bytes,
+        )
+    tok = Tokenizer(path)
+    print(f"{path}: vocab {tok.vocab_size}, eos {tok.eos_id}, sha256 {tok.sha256[:12]}")
+    return 0
+
+
+def _cmd_data_prepare(args) -> int:
+    from llm.data.prepare import prepare
+
+    sources = list(args.sources) + (["stdlib"] if args.stdlib else [])
+    if not sources:
+        raise UserError("give SOURCES (files, directories, .jsonl, .parquet) or --stdlib")
+    s = prepare(
+        sources,
+        args.tokenizer,
+        args.out,
+        shard_tokens=args.shard_tokens,
+        val_fraction=args.val_fraction,
+        min_length=args.min_length,
+        dedup=not args.no_dedup,
+        workers=args.workers,
+        text_field=args.text_field,
+        limit_bytes=args.limit_bytes,
+    )
+    for split in ("train", "val"):
+        if split in s:
+            print(f"{s['out_dir']}/{split}: {s[split]['documents']:,} documents, {s[split]['tokens']:,} tokens")
+    print(
+        f"read {s['documents_read']:,} documents; dropped {s['dropped_duplicates']:,} duplicates, "
+        f"{s['dropped_short']:,} shorter than the minimum"
+    )
+    print(f"tokenization: {s['text_bytes'] / 1e6:.1f} MB in {s['seconds']:.1f} s = {s['mb_per_s']:.2f} MB/s")
+    return 0
+
+
+def _cmd_data_prepare_images(args) -> int:
+    from llm.data.images import prepare_images
+
+    s = prepare_images(
+        args.source,
+        args.out,
+        args.size,
+        channels=args.channels,
+        val_fraction=args.val_fraction,
+        shard_images=args.shard_images,
+    )
+    for split in ("train", "val"):
+        if split in s:
+            print(f"{s['out_dir']}/{split}: {s[split]:,} images")
+    return 0
+
+
+def _cmd_data_inspect(args) -> int:
+    from llm.data.shards import inspect
+    from llm.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else None
+    print(inspect(args.dir, tokenizer=tokenizer, samples=args.samples))
+    return 0
+
+
+def _cmd_data_verify(args) -> int:
+    from llm.data.shards import check_vocab, verify
+
+    manifest = verify(args.dir)
+    if args.vocab_size is not None:
+        check_vocab(args.dir, args.vocab_size)
+    checked = "sha256, structure, counts" + (", token ids" if manifest["kind"] == "tokens" else "")
+    print(f"{args.dir}: {len(manifest['shards'])} {manifest['kind']} shards OK ({checked})")
+    return 0
+
+
 def _add_data_commands(sub) -> None:
     data = _group(sub, "data", "tokenizers and Arrow shards", "llm data prepare --help")
     p = _parser(
         data,
         "tokenizer",
         "train a byte-level BPE or WordPiece tokenizer, or adopt a tokenizer.json",
-        "llm data tokenizer --stdlib --kind bpe --vocab-size 8192 --out data/tok",
+        """
+llm data tokenizer --stdlib --kind bpe --vocab-size 8192 --out data/tok
+llm data tokenizer corpus/ notes.jsonl --kind wordpiece --vocab-size 30522 --out data/bert-tok
+llm data tokenizer --adopt path/to/tokenizer.json --out data/tok
+""",
     )
-    p.set_defaults(func=_not_built("data tokenizer"))
-    p = _parser(data, "prepare", "tokenize text into Arrow shards with a manifest", "llm data prepare --help")
-    p.set_defaults(func=_not_built("data prepare"))
+    p.add_argument("sources", nargs="*", help="text files, directories, .jsonl (--text-field) or .parquet files")
+    p.add_argument("--stdlib", action="store_true", help="add the running Python's standard library sources")
+    p.add_argument("--out", required=True, help="output directory (tokenizer.json is written there)")
+    p.add_argument("--kind", choices=["bpe", "wordpiece"], default="bpe", help="bpe (GPT) or wordpiece (BERT)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--special-token", action="append", default=None, help="an extra special token (repeatable)")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    p.add_argument("--limit-bytes", type=int, default=None, help="cap on --stdlib bytes")
+    p.add_argument("--adopt", default=None, metavar="FILE", help="copy an existing tokenizer.json instead")
+    p.set_defaults(func=_cmd_data_tokenizer)
+
+    p = _parser(
+        data,
+        "prepare",
+        "tokenize text on all cores into Arrow shards with a manifest (train/ and val/)",
+        """
+llm data prepare --stdlib --tokenizer data/tok/tokenizer.json --out data/stdlib --val-fraction 0.01
+llm data prepare web.jsonl --text-field body --tokenizer data/tok --out data/web --min-length 32
+""",
+    )
+    p.add_argument("sources", nargs="*", help="text files, directories, .jsonl (--text-field) or .parquet files")
+    p.add_argument("--stdlib", action="store_true", help="add the running Python's standard library sources")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json or its directory")
+    p.add_argument("--out", required=True, help="output directory (train/ and val/ shard directories)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard (default 2**26)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="documents sent to val/ by hash (default 0)")
+    p.add_argument("--min-length", type=int, default=1, help="drop documents with fewer tokens (default 1)")
+    p.add_argument("--no-dedup", action="store_true", help="keep exact-duplicate documents")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    p.add_argument("--limit-bytes", type=int, default=None, help="cap on --stdlib bytes")
+    p.set_defaults(func=_cmd_data_prepare)
+
+    p = _parser(
+        data,
+        "prepare-images",
+        "resize a folder of images (one subfolder per class) or an .npz array file into uint8 pixel shards",
+        """
+llm data prepare-images photos/ --size 224 --out data/photos --val-fraction 0.05
+llm data prepare-images digits.npz --size 8 --channels 1 --out data/digits
+""",
+    )
+    p.add_argument("source", help="folder with one subfolder per class, or .npz with 'images' and 'labels'")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, required=True, help="side of the square output images in pixels")
+    p.add_argument("--channels", type=int, choices=[1, 3], default=3)
+    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--shard-images", type=int, default=10_000, help="images per shard")
+    p.set_defaults(func=_cmd_data_prepare_images)
+
+    p = _parser(
+        data,
+        "inspect",
+        "counts, tokenizer identity and decoded samples of a shard directory",
+        "llm data inspect data/stdlib/train --samples 3",
+    )
+    p.add_argument("dir")
+    p.add_argument("--tokenizer", default=None, help="tokenizer to decode with (default: the manifest's)")
+    p.add_argument("--samples", type=int, default=2)
+    p.set_defaults(func=_cmd_data_inspect)
+
+    p = _parser(
+        data,
+        "verify",
+        "check every shard's sha256, structure, counts and token ids against the manifest",
+        "llm data verify data/stdlib/train --vocab-size 8192",
+    )
+    p.add_argument("dir")
+    p.add_argument("--vocab-size", type=int, default=None, help="also check the ids fit a model vocabulary")
+    p.set_defaults(func=_cmd_data_verify)
 
 
 # ----------------------------------------------------------------------------
@@ -294,9 +454,25 @@ def _add_bench_memory(bench) -> None:
     p.set_defaults(func=_cmd_bench_memory)
 
 
+def _cmd_bench_data(args) -> int:
+    from llm.bench.data import run
+
+    run(stdlib_bytes=args.stdlib_bytes, batches=args.batches, png=args.png, out_dir=args.out)
+    return 0
+
+
 def _add_bench_data(bench) -> None:
-    p = _parser(bench, "data", "data-loader and tokenization throughput", "llm bench data")
-    p.set_defaults(func=_not_built("bench data"))
+    p = _parser(
+        bench,
+        "data",
+        "causal-LM batch assembly (32 x 2048) from shards vs a numpy-memmap loader, and prepare's MB/s",
+        "llm bench data --png",
+    )
+    p.add_argument("--stdlib-bytes", type=int, default=20_000_000, help="stdlib text to tokenize (default 20 MB)")
+    p.add_argument("--batches", type=int, default=200, help="batches timed per loader (default 200)")
+    p.add_argument("--png", action="store_true", help="also draw a PNG")
+    p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
+    p.set_defaults(func=_cmd_bench_data)
 
 
 def _not_built(name: str):

@@ -1,1 +1,54 @@
 """Data: tokenizers, Arrow shards with a manifest, the streaming reader, collators."""
+
+from llm.data.collate import (
+    ContrastiveImageCollator,
+    ContrastiveTextCollator,
+    MaskedImageCollator,
+    MLMCollator,
+    collate_causal_lm,
+    collate_images,
+)
+from llm.data.images import ImageStream, prepare_images
+from llm.data.prepare import prepare
+from llm.data.shards import ShardError, check_vocab, inspect, load_manifest, verify
+from llm.data.sources import stdlib_files
+from llm.data.stream import (
+    Blend,
+    Documents,
+    PackedTokens,
+    SentencePairs,
+    SpanPairs,
+    StatefulLoader,
+    Stream,
+    make_loader,
+)
+from llm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+__all__ = [
+    "Blend",
+    "ContrastiveImageCollator",
+    "ContrastiveTextCollator",
+    "Documents",
+    "ImageStream",
+    "MLMCollator",
+    "MaskedImageCollator",
+    "SentencePairs",
+    "SpanPairs",
+    "collate_images",
+    "prepare_images",
+    "PackedTokens",
+    "ShardError",
+    "StatefulLoader",
+    "Stream",
+    "Tokenizer",
+    "check_vocab",
+    "collate_causal_lm",
+    "inspect",
+    "load_manifest",
+    "load_tokenizer",
+    "make_loader",
+    "prepare",
+    "stdlib_files",
+    "train_tokenizer",
+    "verify",
+]

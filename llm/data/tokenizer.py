@@ -59,6 +59,11 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return self.special_id("pad")
 
+    @property
+    def special_ids(self) -> list[int]:
+        """Ids of every special token (never masked by MLM)."""
+        return sorted(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
@@ -71,3 +76,88 @@ class Tokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer(path)
+
+
+BPE_SPECIALS = ["<|endoftext|>"]
+WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_tokenizer(
+    sources,
+    out_dir: str | Path,
+    kind: str = "bpe",
+    vocab_size: int = 8192,
+    special_tokens: list[str] | None = None,
+    text_field: str = "text",
+    limit_bytes: int | None = None,
+) -> Path:
+    """Train a byte-level BPE (GPT) or WordPiece (BERT) tokenizer and write out_dir/tokenizer.json.
+
+    sources: files, directories, .jsonl (text_field), .parquet (column text_field) or "stdlib".
+    The default special tokens are <|endoftext|> for BPE and [PAD] [UNK] [CLS] [SEP] [MASK] for
+    WordPiece; given ones are added after them.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from llm.data.sources import iter_documents
+
+    if kind not in ("bpe", "wordpiece"):
+        raise UserError(f"tokenizer kind: expected 'bpe' or 'wordpiece', got {kind!r}")
+    defaults = BPE_SPECIALS if kind == "bpe" else WORDPIECE_SPECIALS
+    specials = defaults + [t for t in (special_tokens or []) if t not in defaults]
+    if vocab_size < len(specials) + (256 if kind == "bpe" else 1):
+        raise UserError(f"vocab_size: {vocab_size} is too small for {kind} with {len(specials)} special tokens")
+    if kind == "bpe":
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    else:
+        tok = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    documents = iter(iter_documents(sources, text_field, limit_bytes))
+    seen = []
+
+    def texts():
+        for text in documents:
+            seen.append(1)
+            yield text
+
+    tok.train_from_iterator(texts(), trainer)
+    if not seen:
+        raise UserError(f"{sources}: no documents to train a tokenizer on")
+    if kind == "wordpiece":
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "tokenizer.json"
+    tmp = out / ".tokenizer.json.tmp"
+    tmp.write_text(tok.to_str())
+    tmp.replace(path)
+    return path
+
+
+def adopt_tokenizer(source: str | Path, out_dir: str | Path) -> Path:
+    """Copy an existing tokenizer.json (validated by loading it) into out_dir."""
+    tok = Tokenizer(source)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "tokenizer.json"
+    if path.resolve() != tok.path.resolve():
+        tmp = out / ".tokenizer.json.tmp"
+        tmp.write_bytes(tok.path.read_bytes())
+        tmp.replace(path)
+    return path

@@ -24,7 +24,7 @@ class SyntheticSource:
     """Reproducible random batches with structure a model can learn (losses fall).
 
     Text follows a random sparse bigram table (each token has 4 possible successors),
-    images are smooth low-frequency patterns. Sample g is drawn from a generator seeded
+    images are a per-image colour plus a smooth low-frequency pattern. Sample g is drawn from a generator seeded
     with (seed, g), so any rank can produce any sample and resuming is exact.
     """
 
@@ -72,7 +72,9 @@ class SyntheticSource:
     def _image(self, index: int) -> torch.Tensor:
         g = self._gen(index)
         cfg = self.model
-        coarse = torch.randn(1, cfg.num_channels, 4, 4, generator=g)
+        coarse = torch.randn(1, cfg.num_channels, 2, 2, generator=g) + 2 * torch.randn(
+            1, cfg.num_channels, 1, 1, generator=g
+        )
         size = (cfg.image_size, cfg.image_size)
         return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)[0]
 

@@ -20,7 +20,7 @@ def make_source(recipe: RecipeConfig, rank: int, world_size: int, split: str):
         return None
     from llm.train.shards import ShardSource
 
-    return ShardSource(recipe, Path(path), rank, world_size)
+    return ShardSource(recipe, Path(path), rank, world_size, split)
 
 
 def prepare_if_missing(recipe: RecipeConfig, rank: int) -> None:
@@ -49,7 +49,7 @@ def prepare_corpus(recipe: RecipeConfig) -> None:
     if data.val is not None and Path(data.val).parent != out_dir:
         raise UserError(f"data.val: must sit beside data.train ({out_dir}) to be prepared with it")
     start = time.perf_counter()
-    sources = llm_data.stdlib_files(prep.limit_bytes)
+    sources = [str(p) for p in llm_data.stdlib_files(prep.limit_bytes)]
     tokenizer = Path(data.tokenizer)
     if not tokenizer.is_file():
         print(

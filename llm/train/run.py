@@ -22,7 +22,7 @@ def pretrain(recipe: RecipeConfig, resume: str = "none") -> dict:
         summary["export"] = str(export)
         if recipe.logging.sample_prompt is not None and recipe.model.task == "causal_lm":
             summary["sample"] = sample(export, recipe)
-            print(f"llm: sample: {summary['sample']!r}", file=sys.stderr, flush=True)
+            print(f"--- sample (prompt {recipe.logging.sample_prompt!r}) ---\n{summary['sample']}\n---", flush=True)
     summary["total_s"] = time.perf_counter() - started
     if trainer.rank == 0:
         val = summary.get("val") or {}

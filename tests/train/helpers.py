@@ -32,13 +32,10 @@ TINY = {
 
 
 def env() -> dict:
-    e = dict(os.environ)
-    e.update(
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT),
-        TORCH_EXTENSIONS_DIR=e.get("TORCH_EXTENSIONS_DIR", "/work/.cache/torch_extensions"),
-    )
+    # in-process trainers of other tests set these; a child must discover its own world
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    e = {k: v for k, v in os.environ.items() if k not in drop}
+    e.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return e
 
 

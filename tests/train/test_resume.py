@@ -115,3 +115,25 @@ def test_zero3_checkpoint_consolidates_to_trained_weights(tmp_path):
     fresh = build_model(model.config).state_dict()
     name = "transformer.blocks.0.attn.qkv.weight"
     assert rel_err(own[name], fresh[name]) > 1e-4
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    """SLURM preemption: SIGTERM -> checkpoint at the current step, status 0; the requeued job resumes there."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", TINY)
+    run_dir = tmp_path / "run"
+    # the deepspeed launcher passes --local_rank=N: accepted
+    cmd = command(recipe, 1, f"run_dir={run_dir}", "train.max_steps=100000", resume="auto") + ["--local_rank=0"]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=log, stderr=log)
+        deadline = time.time() + 120
+        while not (run_dir / "metrics.jsonl").is_file() or not losses(run_dir):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, (tmp_path / "log").read_text()[-3000:]
+    saved = ckpt.find_checkpoint(run_dir / "checkpoints")
+    step = int(saved.name.split("_")[1])
+    assert step >= 1 and "SIGTERM received" in (tmp_path / "log").read_text()
+    log = run(recipe, 1, f"run_dir={run_dir}", f"train.max_steps={step + 2}", resume="auto")
+    assert f"resumed from {saved} at step {step}" in log
+    assert max(losses(run_dir)) == step + 2

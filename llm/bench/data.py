@@ -1,0 +1,120 @@
+"""`llm bench data`: how fast shards on disk become causal-LM batches, and how fast prepare tokenizes.
+
+Loader: 32 x 2048 batches (input_ids + labels, int64) from a shard directory through
+PackedTokens + StatefulLoader + collate_causal_lm, against nanoGPT's plain numpy-memmap
+random-window `get_batch` over the same tokens (a flat uint16 .bin), both in this process on
+one thread, measured in alternating rounds. Tokenization: `prepare` of the standard library on
+all cores, MB of UTF-8 text per second (after training a BPE tokenizer on part of it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llm.bench.common import environment, format_table, median, write_results
+
+BATCH, SEQ = 32, 2048
+
+
+def _memmap_get_batch(data: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """nanoGPT's get_batch: random windows of a uint16 memmap, x and y stacked as int64."""
+    ix = torch.randint(len(data) - SEQ, (BATCH,), generator=generator)
+    x = torch.stack([torch.from_numpy(data[i : i + SEQ].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + SEQ].astype(np.int64)) for i in ix])
+    return x, y
+
+
+def _time_batches(next_batch, batches: int) -> float:
+    start = time.perf_counter()
+    for _ in range(batches):
+        next_batch()
+    return BATCH * SEQ * batches / (time.perf_counter() - start)
+
+
+def _endless(loader):
+    while True:
+        yield from loader
+
+
+def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, out_dir=None, rounds: int = 5) -> Path:
+    from llm.data import PackedTokens, collate_causal_lm, make_loader, prepare, train_tokenizer
+    from llm.data.shards import load_manifest, shard_tokens
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="llm-bench-data-") as tmp:
+        tmp = Path(tmp)
+        tok = train_tokenizer("stdlib", tmp / "tok", vocab_size=8192, limit_bytes=min(stdlib_bytes, 5_000_000))
+        summary = prepare("stdlib", tok, tmp / "shards", limit_bytes=stdlib_bytes)
+        train = tmp / "shards" / "train"
+
+        # the same tokens as one flat uint16 file for the baseline
+        manifest = load_manifest(train)
+        flat = np.concatenate([shard_tokens(train / s["file"], s, manifest["dtype"])[0] for s in manifest["shards"]])
+        flat.astype(np.uint16).tofile(tmp / "tokens.bin")
+        memmap = np.memmap(tmp / "tokens.bin", dtype=np.uint16, mode="r")
+
+        loader_batches = _endless(make_loader(PackedTokens(train, SEQ, seed=0), BATCH, collate_causal_lm))
+        generator = torch.Generator().manual_seed(0)
+        ours = lambda: next(loader_batches)  # noqa: E731
+        plain = lambda: _memmap_get_batch(memmap, generator)  # noqa: E731
+        batch = ours()
+        assert batch["input_ids"].shape == (BATCH, SEQ) and batch["labels"].dtype == torch.int64
+        for fn in (ours, plain):  # warm the page cache and both code paths
+            _time_batches(fn, 10)
+        ours_tps, plain_tps = [], []
+        for _ in range(rounds):
+            ours_tps.append(_time_batches(ours, batches))
+            plain_tps.append(_time_batches(plain, batches))
+
+    ours_med, plain_med = median(ours_tps), median(plain_tps)
+    rows = [
+        {
+            "measure": "causal-LM batches 32x2048, 1 thread",
+            "llm PackedTokens (tok/s)": ours_med,
+            "numpy memmap get_batch (tok/s)": plain_med,
+            "ratio": ours_med / plain_med,
+        },
+    ]
+    token_rows = [
+        {
+            "measure": "prepare tokenization, all cores",
+            "text MB": summary["text_bytes"] / 1e6,
+            "tokens": summary["train"]["tokens"],
+            "seconds": summary["seconds"],
+            "MB/s": summary["mb_per_s"],
+            "cores": environment()["cpu_count"],
+        }
+    ]
+    print(format_table(rows))
+    print()
+    print(format_table(token_rows))
+    path = write_results(
+        "data",
+        rows + token_rows,
+        out_dir,
+        loader_tokens_per_s={"llm": ours_tps, "numpy_memmap": plain_tps},
+        tokens_in_shards=int(len(flat)),
+        load_average_1_5_15min=list(os.getloadavg()),  # the machine may be shared
+        batch=[BATCH, SEQ],
+    )
+    print(f"\nwrote {path}")
+    if png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(["llm PackedTokens", "numpy memmap"], [ours_med / 1e6, plain_med / 1e6], color=["C0", "C7"])
+        ax.set_ylabel("M tokens/s (1 thread)")
+        ax.set_title(f"causal-LM batches {BATCH}x{SEQ}")
+        fig.tight_layout()
+        fig.savefig(path.with_suffix(".png"), dpi=120)
+        print(f"wrote {path.with_suffix('.png')}")
+    return path

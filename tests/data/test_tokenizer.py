@@ -1,0 +1,34 @@
+"""Tokenizer training: byte-level BPE is lossless, WordPiece carries BERT's specials and template."""
+
+import json
+
+import pytest
+
+from llm.data import Tokenizer, train_tokenizer
+from llm.errors import UserError
+
+
+def test_bpe_round_trips_any_text(bpe):
+    tok = Tokenizer(bpe)
+    text = "def f(x):\n    return x ** 2  # ünïcödé ✓ \t tabs\n"
+    assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
+    assert tok.vocab_size == 600 and tok.eos_id == 0 and tok.special_ids == [0]
+
+
+def test_wordpiece_has_bert_specials(wordpiece):
+    tok = Tokenizer(wordpiece)
+    ids = [tok.special_id(k) for k in ("pad", "cls", "sep", "mask", "unk")]
+    assert None not in ids and sorted(ids) == tok.special_ids
+    pair = tok.tokenizer.encode("import os", "print(x)")
+    assert pair.ids[0] == tok.special_id("cls") and pair.ids[-1] == tok.special_id("sep")
+    assert set(pair.type_ids) == {0, 1}
+
+
+def test_train_from_jsonl_field_with_extra_special(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"body": f"sample text number {i}"}) + "\n" for i in range(50)))
+    out = train_tokenizer([path], tmp_path / "tok", vocab_size=300, special_tokens=["<pad>"], text_field="body")
+    tok = Tokenizer(out)
+    assert tok.pad_id == tok.tokenizer.token_to_id("<pad>") and len(tok.special_ids) == 2
+    with pytest.raises(UserError, match="expected an object with a string field 'text'"):
+        train_tokenizer([path], tmp_path / "tok2", vocab_size=300)
