@@ -17,6 +17,7 @@ quickstart: $(STAMP)
 	$(BIN)/llm pretrain configs/recipes/quickstart.yaml
 
 test: $(STAMP)
+	scripts/install_slurm.sh
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

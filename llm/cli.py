@@ -312,13 +312,73 @@ llm data prepare-images digits.npz --size 8 --channels 1 --out data/digits
 # ----------------------------------------------------------------------------
 
 
+def _cmd_pretrain(args) -> int:
+    from llm.config import load_recipe
+    from llm.train.run import pretrain
+
+    overrides = list(args.set)
+    if getattr(args, "init_from", None):
+        overrides.append(f"init_from={args.init_from}")
+    recipe = load_recipe(args.recipe, overrides)
+    pretrain(recipe, resume=args.resume)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from llm.train.evaluate import evaluate_model
+
+    result = evaluate_model(
+        args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches
+    )
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+def _add_recipe_args(p) -> None:
+    p.add_argument("recipe", help="a recipe YAML (configs/recipes/*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (the run's latest complete checkpoint, if any; default), none, or a checkpoint path",
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
 def _add_train_commands(sub) -> None:
-    p = _parser(sub, "pretrain", "pretrain a model from a recipe on DeepSpeed", "llm pretrain configs/recipes/gpt.yaml")
-    p.set_defaults(func=_not_built("pretrain"))
-    p = _parser(sub, "finetune", "fine-tune a pretrained model from a recipe", "llm finetune --help")
-    p.set_defaults(func=_not_built("finetune"))
-    p = _parser(sub, "eval", "evaluate a model on a held-out split", "llm eval --help")
-    p.set_defaults(func=_not_built("eval"))
+    p = _parser(
+        sub,
+        "pretrain",
+        "pretrain a model from a recipe on DeepSpeed",
+        """
+llm pretrain configs/recipes/quickstart.yaml
+llm pretrain configs/recipes/gpt.yaml --set deepspeed.zero_stage=3 --set train.max_steps=1000
+torchrun --nproc_per_node 2 -m llm pretrain configs/recipes/gpt.yaml
+""",
+    )
+    _add_recipe_args(p)
+    p.set_defaults(func=_cmd_pretrain)
+    p = _parser(
+        sub,
+        "finetune",
+        "fine-tune a pretrained model (a model directory or checkpoint) with a recipe",
+        "llm finetune configs/recipes/gpt.yaml --init-from runs/quickstart/export --set optim.lr=1e-4",
+    )
+    _add_recipe_args(p)
+    p.add_argument("--init-from", required=True, help="model directory or checkpoint to start from")
+    p.set_defaults(func=_cmd_pretrain)
+    p = _parser(
+        sub,
+        "eval",
+        "loss and perplexity of a model or checkpoint on a shard directory",
+        "llm eval --model runs/quickstart/checkpoints --data data/quickstart/val",
+    )
+    p.add_argument("--model", required=True, help="a run's checkpoints/ dir, a step dir, or a model directory")
+    p.add_argument("--data", required=True, help="a shard directory (manifest.json)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
+    p.set_defaults(func=_cmd_eval)
 
 
 # ----------------------------------------------------------------------------
@@ -358,14 +418,59 @@ def _add_bench_kernels(bench) -> None:
     p.set_defaults(func=_cmd_bench_kernels)
 
 
+def _cmd_bench_train(args) -> int:
+    from llm.bench.train import run
+
+    run(args)
+    return 0
+
+
 def _add_bench_train(bench) -> None:
-    p = _parser(bench, "train", "training throughput and MFU", "llm bench train")
-    p.set_defaults(func=_not_built("bench train"))
+    p = _parser(
+        bench,
+        "train",
+        "training tokens/s and MFU per model size and ZeRO stage on local ranks (table, JSON, PNG)",
+        "llm bench train --models gpt2-tiny llama-tiny --stages 0 1 2 3 --ranks 2",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["gpt2-tiny", "llama-tiny", "gpt2-124m"],
+        help="model configs under configs/models/ (default: gpt2-tiny llama-tiny gpt2-124m)",
+    )
+    p.add_argument("--stages", nargs="+", type=int, choices=[0, 1, 2, 3], default=[0, 1, 2, 3])
+    p.add_argument("--ranks", type=int, default=2, help="local processes (default 2)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step (default 2)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (default 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results/)")
+    p.set_defaults(func=_cmd_bench_train)
+
+
+def _cmd_bench_memory(args) -> int:
+    from llm.bench.memory import run
+
+    run(args)
+    return 0
 
 
 def _add_bench_memory(bench) -> None:
-    p = _parser(bench, "memory", "model-state memory per rank under ZeRO", "llm bench memory")
-    p.set_defaults(func=_not_built("bench memory"))
+    p = _parser(
+        bench,
+        "memory",
+        "measured per-rank bytes of weights, gradients and optimizer state under ZeRO 0-3 against the analytic "
+        "16 bytes/param (table, JSON, PNG)",
+        "llm bench memory --model gpt2-tiny --ranks 2 4 --precision bf16",
+    )
+    p.add_argument("--model", default="gpt2-tiny", help="a model config under configs/models/ (default gpt2-tiny)")
+    p.add_argument("--stages", nargs="+", type=int, choices=[0, 1, 2, 3], default=[0, 1, 2, 3])
+    p.add_argument("--ranks", nargs="+", type=int, default=[2, 4], help="rank counts (default 2 4)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results/)")
+    p.set_defaults(func=_cmd_bench_memory)
 
 
 def _cmd_bench_data(args) -> int:
@@ -397,6 +502,30 @@ def _not_built(name: str):
 
 
 # ----------------------------------------------------------------------------
+# llm plot
+# ----------------------------------------------------------------------------
+
+
+def _cmd_plot(args) -> int:
+    from llm.train.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _add_plot_command(sub) -> None:
+    p = _parser(
+        sub,
+        "plot",
+        "draw a run's loss (train, validation) and throughput curves from metrics.jsonl to a PNG",
+        "llm plot runs/quickstart            # writes runs/quickstart/metrics.png",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    p.set_defaults(func=_cmd_plot)
+
+
+# ----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_io_commands(sub)
     _add_model_commands(sub)
     _add_bench_commands(sub)
+    _add_plot_command(sub)
     return parser
 
 

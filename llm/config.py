@@ -337,3 +337,222 @@ def load_model_config(path: str | Path, overrides: list[str] | None = None) -> M
         data = data["model"]
     apply_overrides(data, overrides or [])
     return build_config(ModelConfig, data, "model")
+
+
+# ----------------------------------------------------------------------------
+# Training recipes: a whole run (model + data + optimisation + DeepSpeed + checkpoints)
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    """How to build the shards when `data.train` is missing (the quickstart's first run)."""
+
+    corpus: Literal["stdlib"] = "stdlib"  # the Python standard library's sources
+    limit_bytes: int = 4_000_000
+    tokenizer_kind: Literal["bpe", "wordpiece"] = "bpe"
+    vocab_size: int = 8192
+    shard_tokens: int = 1_000_000
+    val_fraction: float = 0.02
+
+    def validate(self, path: str = "data.prepare") -> None:
+        _positive(self, path, "limit_bytes", "vocab_size", "shard_tokens")
+        _check(
+            0.0 < self.val_fraction < 1.0, _join(path, "val_fraction"), f"must be in (0, 1), got {self.val_fraction}"
+        )
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where batches come from. `source: shards` reads Arrow shard dirs (llm data prepare);
+    `source: synthetic` draws reproducible random batches (benchmarks, tests)."""
+
+    source: Literal["shards", "synthetic"] = "shards"
+    train: str | None = None  # shard dir of the training split
+    val: str | None = None  # shard dir of the validation split (None: no validation)
+    tokenizer: str | None = None  # tokenizer.json (generation, preparation)
+    seq_len: int = 256
+    num_workers: int = 0
+    mlm_probability: float = 0.15  # BERT masking
+    mask_ratio: float = 0.6  # masked image modeling: share of patches masked
+    prepare: PrepareConfig | None = None
+
+    def validate(self, path: str = "data") -> None:
+        _positive(self, path, "seq_len")
+        _check(self.num_workers >= 0, _join(path, "num_workers"), f"must be >= 0, got {self.num_workers}")
+        _check(
+            0.0 < self.mlm_probability < 1.0,
+            _join(path, "mlm_probability"),
+            f"must be in (0, 1), got {self.mlm_probability}",
+        )
+        _check(0.0 < self.mask_ratio < 1.0, _join(path, "mask_ratio"), f"must be in (0, 1), got {self.mask_ratio}")
+        if self.source == "shards":
+            _check(self.train is not None, _join(path, "train"), "source 'shards' needs a train shard directory")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Batch arithmetic, length, precision and the loop's cadence.
+
+    global batch = micro_batch_size x grad_accum x data-parallel ranks; when
+    `global_batch_size` is given it must equal that product (checked at start-up)."""
+
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    global_batch_size: int | None = None
+    max_steps: int = 100
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: float = 1.0  # 0 disables clipping
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile the model
+    log_every: int = 10
+    eval_every: int = 0  # 0: validate only at the end (when data.val is set)
+    eval_batches: int = 8
+    non_finite: Literal["skip", "abort"] = "skip"  # what a NaN/Inf loss does
+    max_skips: int = 10  # abort after this many consecutive non-finite micro-batches
+
+    def validate(self, path: str = "train") -> None:
+        _positive(self, path, "micro_batch_size", "grad_accum", "max_steps", "log_every", "eval_batches", "max_skips")
+        _check(self.grad_clip >= 0, _join(path, "grad_clip"), f"must be >= 0, got {self.grad_clip}")
+        _check(self.eval_every >= 0, _join(path, "eval_every"), f"must be >= 0, got {self.eval_every}")
+        if self.global_batch_size is not None:
+            _positive(self, path, "global_batch_size")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW; weight decay applies to matrices only (never norms, biases, embeddings)."""
+
+    lr: float = 3e-4
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def validate(self, path: str = "optim") -> None:
+        _positive(self, path, "lr", "eps")
+        _check(self.weight_decay >= 0, _join(path, "weight_decay"), f"must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2, _join(path, "betas"), f"expected two numbers, got {self.betas}")
+        for i, b in enumerate(self.betas):
+            _check(0.0 <= b < 1.0, f"{_join(path, 'betas')}[{i}]", f"must be in [0, 1), got {b}")
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """Linear warmup to optim.lr, then cosine or linear decay to min_lr_ratio x lr at decay_steps."""
+
+    warmup_steps: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: int | None = None  # None: train.max_steps
+    min_lr_ratio: float = 0.1
+
+    def validate(self, path: str = "schedule") -> None:
+        _check(self.warmup_steps >= 0, _join(path, "warmup_steps"), f"must be >= 0, got {self.warmup_steps}")
+        _check(
+            0.0 <= self.min_lr_ratio <= 1.0, _join(path, "min_lr_ratio"), f"must be in [0, 1], got {self.min_lr_ratio}"
+        )
+        if self.decay_steps is not None:
+            _positive(self, path, "decay_steps")
+
+
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    """A preset from configs/deepspeed/ (name or path) with the recipe's choices on top;
+    `config` is merged last, key by key, into the DeepSpeed JSON."""
+
+    preset: str = "zero1"
+    zero_stage: int | None = None  # None: the preset's stage
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self, path: str = "deepspeed") -> None:
+        if self.zero_stage is not None:
+            _check(self.zero_stage in (0, 1, 2, 3), _join(path, "zero_stage"), f"must be 0-3, got {self.zero_stage}")
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end and on SIGTERM/SIGUSR1
+    keep_last: int = 2
+    save_final: bool = True
+
+    def validate(self, path: str = "checkpoint") -> None:
+        _check(self.every_steps >= 0, _join(path, "every_steps"), f"must be >= 0, got {self.every_steps}")
+        _positive(self, path, "keep_last")
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True  # rank 0 progress bar
+    sample_prompt: str | None = None  # after training, print a sample generated from this prompt (causal LM)
+    sample_tokens: int = 48
+
+    def validate(self, path: str = "logging") -> None:
+        _positive(self, path, "sample_tokens")
+
+
+@dataclasses.dataclass
+class FaultConfig:
+    heartbeat_timeout_s: float = 30.0  # a rank silent this long is declared dead
+    collective_timeout_s: float = 120.0  # torch.distributed timeout
+
+    def validate(self, path: str = "faults") -> None:
+        _positive(self, path, "heartbeat_timeout_s", "collective_timeout_s")
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    """A whole run. `model` is a ModelConfig mapping; its optional `base:` key names a
+    model YAML whose fields the others override (resolved before validation)."""
+
+    model: ModelConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    run_dir: str = "runs/run"
+    seed: int = 1234
+    init_from: str | None = None  # an llm model dir or checkpoint to start from (fine-tuning)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    kernels: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def validate(self, path: str = "") -> None:
+        if self.model.is_image:
+            _check(self.data.source == "synthetic" or self.data.train is not None, "data.train", "needs images")
+        elif self.data.seq_len > self.model.max_seq_len and self.model.position in ("learned", "sinusoidal"):
+            raise ConfigError("data.seq_len", f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read a recipe YAML, apply `--set` overrides, resolve `model.base`, and validate every field."""
+    data = load_yaml(path)
+    apply_overrides(data, overrides or [])
+    return resolve_recipe(data, base_dir=Path(path).parent)
+
+
+def resolve_recipe(data: dict, base_dir: Path | None = None) -> RecipeConfig:
+    data = dict(data)
+    model = data.get("model")
+    if model is None:
+        raise ConfigError("model", "missing (a mapping of model fields, optionally with base: MODEL.yaml)")
+    if not isinstance(model, dict):
+        raise ConfigError("model", f"expected a mapping, got {type(model).__name__} {model!r}")
+    model = dict(model)
+    base = model.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError("model.base", f"expected a path, got {base!r}")
+        base_path = Path(base)
+        if not base_path.is_file() and base_dir is not None and (base_dir / base).is_file():
+            base_path = base_dir / base
+        if not base_path.is_file():
+            raise ConfigError("model.base", f"{base}: file not found")
+        merged = load_yaml(base_path)
+        merged.update(model)
+        model = merged
+    data["model"] = model
+    return build_config(RecipeConfig, data)

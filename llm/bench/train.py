@@ -1,0 +1,119 @@
+"""`llm bench train`: training tokens/s and MFU per model size and ZeRO stage on local ranks.
+
+Each (model, stage) point is a fresh `llm.train.Trainer` on synthetic batches, started on
+`--ranks` processes; after warm-up steps the median step's tokens/s (all ranks) and MFU
+(model FLOPs, attention included, against the per-rank peak: the device table on a GPU, a
+measured fp32 matmul peak on a CPU) are reported, from the trainer's own step metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from llm.bench.common import format_table, write_results
+from llm.bench.ranks import run_on_ranks
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+def bench_recipe(model: str, stage: int, cfg: dict, run_dir: str) -> dict:
+    """A recipe mapping: the named model config, synthetic data, no checkpoints, no logging files."""
+    return {
+        "model": {"base": str(MODELS_DIR / f"{model}.yaml")},
+        "data": {"source": "synthetic", "seq_len": cfg["seq_len"]},
+        "run_dir": run_dir,
+        "train": {"micro_batch_size": cfg["micro_batch"], "max_steps": 10**6, "precision": cfg["precision"],
+                  "log_every": 10**6},
+        "deepspeed": {"preset": f"zero{stage}"},
+        "checkpoint": {"save_final": False},
+        "logging": {"tensorboard": False, "progress": False},
+    }  # fmt: skip
+
+
+def measure(cfg: dict) -> dict:
+    """On every rank: build the Trainer, run warm-up + timed steps, return the timed steps' metrics."""
+    import tempfile
+
+    from llm.config import resolve_recipe
+    from llm.models.info import count_parameters
+    from llm.train.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="llm-bench-run-") as run_dir:
+        recipe = resolve_recipe(bench_recipe(cfg["model"], cfg["stage"], cfg, run_dir))
+        trainer = Trainer(recipe, resume="none")
+        for _ in range(cfg["warmup"]):
+            trainer.train_step()
+        steps = [trainer.train_step() for _ in range(cfg["steps"])]
+    return {
+        "params": count_parameters(recipe.model),
+        "tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps),
+        "mfu": statistics.median(s["mfu"] for s in steps) if steps[0]["mfu"] is not None else None,
+        "tflops": statistics.median(s["tflops"] for s in steps),
+        "step_s": statistics.median(s["step_time_s"] for s in steps),
+        "loss": steps[-1]["loss"],
+        "peak_tflops_per_rank": trainer.peak_flops / 1e12,
+        "peak_source": trainer.peak_source,
+        "flops_per_token": trainer.flops_per_token,
+    }
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    stages = sorted({r["zero"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(stages)
+    for i, stage in enumerate(stages):
+        for ax, key, scale in ((axes[0], "tokens_per_s", 1), (axes[1], "mfu_pct", 1)):
+            values = [next((r[key] * scale for r in rows if r["model"] == m and r["zero"] == stage), 0) for m in models]
+            ax.bar([x + i * width for x in range(len(models))], values, width, label=f"ZeRO-{stage}")
+    for ax, title in ((axes[0], "tokens/s (all ranks)"), (axes[1], "MFU (%)")):
+        ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(models))], models)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    r0 = rows[0]
+    fig.suptitle(f"llm bench train: {r0['ranks']} ranks, {r0['precision']}, seq {r0['seq_len']}, micro-batch "
+                 f"{r0['micro_batch']} ({r0['device']})")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> Path:
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    rows = []
+    for model in args.models:
+        if not (MODELS_DIR / f"{model}.yaml").is_file():
+            from llm.errors import UserError
+
+            raise UserError(f"--models: {MODELS_DIR / model}.yaml not found")
+        for stage in args.stages:
+            cfg = {"model": model, "stage": stage, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+                   "precision": args.precision, "warmup": args.warmup, "steps": args.steps}  # fmt: skip
+            r = run_on_ranks("llm.bench.train:measure", args.ranks, cfg)[0]
+            row = {"model": model, "params_m": r["params"] / 1e6, "zero": stage, "ranks": args.ranks,
+                   "precision": args.precision, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+                   "tokens_per_s": r["tokens_per_s"], "tflops": r["tflops"],
+                   "mfu_pct": 100 * r["mfu"] if r["mfu"] is not None else None, "step_s": r["step_s"],
+                   "peak_tflops_per_rank": r["peak_tflops_per_rank"], "peak_source": r["peak_source"],
+                   "device": device}  # fmt: skip
+            rows.append(row)
+            print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+    print(format_table(rows, COLUMNS))
+    path = write_results("train", rows, out_dir=args.out)
+    png = path.with_suffix(".png")
+    plot(rows, png)
+    print(f"wrote {path} and {png}")
+    return path
+
+
+COLUMNS = ["model", "params_m", "zero", "ranks", "tokens_per_s", "tflops", "mfu_pct", "step_s", "peak_tflops_per_rank"]

@@ -1,0 +1,122 @@
+"""Throughput, MFU and the run's metric files (metrics.jsonl, TensorBoard events).
+
+MFU = achieved model FLOPs / peak FLOPs. Model FLOPs per token come from
+`llm.models.info.training_flops_per_token` (6 per matmul parameter plus
+attention); the peak is the device's dense bf16/fp16 tensor-core figure from the
+table below (fp32 uses the TF32 figure), or on a CPU a measured matmul peak,
+cached per host so each run does not pay for it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+# Dense (no sparsity) peak TFLOP/s per device: (bf16/fp16, tf32) from the vendors' data sheets.
+DEVICE_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "H200": (989.0, 494.0),
+    "H100 SXM": (989.0, 494.0),
+    "H100 PCIe": (756.0, 378.0),
+    "H100": (989.0, 494.0),
+    "A100": (312.0, 156.0),
+    "A10G": (70.0, 35.0),
+    "A10": (125.0, 62.5),
+    "L40S": (362.0, 183.0),
+    "L4": (121.0, 60.0),
+    "V100": (125.0, 15.7),
+    "RTX 4090": (165.0, 82.6),
+    "RTX 3090": (71.0, 35.6),
+    "T4": (65.0, 8.1),
+}
+
+CACHE = Path(os.environ.get("LLM_CACHE", Path.home() / ".cache" / "llm"))
+
+
+def cpu_matmul_peak(size: int = 512, trials: int = 5, seconds: float = 0.1) -> float:
+    """Measured fp32 matmul FLOP/s of this process (its threads), the best of a few short trials
+    (a busy machine only slows some), cached per host and thread count."""
+    key = f"{platform.node()}-{torch.get_num_threads()}threads"
+    path = CACHE / "cpu_peak.json"
+    try:
+        cached = json.loads(path.read_text())
+        if key in cached:
+            return float(cached[key])
+    except (OSError, ValueError):
+        cached = {}
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm up
+    peak = 0.0
+    for _ in range(trials):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        peak = max(peak, 2 * size**3 * n / (time.perf_counter() - start))
+    try:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        cached[key] = peak
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return peak
+
+
+def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """(peak FLOP/s, where the figure comes from) for one rank's device."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, (half, tf32) in DEVICE_PEAK_TFLOPS.items():
+            if key.lower() in name.lower():
+                return (half if precision in ("bf16", "fp16") else tf32) * 1e12, f"table: {key}"
+        return 0.0, f"unknown device {name!r}"
+    return cpu_matmul_peak(), "measured cpu matmul"
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Peak allocated device memory, or this process's resident set on a CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+class MetricsWriter:
+    """Rank 0 appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = open(self.path, "a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
