@@ -55,3 +55,19 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
         runs.append([trainer.train_step()["loss"] for _ in range(3)])
     for a, b in zip(*runs):
         assert abs(a - b) / abs(a) < 1e-6
+
+
+def test_finetune_starts_from_the_checkpoint_weights(tmp_path):
+    """init_from a run's checkpoints/: the new run's model starts with the consolidated trained weights."""
+    from llm.train import load_model_from_checkpoint
+    from llm.train.trainer import Trainer
+    from tests.conftest import rel_err
+
+    data = {**TINY, "run_dir": str(tmp_path / "pre"), "train": {**TINY["train"], "max_steps": 2}}
+    data["logging"] = {"tensorboard": False}
+    Trainer(resolve_recipe(data), resume="none").fit()
+    trained = load_model_from_checkpoint(tmp_path / "pre" / "checkpoints").state_dict()
+    data = {**data, "run_dir": str(tmp_path / "ft"), "init_from": str(tmp_path / "pre" / "checkpoints")}
+    tuned = Trainer(resolve_recipe(data), resume="none")
+    for name, value in tuned.model.state_dict().items():
+        assert rel_err(value, trained[name]) == 0.0, name
