@@ -27,6 +27,7 @@ BAD = {
     "seq_beyond_model": (["data.seq_len=4096"], "data.seq_len", "exceeds model.max_seq_len"),
     "missing_shards": (["data.source=shards", "data.train=/nonexistent/train"], "data.train", "not found"),
     "bad_betas": (["optim.betas=[0.9]"], "optim.betas", "expected two numbers"),
+    "unknown_kernel_backend": (["kernels.attention=nonexistent"], "kernels", "unknown backend 'nonexistent'"),
 }
 
 
