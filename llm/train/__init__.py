@@ -4,9 +4,9 @@
 `load_model_from_checkpoint(path)` rebuilds a trained model from any ZeRO stage.
 """
 
-from llm.train.checkpoint import export_safetensors, load_model_from_checkpoint
+from llm.train.checkpoint import load_model_from_checkpoint
 
-__all__ = ["Trainer", "export_safetensors", "load_model_from_checkpoint", "pretrain"]
+__all__ = ["Trainer", "load_model_from_checkpoint", "pretrain"]
 
 
 def __getattr__(name):

@@ -183,16 +183,3 @@ def load_model_from_checkpoint(path: str | Path, tag: str | None = None):
                 break
     model.load_state_dict(state, strict=True)
     return model.float().eval()
-
-
-def export_safetensors(model, out_dir: str | Path) -> Path:
-    """Write config.yaml + model.safetensors (an llm model directory); tied tensors are stored once."""
-    from safetensors.torch import save_model
-
-    from llm.config import config_to_dict
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(model.config), sort_keys=False))
-    save_model(model, str(out / "model.safetensors"))
-    return out

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from llm.config import RecipeConfig
+from llm.models.io import load_pretrained, save_pretrained
 from llm.train import checkpoint as ckpt
 
 
@@ -36,34 +38,29 @@ def pretrain(recipe: RecipeConfig, resume: str = "none") -> dict:
             file=sys.stderr,
             flush=True,
         )
+        if "export" in summary:
+            latest = ckpt.find_checkpoint(Path(recipe.run_dir) / "checkpoints")
+            print(f"llm: checkpoint {latest}, model exported to {summary['export']}", file=sys.stderr, flush=True)
     return summary
 
 
 def export_final(recipe: RecipeConfig) -> Path:
     """The latest checkpoint as an llm model directory (config.yaml + model.safetensors [+ tokenizer.json])."""
-    import shutil
-
     out = Path(recipe.run_dir) / "export"
-    model = ckpt.load_model_from_checkpoint(Path(recipe.run_dir) / "checkpoints")
-    try:
-        from llm.models.io import save_pretrained
-    except ImportError:
-        ckpt.export_safetensors(model, out)
-    else:
-        save_pretrained(model, out)
+    save_pretrained(ckpt.load_model_from_checkpoint(Path(recipe.run_dir) / "checkpoints"), out)
     if recipe.data.tokenizer and Path(recipe.data.tokenizer).is_file():
         shutil.copy(recipe.data.tokenizer, out / "tokenizer.json")
     return out
 
 
 def sample(export: Path, recipe: RecipeConfig) -> str:
-    """Greedy-free sample (top-k 40) from the exported model, decoded with the run's tokenizer."""
+    """A sample (temperature 0.8, top-k 40) from the exported model, decoded with the run's tokenizer."""
     import torch
 
     from llm.data.tokenizer import Tokenizer
     from llm.models.generation import generate
 
-    model = ckpt.load_model_from_checkpoint(Path(recipe.run_dir) / "checkpoints")
+    model = load_pretrained(export)
     tok = Tokenizer(export / "tokenizer.json")
     ids = tok.tokenizer.encode(recipe.logging.sample_prompt).ids or [tok.eos_id or 0]
     g = torch.Generator().manual_seed(recipe.seed)

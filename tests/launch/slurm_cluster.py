@@ -39,7 +39,7 @@ SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+AuthInfo=socket={munge_socket},cred_expire=10
 CredType=cred/munge
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
@@ -200,10 +200,6 @@ class SlurmCluster:
             if field.startswith("Restarts="):
                 return int(field.split("=", 1)[1])
         return 0
-
-    def start_now(self, job_id: int) -> None:
-        """Slurm holds a requeued job for about two minutes (Reason=BeginTime); let it start at once."""
-        self._scontrol("update", f"JobId={job_id}", "StartTime=now")
 
     def logs(self) -> str:
         parts = []
