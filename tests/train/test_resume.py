@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
+from llm.cli import main
+from llm.models import load_pretrained
 from llm.train import checkpoint as ckpt
-from llm.train.checkpoint import load_model_from_checkpoint
 from tests.conftest import rel_err
 from tests.train.helpers import ROOT, TINY, command, descendants, env, losses, run, write_recipe
 
@@ -102,8 +103,11 @@ def test_zero3_checkpoint_consolidates_to_trained_weights(tmp_path):
         timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    gathered = torch.load(run_dir / "gathered.pt")
-    model = load_model_from_checkpoint(run_dir / "checkpoints")
+    gathered = torch.load(run_dir / "gathered.pt", weights_only=True)
+    # `llm convert` consolidates the ZeRO-3 shards into an llm model directory (safetensors)
+    exported = tmp_path / "exported"
+    assert main(["convert", str(run_dir / "checkpoints"), str(exported)]) == 0
+    model = load_pretrained(exported)
     own = dict(model.named_parameters())
     assert set(own) == set(gathered)
     for name, value in gathered.items():
