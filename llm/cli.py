@@ -494,13 +494,6 @@ def _add_bench_data(bench) -> None:
     p.set_defaults(func=_cmd_bench_data)
 
 
-def _not_built(name: str):
-    def run(args) -> int:
-        raise UserError(f"`llm {name}` is not available in this build")
-
-    return run
-
-
 # ----------------------------------------------------------------------------
 # llm plot
 # ----------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from llm.errors import UserError
 
 
@@ -31,7 +33,8 @@ def run_on_ranks(target: str, ranks: int, config: dict, timeout_s: float = 1800)
         cfg_path, out = Path(tmp) / "config.json", Path(tmp) / "out"
         cfg_path.write_text(json.dumps(config))
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        env.setdefault("DS_ACCELERATOR", "cpu")
+        if not torch.cuda.is_available():
+            env.setdefault("DS_ACCELERATOR", "cpu")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                "-m", "llm.bench.ranks", target, str(cfg_path), str(out)]  # fmt: skip
