@@ -68,7 +68,8 @@ class Stream(torch.utils.data.IterableDataset):
         return [self.sample_at(p) for p in positions]
 
     def get(self, index: int):
-        raise NotImplementedError
+        """The sample with this index in the dataset (each reader defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define get(index)")
 
     # -- this rank's share ------------------------------------------------------------------------
 
