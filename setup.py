@@ -40,6 +40,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llm", "llm.*"]),
+    package_data={"llm": ["presets/deepspeed/*.json", "presets/models/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -37,23 +37,22 @@ def _group(sub, name: str, help: str, example: str):
 
 
 def _cmd_model_info(args) -> int:
-    from llm.config import load_model_config
-    from llm.models.info import format_model_info
+    from llm.run.info import model_info
 
-    cfg = load_model_config(args.config, args.set)
-    print(format_model_info(cfg, ranks=args.ranks, seq_len=args.seq_len))
+    print(model_info(args.config, args.set, task=args.task, ranks=args.ranks, seq_len=args.seq_len))
     return 0
 
 
 def _add_model_commands(sub) -> None:
-    model = _group(sub, "model", "inspect model configs", "llm model info configs/models/gpt2-124m.yaml")
+    model = _group(sub, "model", "inspect model configs", "llm model info gpt2-124m")
     p = _parser(
         model,
         "info",
         "parameters, training FLOPs per token and ZeRO memory per rank of a model config",
-        "llm model info configs/models/llama-8b.yaml --ranks 64",
+        "llm model info llama-8b --ranks 64",
     )
-    p.add_argument("config", help="a model YAML (configs/models/*.yaml)")
+    p.add_argument("config", help="a model YAML, or a preset name (gpt2-124m, llama-8b, bert-base, vit-base, ...)")
+    p.add_argument("--task", default=None, help="the head (default: causal_lm, masked_lm or image_classification)")
     p.add_argument("--ranks", type=int, default=8, help="data-parallel ranks for the ZeRO memory table (default 8)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
@@ -66,14 +65,14 @@ def _add_model_commands(sub) -> None:
 
 
 def _cmd_convert(args) -> int:
-    from llm.models.convert import convert
+    from llm.run.convert import convert
 
     print(convert(args.source, args.output, to=args.to, tag=args.tag))
     return 0
 
 
 def _cmd_generate(args) -> int:
-    from llm.models.generation import generate_text
+    from llm.run.generate import generate_text
 
     for text in generate_text(
         args.model,
@@ -314,18 +313,23 @@ llm data prepare-images digits.npz --size 8 --channels 1 --out data/digits
 
 def _cmd_pretrain(args) -> int:
     from llm.config import load_recipe
-    from llm.train.run import pretrain
+    from llm.run.train import train
 
-    overrides = list(args.set)
-    if getattr(args, "init_from", None):
-        overrides.append(f"init_from={args.init_from}")
-    recipe = load_recipe(args.recipe, overrides)
-    pretrain(recipe, resume=args.resume)
+    train(load_recipe(args.recipe, args.set), resume=args.resume)
+    return 0
+
+
+def _cmd_finetune(args) -> int:
+    from llm.config import load_recipe
+    from llm.run.train import finetune
+
+    overrides = list(args.set) + ([f"init_from={args.init_from}"] if args.init_from else [])
+    finetune(load_recipe(args.recipe, overrides), resume=args.resume)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from llm.train.evaluate import evaluate_model
+    from llm.run.evaluate import evaluate_model
 
     result = evaluate_model(
         args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches
@@ -365,8 +369,8 @@ torchrun --nproc_per_node 2 -m llm pretrain configs/recipes/gpt.yaml
         "llm finetune configs/recipes/gpt.yaml --init-from runs/quickstart/export --set optim.lr=1e-4",
     )
     _add_recipe_args(p)
-    p.add_argument("--init-from", required=True, help="model directory or checkpoint to start from")
-    p.set_defaults(func=_cmd_pretrain)
+    p.add_argument("--init-from", default=None, help="model, run or checkpoint directory (or set init_from:)")
+    p.set_defaults(func=_cmd_finetune)
     p = _parser(
         sub,
         "eval",
@@ -421,7 +425,8 @@ def _add_bench_kernels(bench) -> None:
 def _cmd_bench_train(args) -> int:
     from llm.bench.train import run
 
-    run(args)
+    run(models=args.models, stages=args.stages, ranks=args.ranks, precision=args.precision, seq_len=args.seq_len,
+        micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps, out_dir=args.out)  # fmt: skip
     return 0
 
 
@@ -436,7 +441,7 @@ def _add_bench_train(bench) -> None:
         "--models",
         nargs="+",
         default=["gpt2-tiny", "llama-tiny", "gpt2-124m"],
-        help="model configs under configs/models/ (default: gpt2-tiny llama-tiny gpt2-124m)",
+        help="model presets (default: gpt2-tiny llama-tiny gpt2-124m)",
     )
     p.add_argument("--stages", nargs="+", type=int, choices=[0, 1, 2, 3], default=[0, 1, 2, 3])
     p.add_argument("--ranks", type=int, default=2, help="local processes (default 2)")
@@ -452,7 +457,8 @@ def _add_bench_train(bench) -> None:
 def _cmd_bench_memory(args) -> int:
     from llm.bench.memory import run
 
-    run(args)
+    run(model=args.model, stages=args.stages, ranks_list=args.ranks, precision=args.precision, seq_len=args.seq_len,
+        out_dir=args.out)  # fmt: skip
     return 0
 
 
@@ -464,7 +470,7 @@ def _add_bench_memory(bench) -> None:
         "16 bytes/param (table, JSON, PNG)",
         "llm bench memory --model gpt2-tiny --ranks 2 4 --precision bf16",
     )
-    p.add_argument("--model", default="gpt2-tiny", help="a model config under configs/models/ (default gpt2-tiny)")
+    p.add_argument("--model", default="gpt2-tiny", help="a model preset (default gpt2-tiny)")
     p.add_argument("--stages", nargs="+", type=int, choices=[0, 1, 2, 3], default=[0, 1, 2, 3])
     p.add_argument("--ranks", nargs="+", type=int, default=[2, 4], help="rank counts (default 2 4)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")

@@ -23,6 +23,9 @@ import yaml
 from llm.errors import UserError
 
 
+IGNORE_INDEX = -100  # the label of positions that carry no loss (PyTorch and Hugging Face agree)
+
+
 class ConfigError(UserError, ValueError):
     """A config value is wrong; the message starts with the field's dotted path."""
 
@@ -155,31 +158,20 @@ def _join(path: str, name: str) -> str:
 # ----------------------------------------------------------------------------
 
 Family = Literal["gpt", "llama", "bert", "vit"]
-Task = Literal[
-    "causal_lm",  # next-token prediction (GPT, LLaMA)
-    "pretraining",  # masked LM + next-sentence prediction (BERT)
-    "masked_lm",  # masked LM alone
-    "encoder",  # the bare stack (+ pooler when configured)
-    "sequence_classification",
-    "image_classification",
-    "masked_image_modeling",
-    "contrastive",  # InfoNCE on pooled embeddings, in-batch negatives
-]
-IMAGE_TASKS = ("image_classification", "masked_image_modeling")
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    """One Transformer stack; the fields choose the architecture.
+    """One Transformer stack; the fields choose the architecture, nothing else.
 
     `family` names the model family for Hugging Face interop and picks the input
     (token ids, or pixels for "vit"); every architectural choice is its own field.
     Post-norm stacks (BERT) normalise the embeddings and have no final norm;
-    pre-norm stacks have a final norm and none on the embeddings.
+    pre-norm stacks have a final norm and none on the embeddings. What the model
+    is trained for (its head, loss and data) is the task's: see `llm.tasks`.
     """
 
     family: Family = "gpt"
-    task: Task = "causal_lm"
     vocab_size: int = 50257
     max_seq_len: int = 1024
     d_model: int = 768
@@ -200,9 +192,6 @@ class ModelConfig:
     causal: bool = True
     type_vocab_size: int = 0  # BERT segment embeddings; 0 = none
     pooler: bool = False  # dense + tanh over the first token (BERT, ViT)
-    pooling: Literal["first", "mean", "last"] = "first"  # how a sequence becomes one vector
-    num_labels: int = 2  # classification heads
-    temperature: float = 0.05  # contrastive InfoNCE
     image_size: int = 224  # vit only
     patch_size: int = 16  # vit only
     num_channels: int = 3  # vit only
@@ -233,7 +222,7 @@ class ModelConfig:
 
     def validate(self, path: str = "model") -> None:
         _positive(self, path, "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff")
-        _positive(self, path, "norm_eps", "rope_theta", "init_std", "temperature", "num_labels")
+        _positive(self, path, "norm_eps", "rope_theta", "init_std")
         _fraction(self, path, "dropout", "attention_dropout")
         _check(
             self.d_model % self.n_heads == 0,
@@ -272,23 +261,6 @@ class ModelConfig:
                 f"{self.patch_size} does not divide image_size={self.image_size}",
             )
             _check(self.position == "learned", _join(path, "position"), "vit uses learned positions")
-            _check(
-                self.task in ("encoder", "contrastive") + IMAGE_TASKS,
-                _join(path, "task"),
-                f"{self.task!r} needs text; a vit model does encoder, contrastive or {' or '.join(IMAGE_TASKS)}",
-            )
-        else:
-            _check(
-                self.task not in IMAGE_TASKS,
-                _join(path, "task"),
-                f"{self.task!r} needs family 'vit', got {self.family!r}",
-            )
-        if self.task == "causal_lm":
-            _check(self.causal, _join(path, "causal"), "causal_lm needs causal: true")
-        if self.task in ("pretraining", "masked_lm", "masked_image_modeling"):
-            _check(not self.causal, _join(path, "causal"), f"{self.task} needs causal: false")
-        if self.task == "pretraining":
-            _check(self.pooler, _join(path, "pooler"), "pretraining (MLM + NSP) needs pooler: true")
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -330,9 +302,31 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+PRESETS = Path(__file__).resolve().parent / "presets"  # shipped inside the package (package data)
+
+
+def preset_names(kind: str) -> list[str]:
+    """Names of the presets of `kind` ("models" or "deepspeed") that ship with llm."""
+    return sorted(p.stem for p in (PRESETS / kind).glob("*.*"))
+
+
+def find_preset(kind: str, name: str, field: str, base_dir: Path | None = None) -> Path:
+    """`name` as a file (as given, or relative to `base_dir`), else the packaged preset of that name.
+
+    Raises ConfigError naming `field` and the known presets when neither exists."""
+    suffix = ".json" if kind == "deepspeed" else ".yaml"
+    for candidate in (Path(name), base_dir / name if base_dir else None, PRESETS / kind / f"{name}{suffix}"):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    if "/" in name or name.endswith((".json", ".yaml", ".yml")):
+        raise ConfigError(name, "file not found")
+    raise ConfigError(field, f"{name!r} is neither a file nor a preset (known: {', '.join(preset_names(kind))})")
+
+
 def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
-    """A model config file holds the ModelConfig fields at its top level (or under `model:`)."""
-    data = load_yaml(path)
+    """A model config file (or a preset name such as gpt2-124m) holds the ModelConfig fields at
+    its top level (or under `model:`)."""
+    data = load_yaml(find_preset("models", str(path), str(path)))
     if set(data) == {"model"}:
         data = data["model"]
     apply_overrides(data, overrides or [])
@@ -373,19 +367,11 @@ class DataConfig:
     tokenizer: str | None = None  # tokenizer.json (generation, preparation)
     seq_len: int = 256
     num_workers: int = 0
-    mlm_probability: float = 0.15  # BERT masking
-    mask_ratio: float = 0.6  # masked image modeling: share of patches masked
     prepare: PrepareConfig | None = None
 
     def validate(self, path: str = "data") -> None:
         _positive(self, path, "seq_len")
         _check(self.num_workers >= 0, _join(path, "num_workers"), f"must be >= 0, got {self.num_workers}")
-        _check(
-            0.0 < self.mlm_probability < 1.0,
-            _join(path, "mlm_probability"),
-            f"must be in (0, 1), got {self.mlm_probability}",
-        )
-        _check(0.0 < self.mask_ratio < 1.0, _join(path, "mask_ratio"), f"must be in (0, 1), got {self.mask_ratio}")
         if self.source == "shards":
             _check(self.train is not None, _join(path, "train"), "source 'shards' needs a train shard directory")
 
@@ -504,13 +490,19 @@ class FaultConfig:
 @dataclasses.dataclass
 class RecipeConfig:
     """A whole run. `model` is a ModelConfig mapping; its optional `base:` key names a
-    model YAML whose fields the others override (resolved before validation)."""
+    model YAML (a file, or a preset name such as gpt2-tiny) whose fields the others
+    override (resolved before validation). `task` and `transforms` are checked by
+    `llm.tasks` and `llm.adapt` when the run is assembled."""
 
     model: ModelConfig
+    # the objective: a task name, or a mapping {name: NAME, option: value, ...} (see llm.tasks)
+    task: str | dict[str, Any] = "causal_lm"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     run_dir: str = "runs/run"
     seed: int = 1234
     init_from: str | None = None  # an llm model dir or checkpoint to start from (fine-tuning)
+    # model transforms applied in order after the model is built, e.g. [{name: freeze, layers: [embeddings]}]
+    transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
@@ -545,13 +537,8 @@ def resolve_recipe(data: dict, base_dir: Path | None = None) -> RecipeConfig:
     base = model.pop("base", None)
     if base is not None:
         if not isinstance(base, str):
-            raise ConfigError("model.base", f"expected a path, got {base!r}")
-        base_path = Path(base)
-        if not base_path.is_file() and base_dir is not None and (base_dir / base).is_file():
-            base_path = base_dir / base
-        if not base_path.is_file():
-            raise ConfigError("model.base", f"{base}: file not found")
-        merged = load_yaml(base_path)
+            raise ConfigError("model.base", f"expected a path or a preset name, got {base!r}")
+        merged = load_yaml(find_preset("models", base, "model.base", base_dir))
         merged.update(model)
         model = merged
     data["model"] = model

@@ -37,3 +37,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if torch.isnan(out).any() or torch.isnan(ref).any():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+TASK_OPTIONS = ("num_labels", "labels", "pooling", "temperature", "nsp", "mlm_probability", "mask_ratio")
+
+
+def build(spec: dict, **kw):
+    """A freshly built model from one mapping: ModelConfig fields plus `task` (a name) and its options."""
+    from llm.tasks import build_model
+
+    spec = {**spec, **kw}
+    task = {"name": spec.pop("task", "causal_lm")}
+    task.update({k: spec.pop(k) for k in TASK_OPTIONS if k in spec})
+    return build_model(spec, task)

@@ -10,7 +10,7 @@ from llm.cli import main
 from llm.config import ConfigError, ModelConfig, apply_overrides, build_config, load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_CONFIGS = sorted((ROOT / "configs" / "models").glob("*.yaml"))
+MODEL_CONFIGS = sorted((ROOT / "llm" / "presets" / "models").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
@@ -83,7 +83,11 @@ def test_yaml_exponent_without_dot_is_a_number():
 
 
 def test_task_and_family_must_agree():
-    with pytest.raises(ConfigError, match="model.task"):
-        build_config(ModelConfig, {"family": "gpt", "task": "image_classification"}, "model")
+    from llm.tasks import get_task
+
+    with pytest.raises(ConfigError, match="model.family"):
+        get_task("image_classification").check(build_config(ModelConfig, {"family": "gpt"}, "model"))
     with pytest.raises(ConfigError, match="model.causal"):
-        build_config(ModelConfig, {"family": "bert", "task": "masked_lm", "causal": True}, "model")
+        get_task("masked_lm").check(build_config(ModelConfig, {"family": "bert", "causal": True}, "model"))
+    with pytest.raises(ConfigError, match="task: unknown task 'pretraining'"):
+        get_task("pretraining")

@@ -16,14 +16,13 @@ per parameter, sharded by stage); for fp32 training it is 4 + 4 + 8 (no separate
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from llm.bench.common import format_table, write_results
 from llm.bench.ranks import run_on_ranks
-from llm.bench.train import bench_recipe
+from llm.bench.train import bench_trainer
 
 # Attributes of DeepSpeed's ZeRO / bf16 optimizers that hold gradients between backward and step.
 GRAD_BUFFERS = (
@@ -87,18 +86,10 @@ def _weight_tensors(engine):
 
 def measure(cfg: dict) -> dict:
     """On every rank: bytes of weights, grads and optimizer state held by this rank."""
-    import tempfile
-
-    from llm.config import resolve_recipe
-    from llm.models.info import count_parameters
-    from llm.train.trainer import Trainer
-
-    with tempfile.TemporaryDirectory(prefix="llm-bench-run-") as run_dir:
-        recipe = resolve_recipe(bench_recipe(cfg["model"], cfg["stage"], cfg, run_dir))
-        trainer = Trainer(recipe, resume="none")
+    with bench_trainer(cfg) as trainer:
         engine = trainer.engine
-        batch = trainer._to_device(trainer.train_data.next_batch())
-        engine.backward(trainer._forward(batch))
+        batch = trainer._to_device(trainer.train_batches.next_batch())
+        engine.backward(engine(**batch).loss)
 
         # Gradients, before the step consumes them; weights are marked first so a gradient
         # buffer that aliases them is not taken for a gradient.
@@ -118,8 +109,9 @@ def measure(cfg: dict) -> dict:
         for name in MASTER_BUFFERS:
             master += counter.add(_tensors(getattr(engine.optimizer, name, None)))
         moments = counter.add(t for state in opt.state.values() for t in state.values() if t.numel() > 1)
+        params = trainer.model.num_parameters()
     return {
-        "params": count_parameters(recipe.model),
+        "params": params,
         "weights": weights,
         "grads": grads,
         "master": master,
@@ -177,19 +169,21 @@ COLUMNS = ["model", "zero", "ranks", "precision", "weights_mib", "weights_analyt
            "bytes_per_param"]  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(model: str, stages: list[int], ranks_list: list[int], precision: str = "bf16", seq_len: int = 64,
+        out_dir: str | None = None) -> Path:
+    """Measure every (rank count, ZeRO stage) for the model preset `model`; print and write the table."""
     mib = 2**20
     rows = []
-    for ranks in args.ranks:
-        for stage in args.stages:
-            cfg = {"model": args.model, "stage": stage, "seq_len": args.seq_len, "micro_batch": 1,
-                   "precision": args.precision}  # fmt: skip
+    for ranks in ranks_list:
+        for stage in stages:
+            cfg = {"model": model, "stage": stage, "seq_len": seq_len, "micro_batch": 1,
+                   "precision": precision}  # fmt: skip
             per_rank = run_on_ranks("llm.bench.memory:measure", ranks, cfg)
             r = per_rank[0]
-            ref = analytic(r["params"], ranks, stage, args.precision)
+            ref = analytic(r["params"], ranks, stage, precision)
             total = r["weights"] + r["grads"] + r["optimizer"]
-            row = {"model": args.model, "params_m": r["params"] / 1e6, "zero": stage, "ranks": ranks,
-                   "precision": args.precision}  # fmt: skip
+            row = {"model": model, "params_m": r["params"] / 1e6, "zero": stage, "ranks": ranks,
+                   "precision": precision}  # fmt: skip
             for part, value in (("weights", r["weights"]), ("grads", r["grads"]), ("optimizer", r["optimizer"]),
                                 ("total", total)):  # fmt: skip
                 row[f"{part}_mib"] = value / mib
@@ -201,7 +195,7 @@ def run(args: argparse.Namespace) -> Path:
             rows.append(row)
             print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
     print(format_table(rows, COLUMNS))
-    path = write_results("memory", rows, out_dir=args.out)
+    path = write_results("memory", rows, out_dir=out_dir)
     png = path.with_suffix(".png")
     plot(rows, png)
     print(f"wrote {path} and {png}")

@@ -8,20 +8,18 @@ measured fp32 matmul peak on a CPU) are reported, from the trainer's own step me
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import statistics
+import tempfile
 from pathlib import Path
 
 from llm.bench.common import format_table, write_results
 from llm.bench.ranks import run_on_ranks
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
-
-
 def bench_recipe(model: str, stage: int, cfg: dict, run_dir: str) -> dict:
     """A recipe mapping: the named model config, synthetic data, no checkpoints, no logging files."""
     return {
-        "model": {"base": str(MODELS_DIR / f"{model}.yaml")},
+        "model": {"base": model},
         "data": {"source": "synthetic", "seq_len": cfg["seq_len"]},
         "run_dir": run_dir,
         "train": {"micro_batch_size": cfg["micro_batch"], "max_steps": 10**6, "precision": cfg["precision"],
@@ -32,29 +30,38 @@ def bench_recipe(model: str, stage: int, cfg: dict, run_dir: str) -> dict:
     }  # fmt: skip
 
 
-def measure(cfg: dict) -> dict:
-    """On every rank: build the Trainer, run warm-up + timed steps, return the timed steps' metrics."""
-    import tempfile
-
+@contextlib.contextmanager
+def bench_trainer(cfg: dict):
+    """A Trainer assembled on this rank for the bench recipe of `cfg` (in a temporary run directory)."""
     from llm.config import resolve_recipe
-    from llm.models.info import count_parameters
-    from llm.train.trainer import Trainer
+    from llm.run.train import assemble
+    from llm.train.distributed import distributed
 
     with tempfile.TemporaryDirectory(prefix="llm-bench-run-") as run_dir:
         recipe = resolve_recipe(bench_recipe(cfg["model"], cfg["stage"], cfg, run_dir))
-        trainer = Trainer(recipe, resume="none")
+        with distributed(recipe.faults.collective_timeout_s) as dist:
+            yield assemble(recipe, dist, resume="none").trainer
+
+
+def measure(cfg: dict) -> dict:
+    """On every rank: build the Trainer, run warm-up + timed steps, return the timed steps' metrics."""
+    from llm.train.metrics import device_peak_flops
+
+    with bench_trainer(cfg) as trainer:
         for _ in range(cfg["warmup"]):
             trainer.train_step()
         steps = [trainer.train_step() for _ in range(cfg["steps"])]
+        params = trainer.model.num_parameters()
+        _, peak_source = device_peak_flops(trainer.dist.device, cfg["precision"])
     return {
-        "params": count_parameters(recipe.model),
+        "params": params,
         "tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps),
         "mfu": statistics.median(s["mfu"] for s in steps) if steps[0]["mfu"] is not None else None,
         "tflops": statistics.median(s["tflops"] for s in steps),
         "step_s": statistics.median(s["step_time_s"] for s in steps),
         "loss": steps[-1]["loss"],
         "peak_tflops_per_rank": trainer.peak_flops / 1e12,
-        "peak_source": trainer.peak_source,
+        "peak_source": peak_source,
         "flops_per_token": trainer.flops_per_token,
     }
 
@@ -86,22 +93,23 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(models: list[str], stages: list[int], ranks: int = 2, precision: str = "fp32", seq_len: int = 256,
+        micro_batch: int = 2, warmup: int = 2, steps: int = 5, out_dir: str | None = None) -> Path:
+    """Measure every (model preset, ZeRO stage) on `ranks` local processes; print and write the table."""
     import torch
+
+    from llm.config import find_preset
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     rows = []
-    for model in args.models:
-        if not (MODELS_DIR / f"{model}.yaml").is_file():
-            from llm.errors import UserError
-
-            raise UserError(f"--models: {MODELS_DIR / model}.yaml not found")
-        for stage in args.stages:
-            cfg = {"model": model, "stage": stage, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
-                   "precision": args.precision, "warmup": args.warmup, "steps": args.steps}  # fmt: skip
-            r = run_on_ranks("llm.bench.train:measure", args.ranks, cfg)[0]
-            row = {"model": model, "params_m": r["params"] / 1e6, "zero": stage, "ranks": args.ranks,
-                   "precision": args.precision, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+    for model in models:
+        find_preset("models", model, "--models")
+        for stage in stages:
+            cfg = {"model": model, "stage": stage, "seq_len": seq_len, "micro_batch": micro_batch,
+                   "precision": precision, "warmup": warmup, "steps": steps}  # fmt: skip
+            r = run_on_ranks("llm.bench.train:measure", ranks, cfg)[0]
+            row = {"model": model, "params_m": r["params"] / 1e6, "zero": stage, "ranks": ranks,
+                   "precision": precision, "seq_len": seq_len, "micro_batch": micro_batch,
                    "tokens_per_s": r["tokens_per_s"], "tflops": r["tflops"],
                    "mfu_pct": 100 * r["mfu"] if r["mfu"] is not None else None, "step_s": r["step_s"],
                    "peak_tflops_per_rank": r["peak_tflops_per_rank"], "peak_source": r["peak_source"],
@@ -109,7 +117,7 @@ def run(args: argparse.Namespace) -> Path:
             rows.append(row)
             print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
     print(format_table(rows, COLUMNS))
-    path = write_results("train", rows, out_dir=args.out)
+    path = write_results("train", rows, out_dir=out_dir)
     png = path.with_suffix(".png")
     plot(rows, png)
     print(f"wrote {path} and {png}")

@@ -1,4 +1,4 @@
-"""Data: tokenizers, Arrow shards with a manifest, the streaming reader, collators."""
+"""Data: tokenizers, Arrow shards with a manifest, the streaming reader, collators, synthetic samples."""
 
 from llm.data.collate import (
     ContrastiveImageCollator,
@@ -13,6 +13,7 @@ from llm.data.prepare import prepare
 from llm.data.shards import ShardError, check_vocab, inspect, load_manifest, verify
 from llm.data.sources import stdlib_files
 from llm.data.stream import (
+    Batches,
     Blend,
     Documents,
     PackedTokens,
@@ -22,10 +23,14 @@ from llm.data.stream import (
     Stream,
     make_loader,
 )
+from llm.data.synthetic import SyntheticBatches, SyntheticCorpus
 from llm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 __all__ = [
+    "Batches",
     "Blend",
+    "SyntheticBatches",
+    "SyntheticCorpus",
     "ContrastiveImageCollator",
     "ContrastiveTextCollator",
     "Documents",

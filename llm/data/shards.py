@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from llm.errors import UserError
+from llm.fileio import write_atomic
 
 FORMAT = "llm-shards"
 FORMAT_VERSION = 1
@@ -49,15 +50,6 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def start_directory(out_dir: Path) -> None:

@@ -444,6 +444,37 @@ class StatefulLoader:
         self.dataset.load_state_dict(state)
 
 
+class Batches:
+    """This rank's micro-batches of one split as the trainer takes them: `next_batch()`.
+
+    The training split wraps into the next epoch; a validation split ends
+    (`next_batch` returns None) after one pass. The position is the stream's.
+    """
+
+    def __init__(self, loader: StatefulLoader, wrap: bool):
+        self.loader, self.wrap = loader, wrap
+        self._iter = None
+
+    def next_batch(self) -> dict | None:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        try:
+            return next(self._iter)
+        except StopIteration:
+            self._iter = None
+            if not self.wrap:
+                return None
+            self._iter = iter(self.loader)
+            return next(self._iter)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._iter = None
+
+
 def make_loader(
     dataset: Stream, batch_size: int, collate_fn: Callable | None = None, num_workers: int = 0, pin_memory=False
 ) -> StatefulLoader:

@@ -14,10 +14,11 @@ from llm.kernels.dispatch import (
     BackendUnavailable,
     auto_order_from_results,
     available_backends,
-    configure,
+    check_names,
     resolve,
     set_auto_order,
     set_backend,
+    use,
 )
 
 __all__ = [
@@ -27,12 +28,13 @@ __all__ = [
     "attention",
     "auto_order_from_results",
     "available_backends",
-    "configure",
+    "check_names",
     "layer_norm",
     "linear_cross_entropy",
     "rms_norm",
     "set_auto_order",
     "set_backend",
+    "use",
 ]
 
 

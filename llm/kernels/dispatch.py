@@ -11,6 +11,7 @@ naming the reason: a named backend is never silently swapped for another.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -96,10 +97,25 @@ def set_backend(op: str, backend: str) -> None:
         _OVERRIDES[op] = backend
 
 
-def configure(backends: dict[str, str]) -> None:
-    """Apply a recipe's `kernels:` mapping, e.g. {"attention": "triton"}."""
+def check_names(backends: dict[str, str]) -> None:
+    """Raise UnknownKernelName for an unknown op or backend in a mapping such as {"attention": "triton"}."""
     for op, backend in backends.items():
-        set_backend(op, backend)
+        _check_name(op, backend)
+
+
+@contextlib.contextmanager
+def use(backends: dict[str, str]):
+    """Within the block, "auto" means `backends[op]` for each op of a recipe's `kernels:` mapping;
+    the previous choices come back afterwards."""
+    check_names(backends)
+    saved = dict(_OVERRIDES)
+    try:
+        for op, backend in backends.items():
+            set_backend(op, backend)
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,4 +1,4 @@
-"""Size, compute and memory of a model config, without allocating its weights.
+"""Size, compute and memory of a model (build it on the meta device to allocate nothing).
 
 FLOPs follow the usual accounting (PaLM appendix B, Megatron): a matmul with an
 (m x k) weight costs 2k FLOPs per output per token forward and twice that
@@ -15,44 +15,30 @@ everything (Rajbhandari et al., 2020).
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from llm.config import ModelConfig
+from llm.models.layers import LMHead
 
 BYTES_WEIGHTS, BYTES_GRADS, BYTES_OPTIMIZER = 2, 2, 12
 
 
-def meta_model(cfg: ModelConfig) -> nn.Module:
-    """The model on the meta device: shapes without memory."""
-    from llm.models import build_model
-
-    with torch.device("meta"):
-        return build_model(cfg)
-
-
-def count_parameters(cfg: ModelConfig) -> int:
-    return sum(p.numel() for p in meta_model(cfg).parameters())
-
-
-def matmul_parameters(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token (weights of Linear layers,
-    the patch projection and the output projection), excluding biases, norms and lookups."""
-    from llm.models.layers import LMHead
-
-    model = meta_model(cfg)
+def matmul_parameters(model: nn.Module) -> int:
+    """Parameters that take part in a matmul per token (weights of Linear layers, the patch
+    projection and the output projection, tied ones once), excluding biases, norms and lookups."""
     total, seen = 0, set()
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d, LMHead)) and id(module.weight) not in seen:
             seen.add(id(module.weight))
-            total += module.weight.numel()
+            total += int(getattr(module.weight, "ds_numel", module.weight.numel()))
     return total
 
 
-def training_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
-    """Forward + backward FLOPs per token (per patch for ViT)."""
+def training_flops_per_token(model: nn.Module, seq_len: int | None = None) -> float:
+    """Forward + backward FLOPs per token (per patch for ViT) of `model` (any device, meta too)."""
+    cfg: ModelConfig = model.config
     seq = seq_len or cfg.seq_len
-    return 6.0 * matmul_parameters(cfg) + 12.0 * cfg.n_layers * cfg.d_model * seq
+    return 6.0 * matmul_parameters(model) + 12.0 * cfg.n_layers * cfg.d_model * seq
 
 
 def zero_memory_per_rank(n_params: int, ranks: int, stage: int) -> dict[str, float]:
@@ -69,13 +55,15 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
-def format_model_info(cfg: ModelConfig, ranks: int = 8, seq_len: int | None = None) -> str:
-    n = count_parameters(cfg)
+def format_model_info(model, ranks: int = 8, seq_len: int | None = None) -> str:
+    """Parameters, FLOPs per token and the ZeRO memory table of a built `model` (meta device is fine)."""
+    cfg = model.config
+    n = model.num_parameters()
     seq = seq_len or cfg.seq_len
-    flops = training_flops_per_token(cfg, seq)
+    flops = training_flops_per_token(model, seq)
     unit = "patch" if cfg.is_image else "token"
     lines = [
-        f"model: {cfg.family} {cfg.task}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
+        f"model: {cfg.family} {model.task}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
         f"{cfg.n_heads} heads ({cfg.kv_heads} kv), d_ff {cfg.d_ff}, {cfg.norm} {cfg.norm_position}-norm, "
         f"{cfg.position} positions, {cfg.mlp}",
         f"parameters: {n:,}",

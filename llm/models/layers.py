@@ -15,7 +15,6 @@ from torch import nn
 from llm import kernels
 from llm.config import ModelConfig
 
-IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch and Hugging Face agree)
 
 
 def dropout(p: float) -> nn.Module:

@@ -3,7 +3,8 @@
 Layout of `RUN_DIR/checkpoints/`:
 
     step_00000100/            DeepSpeed's engine state (model, optimizer shards, scheduler)
-      recipe.yaml             the resolved recipe (rebuilds the model without the run)
+      recipe.yaml             the resolved recipe
+      model.yaml              the model's description: config, task, transforms (rebuilds the model)
       trainer_rank_N.pt       step, data position, RNG states (python, numpy, torch) of rank N
       COMPLETE                written by rank 0 after a barrier: every rank finished writing
     latest                    the name of the newest complete step directory (atomic replace)
@@ -25,6 +26,7 @@ import torch
 import yaml
 
 from llm.errors import UserError
+from llm.fileio import write_atomic
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -32,12 +34,6 @@ LATEST = "latest"
 
 def step_tag(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def complete_steps(ckpt_dir: Path) -> list[Path]:
@@ -95,8 +91,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, recipe: dict, rank: int, keep_last: int) -> Path:
-    """Every rank calls this; returns the step directory once it is complete and `latest`."""
+def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, meta: dict, rank: int, keep_last: int) -> Path:
+    """Every rank calls this; returns the step directory once it is complete and `latest`.
+
+    `meta` maps file stems to what rank 0 writes as YAML beside the engine state: the
+    resolved recipe ("recipe") and the model's description ("model": config, task,
+    transforms), from which the model is rebuilt without the run."""
     import torch.distributed as dist
 
     tag = step_tag(step)
@@ -110,7 +110,8 @@ def save(engine, ckpt_dir: Path, step: int, trainer_state: dict, recipe: dict, r
     state = dict(trainer_state, step=step, rng=rng_state())
     torch.save(state, out / f"trainer_rank_{rank}.pt")
     if rank == 0:
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        for stem, content in meta.items():
+            write_atomic(out / f"{stem}.yaml", yaml.safe_dump(content, sort_keys=False))
     dist.barrier()  # every rank has written its part
     if rank == 0:
         write_atomic(out / COMPLETE, f"{step}\n")
@@ -153,33 +154,3 @@ def consolidated_state_dict(path: str | Path, tag: str | None = None) -> dict[st
             raise UserError(f"{step_dir}: no DeepSpeed model states (mp_rank_*_model_states.pt)")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in state.items()}
-
-
-def load_recipe_of(step_dir: Path):
-    from llm.config import resolve_recipe
-
-    path = Path(step_dir) / "recipe.yaml"
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint has no recipe.yaml")
-    return resolve_recipe(yaml.safe_load(path.read_text()))
-
-
-def load_model_from_checkpoint(path: str | Path, tag: str | None = None):
-    """The model of a checkpoint (a run's checkpoints/ dir or one step dir, any ZeRO stage),
-    built from its saved recipe, with consolidated fp32 weights."""
-    from llm.models import build_model
-
-    step_dir = find_checkpoint(path, tag)
-    recipe = load_recipe_of(step_dir)
-    model = build_model(recipe.model)
-    state = consolidated_state_dict(step_dir)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    # tied weights appear once in a consolidated checkpoint: fill the aliases
-    for key in missing:
-        for other, tensor in own.items():
-            if other in state and tensor.data_ptr() == own[key].data_ptr():
-                state[key] = state[other]
-                break
-    model.load_state_dict(state, strict=True)
-    return model.float().eval()

@@ -7,13 +7,15 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import sys
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from llm.log import logger
 
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 
@@ -72,6 +74,24 @@ def init_distributed(timeout_s: float = 120.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, device, backend, launcher)
+
+
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")
+
+
+@contextlib.contextmanager
+def distributed(timeout_s: float = 120.0):
+    """`init_distributed` for the length of a run: the environment variables it sets for a lone
+    process are restored afterwards (the process group stays, as DeepSpeed expects)."""
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    try:
+        yield init_distributed(timeout_s)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class Heartbeat:
@@ -138,12 +158,11 @@ class Heartbeat:
             dead = self.dead_rank()
             if dead is not None:
                 r, silent = dead
-                print(
-                    f"llm: error: rank {r} stopped responding ({silent:.0f} s without a heartbeat); "
-                    f"rank {self.rank} ends the job",
-                    file=sys.stderr,
-                    flush=True,
+                logger.error(
+                    f"rank {r} stopped responding ({silent:.0f} s without a heartbeat); rank {self.rank} ends the job"
                 )
+                for handler in logger.handlers:
+                    handler.flush()
                 os._exit(1)
 
     def stop(self) -> None:

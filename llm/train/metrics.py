@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from llm.fileio import write_atomic
+
 # Dense (no sparsity) peak TFLOP/s per device: (bf16/fp16, tf32) from the vendors' data sheets.
 DEVICE_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "H200": (989.0, 494.0),
@@ -60,9 +62,7 @@ def cpu_matmul_peak(size: int = 512, trials: int = 5, seconds: float = 0.1) -> f
     try:
         CACHE.mkdir(parents=True, exist_ok=True)
         cached[key] = peak
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(cached, indent=1))
     except OSError:
         pass
     return peak

@@ -15,7 +15,7 @@ from llm.data import (
     make_loader,
 )
 from llm.data.collate import IGNORE_INDEX
-from llm.models import build_model
+from tests.conftest import build
 
 
 def contains(doc: np.ndarray, piece: np.ndarray) -> bool:
@@ -72,10 +72,11 @@ def test_bert_pretraining_batch_fits_masked_lm_and_resumes(wordpiece, wordpiece_
     assert b["token_type_ids"].shape == b["input_ids"].shape and b["next_sentence_label"].shape == (4,)
     first_sep = (b["input_ids"] == tok.special_id("sep")).int().argmax(1)
     assert all(b["token_type_ids"][i, : first_sep[i] + 1].sum() == 0 for i in range(4))
-    model = build_model(
+    model = build(
         dict(
             family="bert",
-            task="pretraining",
+            task="masked_lm",
+            nsp=True,
             vocab_size=tok.vocab_size,
             d_model=32,
             n_layers=1,
@@ -108,7 +109,7 @@ def test_contrastive_text_pairs(wordpiece_shards):
         assert contains(doc, s["a"].numpy()) and contains(doc, s["b"].numpy())
     batch = ContrastiveTextCollator(pad_id=0)(samples)
     assert batch["input_ids"].shape[0] == 12 and torch.equal(batch["labels"], torch.arange(6))
-    model = build_model(
+    model = build(
         dict(
             family="bert",
             task="contrastive",
@@ -134,7 +135,7 @@ def test_causal_lm_batch_is_shifted_and_fits_causal_lm(bpe, tmp_path):
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
     assert torch.equal(batch["labels"][:, -1], windows[:, -1])
     assert batch["input_ids"].shape == (3, 8) and batch["labels"].is_contiguous()
-    model = build_model(dict(vocab_size=600, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16))
+    model = build(dict(vocab_size=600, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=16))
     out = model(**batch)  # the model does not shift again: position t predicts labels[t]
     ref = torch.nn.functional.cross_entropy(out.logits.double().flatten(0, 1), batch["labels"].flatten())
     assert abs(out.loss.item() - ref.item()) < 1e-4

@@ -17,7 +17,7 @@ from llm.data import (
     verify,
 )
 from llm.errors import UserError
-from llm.models import build_model
+from tests.conftest import build
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +84,11 @@ def test_masked_image_and_contrastive_batches_fit_models(digits, tmp_path):
     mim = MaskedImageCollator(16, 4, mask_ratio=0.5)(samples, generator=torch.Generator().manual_seed(0))
     assert mim["bool_masked_pos"].shape == (8, 16) and (mim["bool_masked_pos"].sum(1) == 8).all()
     assert mim["pixel_values"].min() >= -1 and mim["pixel_values"].max() <= 1
-    assert torch.isfinite(build_model({**vit, "task": "masked_image_modeling"})(**mim).loss)
+    assert torch.isfinite(build({**vit, "task": "masked_image_modeling"})(**mim).loss)
     pairs = ContrastiveImageCollator()(samples, generator=torch.Generator().manual_seed(0))
     assert pairs["pixel_values"].shape == (16, 3, 16, 16) and torch.equal(pairs["labels"], torch.arange(8))
     assert not torch.equal(pairs["pixel_values"][:8], pairs["pixel_values"][8:])
-    assert torch.isfinite(build_model({**vit, "task": "contrastive"})(**pairs).loss)
+    assert torch.isfinite(build({**vit, "task": "contrastive"})(**pairs).loss)
 
 
 def test_bad_image_inputs(tmp_path):

@@ -74,11 +74,13 @@ def test_environment_variable_overrides_auto(monkeypatch):
         kernels.rms_norm(x, w)
 
 
-def test_configure_overrides_auto_and_auto_clears_it():
-    kernels.configure({"layer_norm": "triton"})
-    assert dispatch.resolve("layer_norm", "auto", "cpu")[0] == "triton"
-    assert dispatch.resolve("rms_norm", "auto", "cpu")[0] == "torch"
-    kernels.configure({"layer_norm": "auto"})
+def test_use_overrides_auto_in_its_block_and_restores_it():
+    with kernels.use({"layer_norm": "triton"}):
+        assert dispatch.resolve("layer_norm", "auto", "cpu")[0] == "triton"
+        assert dispatch.resolve("rms_norm", "auto", "cpu")[0] == "torch"
+        with kernels.use({"layer_norm": "auto"}):
+            assert dispatch.resolve("layer_norm", "auto", "cpu")[0] == "torch"
+        assert dispatch.resolve("layer_norm", "auto", "cpu")[0] == "triton"
     assert dispatch.resolve("layer_norm", "auto", "cpu")[0] == "torch"
 
 
@@ -159,6 +161,6 @@ def test_bad_names_and_unrunnable_backends_are_user_errors():
     from llm.errors import UserError
 
     with pytest.raises(UserError, match="unknown backend 'fastest'"):
-        kernels.configure({"rms_norm": "fastest"})
+        kernels.check_names({"rms_norm": "fastest"})
     with pytest.raises(UserError, match="cannot run here"):
         dispatch.resolve("layer_norm", "cuda", "cpu")

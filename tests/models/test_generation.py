@@ -6,8 +6,11 @@ import torch
 
 from llm.cli import main
 from llm.config import ModelConfig
-from llm.models import build_model, save_pretrained
-from llm.models.generation import filter_logits, generate, generate_text
+from llm.models.generation import filter_logits, generate
+from llm.run.generate import generate_text
+from llm.run.loader import save_pretrained
+from llm.tasks import build_model
+from tests.conftest import build
 
 TINY = dict(vocab_size=61, max_seq_len=48, d_model=32, n_layers=2, n_heads=4, d_ff=64)
 LLAMA = dict(TINY, family="llama", norm="rmsnorm", position="rotary", mlp="swiglu", bias=False, n_kv_heads=2)
@@ -87,7 +90,7 @@ def train_tokenizer(path):
 
 def test_llm_generate_end_to_end(tmp_path, capsys):
     vocab = train_tokenizer(tmp_path / "tokenizer.json")
-    model = build_model(dict(TINY, vocab_size=vocab, eos_token_id=0)).eval()
+    model = build(dict(TINY, vocab_size=vocab, eos_token_id=0)).eval()
     save_pretrained(model, tmp_path / "model", tokenizer=tmp_path / "tokenizer.json")
 
     rc = main(["generate", "--model", str(tmp_path / "model"), "--prompt", "the cat", "--prompt", "hello",
@@ -112,7 +115,7 @@ def test_llm_generate_end_to_end(tmp_path, capsys):
 
 
 def test_generate_errors_are_one_line(tmp_path, capsys):
-    model = build_model(dict(TINY, family="bert", task="encoder", causal=False, norm_position="post"))
+    model = build(dict(TINY, family="bert", task="encoder", causal=False, norm_position="post"))
     save_pretrained(model, tmp_path)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "generation needs a causal_lm model" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llm.errors import UserError
-from llm.models import from_hf, to_hf
+from llm.tasks.hf import from_hf, to_hf
 from tests.conftest import rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -172,7 +172,7 @@ def test_missing_and_mismatched_weights_name_the_directory(tmp_path):
 
 
 def test_export_rejects_a_model_without_hf_equivalent(tmp_path):
-    from llm.models import build_model
+    from llm.tasks import build_model
 
     model = build_model(dict(family="gpt", vocab_size=50, max_seq_len=8, d_model=16, n_layers=1, n_heads=2,
                              d_ff=32, norm="rmsnorm"))  # fmt: skip

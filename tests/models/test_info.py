@@ -1,16 +1,14 @@
 """Parameter counts and FLOPs against independent counts."""
 
-from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from llm.config import ModelConfig, load_model_config
-from llm.models import build_model
-from llm.models.info import count_parameters, training_flops_per_token, zero_memory_per_rank
+from llm.models.info import training_flops_per_token, zero_memory_per_rank
+from llm.tasks import build_model
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpt2_124m_counts_like_hugging_face():
@@ -18,7 +16,8 @@ def test_gpt2_124m_counts_like_hugging_face():
 
     with torch.device("meta"):
         hf = GPT2LMHeadModel(GPT2Config())
-    ours = count_parameters(load_model_config(ROOT / "configs/models/gpt2-124m.yaml"))
+    with torch.device("meta"):
+        ours = build_model(load_model_config("gpt2-124m")).num_parameters()
     assert ours == sum(p.numel() for p in hf.parameters())
     assert f"{ours:,}" == "124,439,808"
 
@@ -26,7 +25,7 @@ def test_gpt2_124m_counts_like_hugging_face():
 def test_llama_8b_counts_like_hugging_face():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = load_model_config(ROOT / "configs/models/llama-8b.yaml")
+    cfg = load_model_config("llama-8b")
     hf_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.d_model,
@@ -38,7 +37,8 @@ def test_llama_8b_counts_like_hugging_face():
     )
     with torch.device("meta"):
         hf = LlamaForCausalLM(hf_cfg)
-    assert count_parameters(cfg) == sum(p.numel() for p in hf.parameters())
+        ours = build_model(cfg)
+    assert ours.num_parameters() == sum(p.numel() for p in hf.parameters())
 
 
 def test_training_flops_match_torch_flop_counter():
@@ -49,7 +49,7 @@ def test_training_flops_match_torch_flop_counter():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(ids, labels=ids, return_logits=False).loss.backward()
     measured = counter.get_total_flops() / ids.numel()
-    assert abs(measured - training_flops_per_token(cfg, 24)) / measured < 1e-9
+    assert abs(measured - training_flops_per_token(model, 24)) / measured < 1e-9
 
 
 def test_zero_memory_shards_the_right_parts():

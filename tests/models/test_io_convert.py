@@ -6,12 +6,12 @@ import torch
 from llm.cli import main
 from llm.data.tokenizer import Tokenizer
 from llm.errors import UserError
-from llm.models import build_model, load_model, load_pretrained, save_pretrained
-from llm.models.io import find_tokenizer
+from llm.run.loader import find_tokenizer, load_model, load_pretrained, save_pretrained
+from tests.conftest import build
 from tests.models.test_generation import train_tokenizer
 
 TINY = dict(vocab_size=300, max_seq_len=16, d_model=32, n_layers=2, n_heads=4, d_ff=64)
-BERT = dict(TINY, family="bert", task="pretraining", causal=False, norm_position="post", type_vocab_size=2)
+BERT = dict(TINY, family="bert", task="masked_lm", nsp=True, causal=False, norm_position="post", type_vocab_size=2)
 VIT = dict(family="vit", task="masked_image_modeling", causal=False, image_size=8, patch_size=4)
 VIT.update(d_model=32, n_layers=1, n_heads=4, d_ff=64, mlp="gelu")
 
@@ -22,7 +22,7 @@ VIT.update(d_model=32, n_layers=1, n_heads=4, d_ff=64, mlp="gelu")
     ids=["gpt-tied", "gpt-untied", "bert", "vit-mim"],
 )
 def test_save_and_load_pretrained_round_trip(arch, tmp_path):
-    model = build_model(arch)
+    model = build(arch)
     save_pretrained(model, tmp_path)
     loaded = load_pretrained(tmp_path)
     assert loaded.config == model.config
@@ -36,10 +36,10 @@ def test_save_and_load_pretrained_round_trip(arch, tmp_path):
 
 
 def test_load_model_detects_each_kind_and_names_bad_paths(tmp_path):
-    model = build_model(TINY)
+    model = build(TINY)
     save_pretrained(model, tmp_path / "llm")
     assert isinstance(load_model(tmp_path / "llm"), type(model))
-    from llm.models import to_hf
+    from llm.tasks.hf import to_hf
 
     to_hf(model, tmp_path / "hf")
     ids = torch.randint(0, 300, (1, 9))
@@ -57,7 +57,7 @@ def test_load_model_detects_each_kind_and_names_bad_paths(tmp_path):
 
 
 def test_load_pretrained_rejects_weights_that_do_not_fit(tmp_path):
-    save_pretrained(build_model(TINY), tmp_path)
+    save_pretrained(build(TINY), tmp_path)
     (tmp_path / "config.yaml").write_text((tmp_path / "config.yaml").read_text().replace("d_ff: 64", "d_ff: 96"))
     with pytest.raises(UserError, match=r"mlp\.fc_in\.\w+ has shape"):
         load_pretrained(tmp_path)

@@ -13,8 +13,6 @@ from tests.conftest import rel_err
 def small_config(**kw) -> ModelConfig:
     base = dict(vocab_size=97, max_seq_len=64, d_model=48, n_layers=2, n_heads=4, d_ff=80)
     base.update(kw)
-    if not base.get("causal", True):
-        base["task"] = "encoder"
     cfg = ModelConfig(**base)
     cfg.validate()
     return cfg

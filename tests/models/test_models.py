@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from llm.config import ModelConfig
-from llm.models import ModelOutput, build_model
+from llm.models import ModelOutput
+from llm.tasks import build_model
 from tests.conftest import rel_err
 
 TEXT = dict(vocab_size=97, max_seq_len=32, d_model=32, n_layers=2, n_heads=4, d_ff=64)
@@ -25,10 +26,14 @@ VIT = dict(
 )
 
 
-def model(**kw):
+TASK_OPTIONS = ("num_labels", "pooling", "temperature", "nsp")
+
+
+def model(task="causal_lm", **kw):
+    options = {k: kw.pop(k) for k in TASK_OPTIONS if k in kw}
     cfg = ModelConfig(**kw)
     cfg.validate()
-    return build_model(cfg).double()
+    return build_model(cfg, {"name": task, **options}).double()
 
 
 def test_causal_lm_loss_is_shifted_cross_entropy():
@@ -70,7 +75,7 @@ def test_padding_does_not_reach_real_tokens():
 
 
 def test_mlm_loss_counts_masked_positions_only_and_adds_nsp():
-    m = model(**TEXT, **BERT, task="pretraining")
+    m = model(**TEXT, **BERT, task="masked_lm", nsp=True)
     ids = torch.randint(0, 97, (3, 10))
     labels = torch.full_like(ids, -100)
     labels[0, 2], labels[1, 5], labels[2, 9], labels[2, 0] = 4, 8, 15, 16

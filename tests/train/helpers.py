@@ -15,7 +15,7 @@ TORCHRUN = str(Path(PYTHON).with_name("torchrun"))
 # A model and synthetic data small enough for a handful of steps in a few seconds on one core.
 TINY = {
     "model": {
-        "base": str(ROOT / "configs/models/gpt2-tiny.yaml"),
+        "base": "gpt2-tiny",
         "n_layers": 2,
         "d_model": 64,
         "n_heads": 2,
@@ -29,6 +29,14 @@ TINY = {
     "schedule": {"warmup_steps": 2},
     "logging": {"tensorboard": False},
 }
+
+
+def assembled_trainer(recipe, resume: str = "none"):
+    """The Trainer that `llm pretrain` would run for `recipe`, built in this process."""
+    from llm.run.train import assemble
+    from llm.train.distributed import init_distributed
+
+    return assemble(recipe, init_distributed(recipe.faults.collective_timeout_s), resume).trainer
 
 
 def env() -> dict:

@@ -45,11 +45,9 @@ def test_malformed_recipe_is_one_clear_line(name, tmp_path, capsys):
 
 
 def _trainer(tmp_path, **train):
-    from llm.train.trainer import Trainer
-
     data = {**TINY, "run_dir": str(tmp_path / "run"), "train": {**TINY["train"], "max_steps": 4, **train}}
     data["checkpoint"] = {"save_final": False}
-    return Trainer(resolve_recipe(data), resume="none")
+    return assembled_trainer(resolve_recipe(data))
 
 
 def _poison(trainer, bad_calls: set[int]):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llm.cli import main
-from llm.models import load_pretrained
+from llm.run.loader import load_pretrained
 from llm.train import checkpoint as ckpt
 from tests.conftest import rel_err
 from tests.train.helpers import ROOT, TINY, command, descendants, env, losses, run, write_recipe
@@ -76,9 +76,10 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
 GATHER = """
 import sys, torch, deepspeed
 from llm.config import load_recipe
-from llm.train.trainer import Trainer
+from llm.run.train import assemble
+from llm.train.distributed import init_distributed
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
-trainer = Trainer(recipe)
+trainer = assemble(recipe, init_distributed(), "auto").trainer
 trainer.fit()
 params = dict(trainer.model.named_parameters())
 with deepspeed.zero.GatheredParameters(list(params.values())):
@@ -113,7 +114,7 @@ def test_zero3_checkpoint_consolidates_to_trained_weights(tmp_path):
     for name, value in gathered.items():
         assert rel_err(own[name], value) == 0.0, name
     # it trained: the weights moved away from the initialisation of the same seed
-    from llm.models import build_model
+    from llm.tasks import build_model
 
     torch.manual_seed(1234)
     fresh = build_model(model.config).state_dict()

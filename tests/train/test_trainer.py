@@ -5,10 +5,10 @@ import math
 import pytest
 
 from llm.config import ScheduleConfig, resolve_recipe
-from llm.models import build_model
+from llm.tasks import build_model
 from llm.train.schedule import lr_factor, param_groups
-from llm.train.trainer import deepspeed_config
-from tests.train.helpers import TINY
+from llm.train.engine import deepspeed_config
+from tests.train.helpers import TINY, assembled_trainer
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():
@@ -45,13 +45,11 @@ def test_deepspeed_json_from_preset_and_recipe():
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path):
-    from llm.train.trainer import Trainer
-
     runs = []
     for ac in (False, True):
         data = {**TINY, "run_dir": str(tmp_path / str(ac)), "checkpoint": {"save_final": False}}
         data["train"] = {**TINY["train"], "max_steps": 3, "activation_checkpointing": ac}
-        trainer = Trainer(resolve_recipe(data), resume="none")
+        trainer = assembled_trainer(resolve_recipe(data))
         runs.append([trainer.train_step()["loss"] for _ in range(3)])
     for a, b in zip(*runs):
         assert abs(a - b) / abs(a) < 1e-6
@@ -59,15 +57,14 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path):
 
 def test_finetune_starts_from_the_checkpoint_weights(tmp_path):
     """init_from a run's checkpoints/: the new run's model starts with the consolidated trained weights."""
-    from llm.train import load_model_from_checkpoint
-    from llm.train.trainer import Trainer
+    from llm.run.loader import load_checkpoint_model
     from tests.conftest import rel_err
 
     data = {**TINY, "run_dir": str(tmp_path / "pre"), "train": {**TINY["train"], "max_steps": 2}}
     data["logging"] = {"tensorboard": False}
-    Trainer(resolve_recipe(data), resume="none").fit()
-    trained = load_model_from_checkpoint(tmp_path / "pre" / "checkpoints").state_dict()
+    assembled_trainer(resolve_recipe(data)).fit()
+    trained = load_checkpoint_model(tmp_path / "pre" / "checkpoints").state_dict()
     data = {**data, "run_dir": str(tmp_path / "ft"), "init_from": str(tmp_path / "pre" / "checkpoints")}
-    tuned = Trainer(resolve_recipe(data), resume="none")
+    tuned = assembled_trainer(resolve_recipe(data))
     for name, value in tuned.model.state_dict().items():
         assert rel_err(value, trained[name]) == 0.0, name

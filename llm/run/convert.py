@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm.errors import UserError
-from llm.models.io import count_parameters, find_tokenizer, load_model, model_kind, save_pretrained
+from llm.run.loader import find_tokenizer, load_model, model_kind, save_pretrained
 
 KIND_NAMES = {"hf": "Hugging Face directory", "llm": "llm model directory", "checkpoint": "training checkpoint"}
 
@@ -25,13 +25,13 @@ def convert(source: str | Path, output: str | Path, to: str = "llm", tag: str | 
         save_pretrained(model, output, tokenizer)
         written = "llm model directory"
     else:
-        from llm.models.hf import to_hf
+        from llm.tasks.hf import to_hf
 
         to_hf(model, output, tokenizer=tokenizer)
         written = "Hugging Face directory"
     cfg = model.config
     extra = " + tokenizer.json" if tokenizer is not None else ""
     return (
-        f"read {KIND_NAMES[kind]} {source} ({cfg.family} {cfg.task}), wrote {written} {output}{extra}: "
-        f"{count_parameters(model):,} parameters"
+        f"read {KIND_NAMES[kind]} {source} ({cfg.family} {model.task}), wrote {written} {output}{extra}: "
+        f"{model.num_parameters():,} parameters"
     )

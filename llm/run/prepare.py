@@ -1,26 +1,12 @@
-"""Batch sources for the trainer: synthetic, or the Arrow shards of `llm data prepare`."""
+"""The quickstart's first run: a tokenizer and Arrow shards made from the recipe's `data.prepare`."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from llm.config import RecipeConfig
 from llm.errors import UserError
-from llm.train.batches import SyntheticSource
-
-
-def make_source(recipe: RecipeConfig, rank: int, world_size: int, split: str):
-    """The train or val source for this rank (None when the recipe has no validation split)."""
-    data = recipe.data
-    if data.source == "synthetic":
-        return SyntheticSource(recipe, rank, world_size, split)
-    path = data.train if split == "train" else data.val
-    if path is None:
-        return None
-    from llm.train.shards import ShardSource
-
-    return ShardSource(recipe, Path(path), rank, world_size, split)
+from llm.log import logger
 
 
 def prepare_if_missing(recipe: RecipeConfig, rank: int) -> None:
@@ -52,18 +38,14 @@ def prepare_corpus(recipe: RecipeConfig) -> None:
     sources = [str(p) for p in llm_data.stdlib_files(prep.limit_bytes)]
     tokenizer = Path(data.tokenizer)
     if not tokenizer.is_file():
-        print(
-            f"llm: training a {prep.tokenizer_kind} tokenizer ({prep.vocab_size} tokens) on the stdlib corpus",
-            file=sys.stderr,
-            flush=True,
-        )
+        logger.info(f"training a {prep.tokenizer_kind} tokenizer ({prep.vocab_size} tokens) on the stdlib corpus")
         made = llm_data.train_tokenizer(
             sources, tokenizer.parent, kind=prep.tokenizer_kind, vocab_size=prep.vocab_size, special_tokens=None
         )
         if Path(made) != tokenizer and Path(made).is_file():
             tokenizer = Path(made)
-    print(f"llm: preparing shards in {out_dir}", file=sys.stderr, flush=True)
+    logger.info(f"preparing shards in {out_dir}")
     llm_data.prepare(sources, tokenizer, out_dir, shard_tokens=prep.shard_tokens, val_fraction=prep.val_fraction)
     if not train_dir.exists():
         raise UserError(f"data.train: {train_dir} was not produced by preparation (expected {out_dir}/train)")
-    print(f"llm: data ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    logger.info(f"data ready in {time.perf_counter() - start:.1f} s")

@@ -1,0 +1,170 @@
+"""The one loader: any path -> model, and the llm model directory format.
+
+`load_model(path)` reads:
+- an llm model directory: config.yaml (the model's description: `model`
+  architecture, `task` with its options, `transforms` in order) + model.safetensors;
+- a Hugging Face directory (config.json);
+- a training checkpoint: a run directory, its checkpoints/ folder, or one step
+  folder, of any ZeRO stage (weights consolidated to fp32).
+Every form is rebuilt the same way: build the task's model from the
+description, re-apply the recorded transforms, then load the weights strictly
+(tied aliases aside), so an adapter or a pruned shape survives a round trip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from llm import adapt
+from llm.config import ConfigError, ModelConfig, build_config
+from llm.errors import UserError
+from llm.fileio import write_atomic
+from llm.models.base import Model, tied_aliases
+from llm.tasks import get_task
+from llm.train import checkpoint as ckpt
+
+CONFIG, WEIGHTS, TOKENIZER = "config.yaml", "model.safetensors", "tokenizer.json"
+
+
+def build_from_description(description: dict, where: str) -> Model:
+    """A freshly initialised model from {"model": ..., "task": ..., "transforms": [...]}."""
+    if not isinstance(description, dict) or "model" not in description:
+        raise UserError(f"{where}: expected a mapping with model: (and task:, transforms:)")
+    try:
+        cfg = build_config(ModelConfig, description["model"], "model")
+        model = get_task(description.get("task") or "causal_lm").build_model(cfg)
+        return adapt.apply_transforms(model, description.get("transforms") or [])
+    except ConfigError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> Model:
+    """Load `tensors` into `model`: every tensor must exist with its shape, and every parameter
+    or buffer of the model must be given (tied aliases may be left out)."""
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        if name in expected and expected[name].shape != tensor.shape:
+            raise UserError(
+                f"{where}: {name} has shape {tuple(tensor.shape)}, the model's config implies "
+                f"{tuple(expected[name].shape)}"
+            )
+    aliases = tied_aliases(model)
+    owner = {id(p): name for name, p in model.named_parameters()}
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied tensor may come under either name
+        if name in aliases and name in tensors:
+            tensors.setdefault(owner[id(p)], tensors[name])
+    result = model.load_state_dict({k: v for k, v in tensors.items() if k not in aliases}, strict=False)
+    missing = set(result.missing_keys) - aliases
+    if missing or result.unexpected_keys:
+        what = [f"missing {', '.join(sorted(missing)[:3])}"] if missing else []
+        what += [f"unexpected {', '.join(result.unexpected_keys[:3])}"] if result.unexpected_keys else []
+        raise UserError(f"{where}: the weights do not match the model ({'; '.join(what)})")
+    return model
+
+
+# ----------------------------------------------------------------------------
+# llm model directories
+# ----------------------------------------------------------------------------
+
+
+def save_pretrained(model: Model, path: str | Path, tokenizer=None) -> Path:
+    """Write config.yaml + model.safetensors (+ tokenizer.json, from a path or a Tokenizer) into `path`.
+
+    Weights are written from the in-memory model as they are (tied tensors once)."""
+    from safetensors.torch import save_file
+
+    from llm.models.hf import copy_tokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    aliases = tied_aliases(model)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    tmp = path / f".{WEIGHTS}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / WEIGHTS)
+    write_atomic(path / CONFIG, yaml.safe_dump(model.description(), sort_keys=False))
+    if tokenizer is not None:
+        copy_tokenizer(tokenizer, path)
+    return path
+
+
+def load_pretrained(path: str | Path) -> Model:
+    """The model saved in an llm model directory (weights as stored)."""
+    from safetensors.torch import load_file
+
+    from llm.config import load_yaml
+
+    path = Path(path)
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise UserError(f"{path / name}: not found (an llm model directory holds {CONFIG} and {WEIGHTS})")
+    model = build_from_description(load_yaml(path / CONFIG), str(path / CONFIG))
+    try:
+        tensors = load_file(str(path / WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types on a damaged file
+        raise UserError(f"{path / WEIGHTS}: cannot read ({e})") from None
+    return load_weights(model, tensors, str(path / WEIGHTS))
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints and any path
+# ----------------------------------------------------------------------------
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """A run directory's checkpoints/ folder; any other path as it is."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() and not (path / ckpt.COMPLETE).exists() else path
+
+
+def load_checkpoint_model(path: str | Path, tag: str | None = None) -> Model:
+    """The model of a checkpoint (any ZeRO stage), rebuilt from its model.yaml, fp32 weights."""
+    from llm.config import load_yaml
+
+    step_dir = ckpt.find_checkpoint(checkpoint_dir(Path(path)), tag)
+    description = step_dir / "model.yaml"
+    if not description.is_file():
+        raise UserError(f"{description}: not found (a checkpoint written by llm holds its model's description)")
+    model = build_from_description(load_yaml(description), str(description))
+    load_weights(model, ckpt.consolidated_state_dict(step_dir), str(step_dir))
+    return model.float().eval()
+
+
+def model_kind(path: str | Path) -> str:
+    """ "hf", "llm" or "checkpoint": what `load_model` will read at `path`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: not found")
+    if path.is_file():
+        raise UserError(f"{path}: expected a model directory, not a file")
+    if (path / "config.json").is_file():
+        return "hf"
+    if (path / CONFIG).is_file():
+        return "llm"
+    return "checkpoint"
+
+
+def load_model(path: str | Path, tag: str | None = None) -> Model:
+    """A model from any path: llm model directory, Hugging Face directory, run directory or
+    checkpoint (`tag` picks a step). Raises UserError naming the path when it is none of these."""
+    kind = model_kind(path)
+    if kind == "hf":
+        from llm.tasks.hf import from_hf
+
+        return from_hf(path)
+    if kind == "llm":
+        return load_pretrained(path)
+    return load_checkpoint_model(path, tag)
+
+
+def find_tokenizer(path: str | Path, levels: int = 3) -> Path | None:
+    """tokenizer.json beside a model, or in a folder above it up to the run directory
+    (runs/x/checkpoints/step_100 -> runs/x/tokenizer.json)."""
+    path = Path(path).resolve()
+    folder = path if path.is_dir() else path.parent
+    for candidate in [folder, *folder.parents][: levels + 1]:
+        if (candidate / TOKENIZER).is_file():
+            return candidate / TOKENIZER
+    return None

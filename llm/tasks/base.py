@@ -1,0 +1,162 @@
+"""What a task is: one objective, with everything that belongs to it.
+
+A task file defines one `Task` subclass and the model class it trains (the
+shared trunk plus the task's head and loss). The subclass holds, in one place:
+
+- `Options`: a dataclass of the task's recipe options (`task: {name: ..., ...}`);
+- `check(cfg)`: which model configs the task can train, as one clear error;
+- `model_class`: the model it builds (`build_model`);
+- `shard_stream(...)`: the reader and collator over prepared shards;
+- `synthetic_batch(...)`: a reproducible random batch (tests, benchmarks);
+- `eval_sums` / `eval_metrics`: validation metrics, summable across ranks;
+- `hf_architectures`, `hf_head_rules`, ...: its Hugging Face architectures.
+
+A `Task` instance is a task with its options; `llm.tasks.get_task(spec)` makes one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from llm.config import ConfigError, DataConfig, ModelConfig, build_config
+from llm.errors import UserError
+from llm.models.base import Model
+from llm.models.hf import Rule
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """A task without options."""
+
+
+class Task:
+    """Base of every task. Subclasses set the class attributes and override what differs."""
+
+    name: ClassVar[str]
+    model_class: ClassVar[type[Model]]
+    Options: ClassVar[type] = NoOptions
+    families: ClassVar[tuple[str, ...]] = ("gpt", "llama", "bert", "vit")
+    causal: ClassVar[bool | None] = None  # True/False: the trunk must (not) be causal; None: either
+    language_model: ClassVar[bool] = False  # validation reports perplexity
+    min_micro_batch: ClassVar[int] = 1
+    # Hugging Face architecture -> (family, options it implies); the first one of a family is exported
+    hf_architectures: ClassVar[dict[str, tuple[str, dict]]] = {}
+    nested: ClassVar[bool] = True  # Hugging Face head models keep the trunk under a prefix ("bert.", ...)
+
+    def __init__(self, options: Any = None, path: str = "task"):
+        self.options = build_config(self.Options, options or {}, path)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self.options)}
+
+    def __repr__(self) -> str:
+        return f"Task({self.to_dict()})"
+
+    # -- model --------------------------------------------------------------------------
+
+    def check(self, cfg: ModelConfig, path: str = "model") -> None:
+        """Raise a ConfigError if this task cannot train a model of `cfg`."""
+        if cfg.family not in self.families:
+            raise ConfigError(
+                f"{path}.family",
+                f"task {self.name!r} needs a {' or '.join(self.families)} model, got {cfg.family!r}",
+            )
+        if self.causal is not None and cfg.causal != self.causal:
+            raise ConfigError(f"{path}.causal", f"task {self.name!r} needs causal: {str(self.causal).lower()}")
+
+    def build_model(self, cfg: ModelConfig) -> Model:
+        """A freshly initialised model of `cfg` with this task's head."""
+        self.check(cfg)
+        return self.model_class(cfg, self.options)
+
+    # -- data ---------------------------------------------------------------------------
+
+    def batches(self, cfg: ModelConfig, data: DataConfig, split: str, seed: int, micro_batch: int, rank: int, world_size: int):
+        """This rank's micro-batches of `split` ("train" or "val"): an object with next_batch(),
+        state_dict() and load_state_dict(); None when the recipe has no such split."""
+        from llm.data import Batches, StatefulLoader, SyntheticBatches, SyntheticCorpus
+
+        if data.source == "synthetic":
+            sample_seed = seed + (0 if split == "train" else 1_000_003)
+            corpus = SyntheticCorpus(cfg.vocab_size, sample_seed, seed, cfg.image_size, cfg.num_channels)
+            make = lambda indices: self.synthetic_batch(corpus, indices, cfg, data.seq_len)
+            return SyntheticBatches(make, micro_batch, rank, world_size)
+        path = data.train if split == "train" else data.val
+        if path is None:
+            return None
+        if not Path(path).exists():
+            raise UserError(f"data.{split}: {path}: shard directory not found (run `llm data prepare`)")
+        stream, collate = self.shard_stream(cfg, data, Path(path), seed, rank, world_size)
+        return Batches(StatefulLoader(stream, micro_batch, collate, data.num_workers), wrap=split == "train")
+
+    def shard_stream(self, cfg: ModelConfig, data: DataConfig, path: Path, seed: int, rank: int, world_size: int):
+        """(stream, collate) reading this rank's samples of the shard directory `path`."""
+        raise UserError(f"task {self.name!r} has no shard data pipeline; use data.source: synthetic")
+
+    def synthetic_batch(self, corpus, indices: list[int], cfg: ModelConfig, seq_len: int) -> dict:
+        """The batch of global samples `indices` drawn from a `llm.data.SyntheticCorpus`."""
+        raise UserError(f"task {self.name!r} has no synthetic data")
+
+    def tokens(self, batch: dict[str, torch.Tensor], cfg: ModelConfig) -> int:
+        """Tokens (patches + [CLS] for images) the model processes for `batch`."""
+        if "input_ids" in batch:
+            return batch["input_ids"].numel()
+        return batch["pixel_values"].shape[0] * cfg.seq_len
+
+    @staticmethod
+    def tokenizer(data: DataConfig, why: str):
+        from llm.data import Tokenizer
+
+        if data.tokenizer is None:
+            raise ConfigError("data.tokenizer", f"needed: {why}")
+        return Tokenizer(data.tokenizer)
+
+    # -- metrics ------------------------------------------------------------------------
+
+    def eval_sums(self, batch: dict[str, torch.Tensor], output) -> dict[str, float]:
+        """Sums of one validation batch; summed over batches and ranks, then `eval_metrics`."""
+        return {"loss": float(output.loss.float().item()), "batches": 1.0}
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Validation metrics from the summed `eval_sums`: the mean loss (and perplexity for LMs)."""
+        loss = sums["loss"] / sums["batches"]
+        out = {"val_loss": loss}
+        if self.language_model:
+            out["val_ppl"] = math.exp(min(loss, 50.0))
+        return out
+
+    # -- Hugging Face -------------------------------------------------------------------
+
+    def hf_architecture(self, cfg: ModelConfig) -> str | None:
+        """The Hugging Face architecture this task's model of `cfg` exports as (None: none)."""
+        own = dataclasses.asdict(self.options)
+        for arch, (family, implied) in self.hf_architectures.items():
+            if family == cfg.family and all(own.get(k) == v for k, v in implied.items()):
+                return arch
+        return None
+
+    def hf_head_rules(self, cfg: ModelConfig) -> list[Rule]:
+        """The head's tensors and their Hugging Face names (outside the trunk prefix)."""
+        return []
+
+    def hf_ignored(self, cfg: ModelConfig) -> tuple[str, ...]:
+        """Hugging Face tensors that duplicate tied ones (read nowhere, never written)."""
+        return ()
+
+    def hf_options(self, config: dict) -> dict:
+        """Task options read from a Hugging Face config.json (e.g. the label names)."""
+        return {}
+
+    def hf_config(self, cfg: ModelConfig) -> dict:
+        """Entries the task adds to an exported config.json."""
+        return {}
+
+    @property
+    def mask_token(self) -> bool:
+        """Whether the trunk carries a learned mask token (masked image modeling)."""
+        return False

@@ -1,0 +1,103 @@
+"""The DeepSpeed side of a run: the recipe's DeepSpeed JSON, and the engine around a built model.
+
+The JSON is a packaged preset (llm/presets/deepspeed/, or a file) with the
+recipe's batch arithmetic, precision, clipping, ZeRO stage and optimizer on top,
+then `deepspeed.config` merged key by key. Every field is checked here, before
+any engine exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+
+from llm.config import ConfigError, RecipeConfig, find_preset
+from llm.train.schedule import lr_scheduler, optimizer_json, param_groups
+
+
+def check_batch(recipe: RecipeConfig, world_size: int, min_micro_batch: int = 1) -> int:
+    """global batch = micro-batch x grad_accum x data-parallel ranks; returns it.
+
+    Raises ConfigError when train.global_batch_size disagrees, or the micro-batch is below
+    what the task needs (`min_micro_batch`, e.g. 2 pairs for in-batch negatives)."""
+    t = recipe.train
+    product = t.micro_batch_size * t.grad_accum * world_size
+    if t.global_batch_size is not None and t.global_batch_size != product:
+        raise ConfigError(
+            "train.global_batch_size",
+            f"{t.global_batch_size} != micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} "
+            f"x {world_size} ranks = {product}",
+        )
+    if t.micro_batch_size < min_micro_batch:
+        raise ConfigError(
+            "train.micro_batch_size", f"this task needs >= {min_micro_batch} per micro-batch, got {t.micro_batch_size}"
+        )
+    return product
+
+
+def load_preset(name: str) -> dict:
+    """A DeepSpeed JSON preset by name (zero0-zero3, shipped in the package) or path."""
+    path = find_preset("deepspeed", name, "deepspeed.preset")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError("deepspeed.preset", f"{path}: not valid JSON ({e})") from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deepspeed_config(recipe: RecipeConfig, world_size: int, min_micro_batch: int = 1) -> dict:
+    """The preset, then the recipe's batch, precision, clipping, ZeRO and optimizer, then deepspeed.config."""
+    ds, t = recipe.deepspeed, recipe.train
+    cfg = load_preset(ds.preset)
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    if ds.zero_stage is not None:
+        zero["stage"] = ds.zero_stage
+    stage = zero.get("stage", 0)
+    if ds.offload_optimizer:
+        if stage < 1:
+            raise ConfigError("deepspeed.offload_optimizer", f"needs ZeRO stage >= 1, got stage {stage}")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        if stage != 3:
+            raise ConfigError("deepspeed.offload_params", f"needs ZeRO stage 3, got stage {stage}")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg.update(
+        train_micro_batch_size_per_gpu=t.micro_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        train_batch_size=check_batch(recipe, world_size, min_micro_batch),
+        gradient_clipping=t.grad_clip,
+        optimizer=optimizer_json(recipe.optim, offload=ds.offload_optimizer),
+    )
+    cfg["bf16"] = {"enabled": t.precision == "bf16"}
+    cfg["fp16"] = {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 100}
+    cfg = _merge(cfg, ds.config)
+    stage = cfg["zero_optimization"].get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError("deepspeed.config.zero_optimization.stage", f"must be 0-3, got {stage}")
+    return cfg
+
+
+def build_engine(model: torch.nn.Module, recipe: RecipeConfig, ds_config: dict):
+    """The DeepSpeed engine training `model` (compiled first when train.compile) with AdamW
+    over its trainable parameters and the recipe's lr schedule."""
+    import deepspeed
+
+    engine_model = torch.compile(model) if recipe.train.compile else model
+    engine, *_ = deepspeed.initialize(
+        model=engine_model,
+        model_parameters=param_groups(model, recipe.optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=lr_scheduler(recipe.schedule, recipe.train.max_steps),
+    )
+    return engine
