@@ -13,7 +13,7 @@ import torch
 from llm.cli import main
 from llm.config import resolve_recipe
 from llm.train.distributed import Heartbeat
-from tests.train.helpers import ROOT, TINY, command, descendants, env, losses, write_recipe
+from tests.train.helpers import ROOT, TINY, assembled_trainer, command, descendants, env, losses, write_recipe
 
 BAD = {
     "batch_arithmetic": (["train.global_batch_size=7"], "train.global_batch_size", "!= micro_batch_size 4"),
