@@ -22,7 +22,6 @@ import yaml
 
 from llm.errors import UserError
 
-
 IGNORE_INDEX = -100  # the label of positions that carry no loss (PyTorch and Hugging Face agree)
 
 
@@ -126,10 +125,6 @@ def build_config(cls, data: Any, path: str = ""):
     if validate is not None:
         validate(path)
     return obj
-
-
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
 
 
 def _check(ok: bool, path: str, message: str) -> None:

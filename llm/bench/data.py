@@ -43,7 +43,7 @@ def _endless(loader):
 
 
 def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, out_dir=None, rounds: int = 5) -> Path:
-    from llm.data import PackedTokens, collate_causal_lm, make_loader, prepare, train_tokenizer
+    from llm.data import PackedTokens, StatefulLoader, collate_causal_lm, prepare, train_tokenizer
     from llm.data.shards import load_manifest, shard_tokens
 
     torch.set_num_threads(1)
@@ -59,7 +59,7 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
         flat.astype(np.uint16).tofile(tmp / "tokens.bin")
         memmap = np.memmap(tmp / "tokens.bin", dtype=np.uint16, mode="r")
 
-        loader_batches = _endless(make_loader(PackedTokens(train, SEQ, seed=0), BATCH, collate_causal_lm))
+        loader_batches = _endless(StatefulLoader(PackedTokens(train, SEQ, seed=0), BATCH, collate_causal_lm))
         generator = torch.Generator().manual_seed(0)
         ours = lambda: next(loader_batches)  # noqa: E731
         plain = lambda: _memmap_get_batch(memmap, generator)  # noqa: E731

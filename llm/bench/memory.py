@@ -169,8 +169,14 @@ COLUMNS = ["model", "zero", "ranks", "precision", "weights_mib", "weights_analyt
            "bytes_per_param"]  # fmt: skip
 
 
-def run(model: str, stages: list[int], ranks_list: list[int], precision: str = "bf16", seq_len: int = 64,
-        out_dir: str | None = None) -> Path:
+def run(
+    model: str,
+    stages: list[int],
+    ranks_list: list[int],
+    precision: str = "bf16",
+    seq_len: int = 64,
+    out_dir: str | None = None,
+) -> Path:
     """Measure every (rank count, ZeRO stage) for the model preset `model`; print and write the table."""
     mib = 2**20
     rows = []

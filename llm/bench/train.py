@@ -16,6 +16,7 @@ from pathlib import Path
 from llm.bench.common import format_table, write_results
 from llm.bench.ranks import run_on_ranks
 
+
 def bench_recipe(model: str, stage: int, cfg: dict, run_dir: str) -> dict:
     """A recipe mapping: the named model config, synthetic data, no checkpoints, no logging files."""
     return {
@@ -93,8 +94,17 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(models: list[str], stages: list[int], ranks: int = 2, precision: str = "fp32", seq_len: int = 256,
-        micro_batch: int = 2, warmup: int = 2, steps: int = 5, out_dir: str | None = None) -> Path:
+def run(
+    models: list[str],
+    stages: list[int],
+    ranks: int = 2,
+    precision: str = "fp32",
+    seq_len: int = 256,
+    micro_batch: int = 2,
+    warmup: int = 2,
+    steps: int = 5,
+    out_dir: str | None = None,
+) -> Path:
     """Measure every (model preset, ZeRO stage) on `ranks` local processes; print and write the table."""
     import torch
 

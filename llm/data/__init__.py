@@ -21,10 +21,9 @@ from llm.data.stream import (
     SpanPairs,
     StatefulLoader,
     Stream,
-    make_loader,
 )
 from llm.data.synthetic import SyntheticBatches, SyntheticCorpus
-from llm.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from llm.data.tokenizer import Tokenizer, train_tokenizer
 
 __all__ = [
     "Batches",
@@ -50,8 +49,6 @@ __all__ = [
     "collate_causal_lm",
     "inspect",
     "load_manifest",
-    "load_tokenizer",
-    "make_loader",
     "prepare",
     "stdlib_files",
     "train_tokenizer",

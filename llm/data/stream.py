@@ -144,6 +144,10 @@ class Stream(torch.utils.data.IterableDataset):
                 )
         self.position = state["epoch"] * self.num_samples + state["consumed"]
 
+    def rewind(self) -> None:
+        """Back to the first sample of epoch 0."""
+        self.position = 0
+
 
 class PackedTokens(Stream):
     """Windows of seq_len + 1 tokens cut end to end from the concatenated documents of a shard
@@ -474,8 +478,7 @@ class Batches:
         self.loader.load_state_dict(state)
         self._iter = None
 
-
-def make_loader(
-    dataset: Stream, batch_size: int, collate_fn: Callable | None = None, num_workers: int = 0, pin_memory=False
-) -> StatefulLoader:
-    return StatefulLoader(dataset, batch_size, collate_fn, num_workers, pin_memory)
+    def rewind(self) -> None:
+        """Back to the first sample of the first epoch (validation reads the same samples each time)."""
+        self.loader.dataset.rewind()
+        self._iter = None

@@ -69,6 +69,9 @@ class SyntheticBatches:
     def load_state_dict(self, state: dict) -> None:
         self.consumed = int(state["consumed"])
 
+    def rewind(self) -> None:
+        self.consumed = 0
+
     def next_batch(self) -> dict[str, torch.Tensor]:
         start = self.consumed
         self.consumed += self.micro * self.world_size

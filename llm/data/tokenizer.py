@@ -74,10 +74,6 @@ class Tokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer(path)
-
-
 BPE_SPECIALS = ["<|endoftext|>"]
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

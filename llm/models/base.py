@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llm.config import ModelConfig
@@ -53,9 +52,7 @@ class Model(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Parameters counted once each (tied weights once); ZeRO-3 partitions count whole."""
         return sum(
-            int(getattr(p, "ds_numel", p.numel()))
-            for p in self.parameters()
-            if p.requires_grad or not trainable_only
+            int(getattr(p, "ds_numel", p.numel())) for p in self.parameters() if p.requires_grad or not trainable_only
         )
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
@@ -85,8 +82,6 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) ->
     # last: the rightmost real token, whether padding sits left or right
     last = hidden.shape[1] - 1 - attention_mask.flip(1).to(torch.int64).argmax(1)
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
 
 
 def tied_aliases(model: nn.Module) -> set[str]:

@@ -16,7 +16,6 @@ from llm import kernels
 from llm.config import ModelConfig
 
 
-
 def dropout(p: float) -> nn.Module:
     """Dropout, or nothing at p = 0 (training-mode dropout at 0 still copies and masks)."""
     return nn.Dropout(p) if p > 0 else nn.Identity()

@@ -9,8 +9,9 @@ from llm.models.info import format_model_info
 from llm.tasks import build_model
 
 
-def model_info(config: str, overrides: list[str] | None = None, task: str | None = None, ranks: int = 8,
-               seq_len: int | None = None) -> str:
+def model_info(
+    config: str, overrides: list[str] | None = None, task: str | None = None, ranks: int = 8, seq_len: int | None = None
+) -> str:
     """The report for a model YAML or preset name; `task` picks the head (default: causal_lm for
     text, image_classification for ViT)."""
     cfg = load_model_config(config, overrides)

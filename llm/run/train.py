@@ -10,6 +10,7 @@ sample when the recipe asks for one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 import yaml
 
 from llm import adapt, kernels
-from llm.config import ConfigError, RecipeConfig, config_to_dict
+from llm.config import ConfigError, RecipeConfig
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.log import logger, setup_logging
@@ -50,7 +51,9 @@ def check_recipe(recipe: RecipeConfig) -> Task:
     for i, spec in enumerate(recipe.transforms):
         name = spec.get("name") if isinstance(spec, dict) else None
         if name not in adapt.TRANSFORMS:
-            raise ConfigError(f"transforms[{i}].name", f"unknown transform {name!r} (known: {', '.join(adapt.TRANSFORMS)})")
+            raise ConfigError(
+                f"transforms[{i}].name", f"unknown transform {name!r} (known: {', '.join(adapt.TRANSFORMS)})"
+            )
     try:
         kernels.check_names(recipe.kernels)
     except ValueError as e:
@@ -99,7 +102,9 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
     ds_json = deepspeed_config(recipe, dist.world_size, task.min_micro_batch)
     seed_everything(recipe.seed)
     prepare_if_missing(recipe, dist.rank)
-    per_rank = dict(seed=recipe.seed, micro_batch=recipe.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size)
+    per_rank = dict(
+        seed=recipe.seed, micro_batch=recipe.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size
+    )
     train_batches = task.batches(recipe.model, recipe.data, "train", **per_rank)
     val_batches = task.batches(recipe.model, recipe.data, "val", **per_rank)
     model = build_model(recipe, task).to(dist.device)
@@ -109,7 +114,7 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(config_to_dict(recipe), sort_keys=False))
+        write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
     validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
     peak, _ = device_peak_flops(dist.device, recipe.train.precision)
     trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation], flops_per_token, peak)
@@ -166,7 +171,10 @@ def train(recipe: RecipeConfig, resume: str = "auto") -> dict:
                 summary["export"] = str(export(final, recipe))
                 if recipe.logging.sample_prompt is not None and parts.task.name == "causal_lm":
                     summary["sample"] = sample(final, recipe)
-                    print(f"--- sample (prompt {recipe.logging.sample_prompt!r}) ---\n{summary['sample']}\n---", flush=True)
+                    print(
+                        f"--- sample (prompt {recipe.logging.sample_prompt!r}) ---\n{summary['sample']}\n---",
+                        flush=True,
+                    )
     summary["total_s"] = time.perf_counter() - started
     if dist.rank == 0:
         _report(summary, recipe)
@@ -189,5 +197,8 @@ def _report(summary: dict, recipe: RecipeConfig) -> None:
 def finetune(recipe: RecipeConfig, resume: str = "auto") -> dict:
     """`train` from pretrained weights: the recipe must name `init_from`."""
     if not recipe.init_from:
-        raise UserError("init_from: fine-tuning starts from a model (an llm model, run or checkpoint directory, or a Hugging Face directory)")
+        raise UserError(
+            "init_from: fine-tuning starts from a model (an llm model, run or checkpoint directory, "
+            "or a Hugging Face directory)"
+        )
     return train(recipe, resume)

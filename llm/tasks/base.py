@@ -76,7 +76,9 @@ class Task:
 
     # -- data ---------------------------------------------------------------------------
 
-    def batches(self, cfg: ModelConfig, data: DataConfig, split: str, seed: int, micro_batch: int, rank: int, world_size: int):
+    def batches(
+        self, cfg: ModelConfig, data: DataConfig, split: str, seed: int, micro_batch: int, rank: int, world_size: int
+    ):
         """This rank's micro-batches of `split` ("train" or "val"): an object with next_batch(),
         state_dict() and load_state_dict(); None when the recipe has no such split."""
         from llm.data import Batches, StatefulLoader, SyntheticBatches, SyntheticCorpus

@@ -53,4 +53,3 @@ class ClassificationTask(Task):
     def hf_config(self, cfg):
         names = self.label_names()
         return {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
-

@@ -15,7 +15,6 @@ warning; the last `keep_last` complete ones are kept.
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import warnings

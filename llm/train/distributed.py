@@ -4,10 +4,10 @@ the process group, and watch the other ranks so a dead one ends the job instead 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
-import contextlib
 import threading
 import time
 from dataclasses import dataclass

@@ -10,6 +10,7 @@ validation metrics, averaged over ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import time
@@ -97,7 +98,7 @@ class Trainer:
     # -- resume -------------------------------------------------------------------------
 
     def resume(self, resume: str) -> None:
-        """"none", "auto" (the newest complete checkpoint of the run, if any) or a checkpoint path."""
+        """ "none", "auto" (the newest complete checkpoint of the run, if any) or a checkpoint path."""
         if resume == "none":
             return
         if resume == "auto":
@@ -153,7 +154,9 @@ class Trainer:
             if t.non_finite == "abort":
                 raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {where}; train.non_finite is 'abort'")
             if consecutive > t.max_skips:
-                raise NonFiniteLoss(f"{consecutive} non-finite losses in a row at {where} (train.max_skips={t.max_skips})")
+                raise NonFiniteLoss(
+                    f"{consecutive} non-finite losses in a row at {where} (train.max_skips={t.max_skips})"
+                )
             logger.warning(f"non-finite loss at {where}, micro-batch skipped ({self.skipped} so far)")
 
     def train_step(self) -> dict:
@@ -198,7 +201,7 @@ class Trainer:
         if batches is None:
             return None
         self.engine.eval()
-        batches.load_state_dict({"epoch": 0, "consumed": 0})
+        batches.rewind()
         sums: dict[str, float] = {}
         for _ in range(max_batches):
             batch = batches.next_batch()
@@ -221,7 +224,7 @@ class Trainer:
             self.ckpt_dir,
             self.step,
             state,
-            {"recipe": _recipe_dict(self.recipe), "model": self.model.description()},
+            {"recipe": dataclasses.asdict(self.recipe), "model": self.model.description()},
             self.rank,
             self.recipe.checkpoint.keep_last,
         )
@@ -305,9 +308,3 @@ class Trainer:
     def _log_line(m: dict) -> str:
         mfu = f", mfu {m['mfu'] * 100:.2f}%" if m.get("mfu") is not None else ""
         return f"step {m['step']}: loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['tokens_per_s']:.0f} tok/s{mfu}"
-
-
-def _recipe_dict(recipe: RecipeConfig) -> dict:
-    from llm.config import config_to_dict
-
-    return config_to_dict(recipe)

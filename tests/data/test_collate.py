@@ -10,9 +10,9 @@ from llm.data import (
     PackedTokens,
     SentencePairs,
     SpanPairs,
+    StatefulLoader,
     Tokenizer,
     collate_causal_lm,
-    make_loader,
 )
 from llm.data.collate import IGNORE_INDEX
 from tests.conftest import build
@@ -65,7 +65,7 @@ def test_bert_pretraining_batch_fits_masked_lm_and_resumes(wordpiece, wordpiece_
     collate = MLMCollator(tok)
 
     def loader():
-        return make_loader(SentencePairs(wordpiece_shards, max_tokens=32, seed=1), 4, collate)
+        return StatefulLoader(SentencePairs(wordpiece_shards, max_tokens=32, seed=1), 4, collate)
 
     ref = [b for _, b in zip(range(3), loader())]
     b = ref[0]

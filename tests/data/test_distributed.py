@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llm.data import PackedTokens, collate_causal_lm, make_loader
+from llm.data import PackedTokens, StatefulLoader, collate_causal_lm
 
 SEQ = 16
 
@@ -22,7 +22,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, path: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        loader = make_loader(PackedTokens(path, SEQ, seed=9, rank=rank, world_size=world), 8, collate_causal_lm)
+        loader = StatefulLoader(PackedTokens(path, SEQ, seed=9, rank=rank, world_size=world), 8, collate_causal_lm)
         ids = [int(i) for b in loader for i in b["input_ids"][:, 0] // SEQ]
         gathered = [None] * world
         dist.all_gather_object(gathered, {"ids": ids, "state": loader.state_dict()})

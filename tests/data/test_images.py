@@ -11,8 +11,8 @@ from llm.data import (
     ContrastiveImageCollator,
     ImageStream,
     MaskedImageCollator,
+    StatefulLoader,
     collate_images,
-    make_loader,
     prepare_images,
     verify,
 )
@@ -52,13 +52,15 @@ def test_stream_partitions_and_resumes(digits, tmp_path):
     prepare_images(root / "digits.npz", tmp_path / "d", size=16, channels=3, shard_images=100)
     seen = []
     for rank in range(2):
-        loader = make_loader(ImageStream(tmp_path / "d" / "train", seed=4, rank=rank, world_size=2), 10, collate_images)
+        loader = StatefulLoader(
+            ImageStream(tmp_path / "d" / "train", seed=4, rank=rank, world_size=2), 10, collate_images
+        )
         seen += [tuple(p.flatten()[:40].tolist()) for b in loader for p in b["pixel_values"]]
     assert len(seen) == 300
-    full = [b for b in make_loader(ImageStream(tmp_path / "d" / "train", seed=4), 10, collate_images)]
-    loader = make_loader(ImageStream(tmp_path / "d" / "train", seed=4), 10, collate_images, num_workers=2)
+    full = [b for b in StatefulLoader(ImageStream(tmp_path / "d" / "train", seed=4), 10, collate_images)]
+    loader = StatefulLoader(ImageStream(tmp_path / "d" / "train", seed=4), 10, collate_images, num_workers=2)
     head = [b for _, b in zip(range(4), loader)]
-    again = make_loader(ImageStream(tmp_path / "d" / "train", seed=4), 10, collate_images)
+    again = StatefulLoader(ImageStream(tmp_path / "d" / "train", seed=4), 10, collate_images)
     again.load_state_dict(loader.state_dict())
     for want, got in zip(full, head + list(again), strict=True):
         assert torch.equal(want["pixel_values"], got["pixel_values"]) and torch.equal(want["labels"], got["labels"])

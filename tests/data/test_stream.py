@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm.data import Blend, PackedTokens, collate_causal_lm, make_loader
+from llm.data import Blend, PackedTokens, StatefulLoader, collate_causal_lm
 from llm.errors import UserError
 
 SEQ = 16
@@ -54,9 +54,9 @@ def test_order_depends_only_on_seed_and_epoch(counting_shards):
 RESUME = textwrap.dedent(
     """
     import json, sys
-    from llm.data import PackedTokens, collate_causal_lm, make_loader
+    from llm.data import PackedTokens, collate_causal_lm, StatefulLoader
     path, state, workers, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    loader = make_loader(PackedTokens(path, 16, seed=7, rank=1, world_size=2), 5, collate_causal_lm, workers)
+    loader = StatefulLoader(PackedTokens(path, 16, seed=7, rank=1, world_size=2), 5, collate_causal_lm, workers)
     loader.load_state_dict(state)
     out = []
     for batch in loader:
@@ -73,8 +73,8 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(counting_shards, w
     def rank1():
         return PackedTokens(counting_shards, SEQ, seed=7, rank=1, world_size=2)
 
-    full = take(make_loader(rank1(), 5, collate_causal_lm), 14)
-    loader = make_loader(rank1(), 5, collate_causal_lm, workers)
+    full = take(StatefulLoader(rank1(), 5, collate_causal_lm), 14)
+    loader = StatefulLoader(rank1(), 5, collate_causal_lm, workers)
     first = take(loader, 6)  # with workers, batches 7.. are already prefetched and must not count
     state = loader.state_dict()
     assert state["consumed"] == 6 * 5 * 2 and state["epoch"] == 0
@@ -94,7 +94,7 @@ def test_ranks_partition_the_epoch(counting_shards, world_size, workers):
     per_rank = []
     for rank in range(world_size):
         ds = PackedTokens(counting_shards, SEQ, seed=1, rank=rank, world_size=world_size)
-        ids = [i for b in take(make_loader(ds, 8, collate_causal_lm, workers), 10**6) for i in b]
+        ids = [i for b in take(StatefulLoader(ds, 8, collate_causal_lm, workers), 10**6) for i in b]
         assert len(ids) == len(ds) == n // world_size
         per_rank.append(ids)
     union = [i for ids in per_rank for i in ids]
@@ -112,7 +112,7 @@ def test_resume_from_four_ranks_onto_two_continues_the_global_order(counting_sha
     single = PackedTokens(counting_shards, SEQ, seed=5)
     global_order = [single.index_at(p) for p in range(single.num_samples)]
     four = [
-        make_loader(PackedTokens(counting_shards, SEQ, seed=5, rank=r, world_size=4), 3, collate_causal_lm)
+        StatefulLoader(PackedTokens(counting_shards, SEQ, seed=5, rank=r, world_size=4), 3, collate_causal_lm)
         for r in range(4)
     ]
     iters = [iter(loader) for loader in four]
@@ -126,7 +126,7 @@ def test_resume_from_four_ranks_onto_two_continues_the_global_order(counting_sha
     assert [seen[p % 4][p // 4] for p in range(60)] == global_order[:60]
     two = []
     for r in range(2):
-        loader = make_loader(PackedTokens(counting_shards, SEQ, seed=5, rank=r, world_size=2), 3, collate_causal_lm)
+        loader = StatefulLoader(PackedTokens(counting_shards, SEQ, seed=5, rank=r, world_size=2), 3, collate_causal_lm)
         loader.load_state_dict(state)
         two.append([i for b in take(loader, 4) for i in b])
     assert [two[p % 2][p // 2] for p in range(24)] == global_order[60:84]

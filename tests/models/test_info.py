@@ -1,6 +1,5 @@
 """Parameter counts and FLOPs against independent counts."""
 
-
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -8,7 +7,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from llm.config import ModelConfig, load_model_config
 from llm.models.info import training_flops_per_token, zero_memory_per_rank
 from llm.tasks import build_model
-
 
 
 def test_gpt2_124m_counts_like_hugging_face():

@@ -6,8 +6,8 @@ import pytest
 
 from llm.config import ScheduleConfig, resolve_recipe
 from llm.tasks import build_model
-from llm.train.schedule import lr_factor, param_groups
 from llm.train.engine import deepspeed_config
+from llm.train.schedule import lr_factor, param_groups
 from tests.train.helpers import TINY, assembled_trainer
 
 
