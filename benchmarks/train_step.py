@@ -17,7 +17,7 @@ import torch
 
 from llm.bench.common import format_table, median, write_results
 from llm.config import ModelConfig
-from llm.models import build_model
+from llm.tasks import build_model
 
 
 def parse_args():
