@@ -72,7 +72,7 @@ def _stdlib_functions(limit_files: int | None):
                 yield source, node
 
 
-def stdlib_instructions(limit_files: int | None = None, max_prompt: int = 300, max_response: int = 600) -> list[dict]:
+def stdlib_instructions(limit_files: int | None = None, max_prompt: int = 160, max_response: int = 400) -> list[dict]:
     """[{"prompt": signature + docstring, "response": body}, ...] of documented stdlib functions
     whose prompt and body (without the docstring) are at most `max_prompt` / `max_response` characters."""
     out = []
