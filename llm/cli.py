@@ -405,7 +405,7 @@ torchrun --nproc_per_node 2 -m llm pretrain configs/recipes/gpt.yaml
         """
 llm pretrain configs/recipes/quickstart.yaml                  # a small GPT in runs/quickstart/export
 llm data examples stdlib-instructions --out data/instructions  # prompt/response pairs from the stdlib
-llm finetune configs/recipes/instruct.yaml --set train.max_steps=50
+llm finetune configs/finetune/instruct.yaml --set train.max_steps=50
 """,
         description=(
             "Fine-tune the model at init_from (an llm model, run or checkpoint directory, or a Hugging Face "

@@ -267,3 +267,44 @@ def test_cli_prints_one_line_for_a_bad_recipe(world):
         f"llm: error: model.n_layers: 3 contradicts init_from {world['root'] / 'llm-bert'}, whose model has "
         "n_layers: 2 (a fine-tuning recipe takes the model from init_from; leave model: out)"
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped fine-tuning recipes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_sentiment_recipe_trains_from_a_bert_directory(world, tmp_path):
+    """configs/finetune/sentiment.yaml with a tiny BERT in place of MiniLM and the toy sentences."""
+    from llm.run.train import load_finetune_recipe
+    from tests.train.helpers import assembled_trainer
+
+    sets = [f"init_from={world['root'] / 'llm-bert'}", f"data.train={world['train']}", f"data.val={world['val']}"]
+    sets += [f"run_dir={tmp_path / 'run'}", "data.seq_len=16", "train.max_steps=3", "train.eval_every=0"]
+    sets += ["train.eval_batches=1", "checkpoint.save_final=false", "logging.progress=false"]
+    recipe = load_finetune_recipe(ROOT / "configs" / "finetune" / "sentiment.yaml", sets)
+    trainer = assembled_trainer(recipe)
+    assert trainer.task.options.labels == ["neg", "pos"] and trainer.task.options.pooling == "mean"
+    assert trainer.fit()["steps"] == 3
+
+
+def test_the_instruction_recipe_trains_from_a_gpt_directory(tmp_path):
+    """configs/finetune/instruct.yaml with a tiny GPT in place of the quickstart model."""
+    from llm.data.tokenizer import train_tokenizer
+    from llm.run.loader import save_pretrained
+    from llm.run.train import load_finetune_recipe
+    from llm.tasks import build_model
+    from tests.train.helpers import assembled_trainer
+
+    pairs = [{"prompt": f"def f{i}(x):\n    'Add {i}.'", "response": f"    return x + {i}"} for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "corpus.txt").write_text("\n".join(p["prompt"] + "\n" + p["response"] for p in pairs))
+    tok = train_tokenizer([str(tmp_path / "corpus.txt")], tmp_path / "tok", kind="bpe", vocab_size=300)
+    gpt = dict(family="gpt", vocab_size=300, max_seq_len=128, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+    save_pretrained(build_model(gpt, "causal_lm"), tmp_path / "gpt", tok)
+    sets = [f"init_from={tmp_path / 'gpt'}", f"data.train={tmp_path / 'pairs.jsonl'}", "data.val=null"]
+    sets += [f"run_dir={tmp_path / 'run'}", "train.max_steps=3", "checkpoint.save_final=false"]
+    recipe = load_finetune_recipe(ROOT / "configs" / "finetune" / "instruct.yaml", sets)
+    trainer = assembled_trainer(recipe)
+    assert trainer.task.name == "instruction" and recipe.data.tokenizer == str(tmp_path / "gpt" / "tokenizer.json")
+    assert trainer.fit()["steps"] == 3
