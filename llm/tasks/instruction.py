@@ -82,7 +82,7 @@ class InstructionTask(CausalLMTask):
         if eos is None:
             raise UserError(f"{tok.path}: instruction tuning ends each response with EOS; the tokenizer has none")
         max_len = min(data.seq_len, cfg.max_seq_len)
-        samples = []
+        samples, cut = [], 0
         for i, (prompt, response) in enumerate(zip(prompts, responses), 1):
             encoded = encode_example(tok, self.options, prompt, response, eos, max_len)
             if encoded is None:
@@ -91,7 +91,12 @@ class InstructionTask(CausalLMTask):
                     "leaving none for the response"
                 )
             ids, labels = encoded
+            cut += len(ids) == max_len and labels[-1] != eos
             if max(ids) >= cfg.vocab_size:
                 raise UserError(f"{path}: row {i}: token id {max(ids)} is beyond the model's vocabulary")
             samples.append({"input_ids": as_tensor(ids), "labels": as_tensor(labels)})
+        if cut:
+            from llm.log import logger
+
+            logger.info(f"{path}: {cut} of {len(samples)} responses cut to fit data.seq_len={max_len}")
         return Examples(samples, seed, rank, world_size, name=str(path)), PadCollator(pad_id(tok, cfg))

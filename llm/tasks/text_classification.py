@@ -102,9 +102,15 @@ def encode_texts(tok, texts: list[str], max_tokens: int, vocab_size: int, path) 
     tokenizer = tok.tokenizer
     tokenizer.enable_truncation(max_length=max_tokens)
     try:
-        ids = [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
     finally:
         tokenizer.no_truncation()
+    ids = [e.ids for e in encodings]
+    cut = sum(1 for e in encodings if e.overflowing)
+    if cut:
+        from llm.log import logger
+
+        logger.info(f"{path}: {cut} of {len(texts)} texts cut to {max_tokens} tokens (data.seq_len)")
     for i, row in enumerate(ids, 1):
         if not row:
             raise UserError(f"{path}: row {i}: the text encodes to no tokens")

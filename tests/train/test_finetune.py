@@ -180,6 +180,7 @@ def test_finetune_from_a_hugging_face_directory_with_a_frozen_body(world):
     r["train"]["max_steps"] = 10
     proc = finetune(world, "from-hf", r)
     assert "init_from" in proc.stderr and "(encoder)" in proc.stderr
+    assert "parameters: 66 trainable of " in proc.stderr  # the new head only: 32 x 2 weights + 2 biases
     tuned, base = load_model(world["root"] / "from-hf" / "export"), from_hf(world["root"] / "hf-bert")
     assert tuned.transforms == [{"name": "freeze", "layers": ["trunk"]}]
     body = {k: v for k, v in base.state_dict().items()}
