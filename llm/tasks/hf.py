@@ -46,7 +46,7 @@ def _rules(cfg: ModelConfig, task: Task) -> list[hf.Rule]:
 def from_hf(path: str | Path, task: str | dict | None = None) -> Model:
     """The model in a Hugging Face directory (config.json + safetensors or pytorch_model.bin).
 
-    `task` builds another head on the same trunk (e.g. "sequence_classification"
+    `task` builds another head on the same trunk (e.g. "text_classification"
     from a BertModel): the trunk must be complete, missing head weights are freshly
     initialised and unused ones dropped. Without it every tensor must match.
     Raises UserError naming the file for an unsupported architecture or field,
