@@ -123,6 +123,7 @@ set -e
 hostname "$1"
 mount --bind "$2" /etc/hosts
 mount --bind "$3" /etc/ssh/ssh_config
+mount --bind "$4" /etc/resolv.conf
 echo ready
 exec sleep infinity
 """
@@ -183,6 +184,8 @@ class TwoNodeCluster:
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
         hosts = "127.0.0.1 localhost\n" + "".join(f"{self.addrs[n]} {self.hosts[n]}\n" for n in (1, 2))
         (self.root / "hosts").write_text(hosts)
+        # no name server: names resolve from the hosts file above, and no query leaves the nodes
+        (self.root / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
 
     def _keys(self) -> None:
         ssh = self.root / "ssh"
@@ -206,7 +209,7 @@ class TwoNodeCluster:
         init = subprocess.Popen(
             [_tool("nsenter"), f"--net=/run/netns/{self.netns(node)}", "unshare", "--uts", "--mount", "--propagation", "private",
              "sh", "-c", NODE_INIT, "node-init", self.hosts[node], str(self.root / "hosts"),
-             str(self.root / "ssh" / "ssh_config")],
+             str(self.root / "ssh" / "ssh_config"), str(self.root / "resolv.conf")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )  # fmt: skip
         line = init.stdout.readline().strip()

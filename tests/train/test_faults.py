@@ -92,6 +92,8 @@ def test_heartbeat_names_a_silent_rank(tmp_path):
     (beat.dir / "rank_1").write_text(f"{now}\n")
     (beat.dir / "rank_2").write_text(f"{now - 50}\n")
     assert beat.dead_rank(now) == (2, pytest.approx(50))
+    (beat.dir / "rank_2").write_text(f"{now - 50} node-7\n")  # a beat names its host
+    assert beat.dead_rank(now) == (2, pytest.approx(50)) and beat.host_of(2) == "node-7"
     (beat.dir / "rank_2").write_text("done\n")
     assert beat.dead_rank(now) is None
 
