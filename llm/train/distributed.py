@@ -157,6 +157,25 @@ class Heartbeat:
         except (OSError, IndexError):
             return "unknown host"
 
+    def name_lost_peer(self) -> tuple[int, str] | None:
+        """After a collective failed: wait up to timeout_s (plus a beat) for a peer to fall silent and log
+        which rank on which host it was, so a job ended by a peer's connection dropping still names the
+        node that died. Returns (rank, host), or None when every peer keeps beating (not a lost peer)."""
+        if self.world_size == 1:
+            return None
+        deadline = time.time() + self.timeout_s + 2 * self.interval
+        while time.time() < deadline:
+            dead = self.dead_rank()
+            if dead is not None:
+                r, silent = dead
+                logger.error(
+                    f"rank {r} on {self.host_of(r)} stopped responding ({silent:.0f} s without a heartbeat); "
+                    f"rank {self.rank} on {socket.gethostname()} ends the job"
+                )
+                return r, self.host_of(r)
+            time.sleep(self.interval)
+        return None
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +20,7 @@ import yaml
 
 from tests.launch.conftest import REPO, launch_env, ranks_that_ran, read_losses
 from tests.launch.testcluster import IFNAME, TwoNodeCluster, cannot_create_namespaces, missing_tools
-from tests.train.helpers import PYTHON, TINY, losses, run, write_recipe
+from tests.train.helpers import PYTHON, TINY, losses, run
 
 pytestmark = pytest.mark.distributed
 
@@ -134,7 +133,9 @@ def start_deepspeed(cluster, recipe, log_dir: Path, *args: str) -> tuple[list[su
     hostfile.write_text("".join(f"{cluster.hosts[n]} slots=1\n" for n in (1, 2)))
     env = node_env(cluster, HOSTFILE=str(hostfile), MASTER_ADDR=cluster.hosts[1], MASTER_PORT="29401")
     log = log_dir / "deepspeed.log"
-    return [cluster.popen(1, [str(REPO / "launch" / "deepspeed.sh"), str(recipe), *args], log, cwd=REPO, env=env)], [log]
+    return [cluster.popen(1, [str(REPO / "launch" / "deepspeed.sh"), str(recipe), *args], log, cwd=REPO, env=env)], [
+        log
+    ]
 
 
 def start_mpirun(cluster, recipe, log_dir: Path, *args: str) -> tuple[list[subprocess.Popen], list[Path]]:
@@ -167,10 +168,176 @@ SLURM_ALLOCATION = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--
 def test_sbatch_two_nodes_to_completion(cluster, reference, tmp_path, stage):
     recipe, run_dir = recipe_for(tmp_path, deepspeed__zero_stage=stage)
     log = tmp_path / "job.out"
-    job = cluster.sbatch(*SLURM_ALLOCATION, f"--output={log}", str(SBATCH), str(recipe), cwd=tmp_path,
-                         env=node_env(cluster))  # fmt: skip
+    job = cluster.sbatch(
+        *SLURM_ALLOCATION, f"--output={log}", str(SBATCH), str(recipe), cwd=tmp_path, env=node_env(cluster)
+    )
     state = cluster.wait_job(job, timeout=300)
     output = log.read_text()
     assert state == "COMPLETED", f"job {job} ended {state}\n{output[-4000:]}\n{cluster.logs()}"
     assert f"2 node(s), 2 ranks, master {cluster.hosts[1]}" in output
     assert_matches(run_dir, reference())
+
+
+def logged_step(run_dir: Path, at_least: int = 1) -> bool:
+    """Whether metrics.jsonl holds a complete line with step >= at_least (rank 0 is writing it as we look)."""
+    path = run_dir / "metrics.jsonl"
+    lines = (path.read_text() if path.exists() else "").split("\n")[:-1]
+    return any('"loss"' in line and int(re.search(r'"step": (\d+)', line).group(1)) >= at_least for line in lines)
+
+
+def test_sbatch_two_nodes_preempted_requeues_and_resumes(cluster, reference, tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@120 sends): both ranks checkpoint, the job requeues and
+    resumes on both nodes from that checkpoint; the losses are those of an uninterrupted run."""
+    max_steps = 40
+    recipe, run_dir = recipe_for(tmp_path, train__max_steps=max_steps, deepspeed__zero_stage=2)
+    log = tmp_path / "job.out"
+    job = cluster.sbatch(
+        *SLURM_ALLOCATION, f"--output={log}", str(SBATCH), str(recipe), cwd=tmp_path, env=node_env(cluster)
+    )
+    deadline = time.monotonic() + 240
+    while not logged_step(run_dir):
+        assert time.monotonic() < deadline, f"no training step logged\n{log.read_text()[-3000:]}"
+        assert cluster.job_field(job, "JobState") in ("PENDING", "RUNNING", "CONFIGURING"), log.read_text()[-3000:]
+        time.sleep(0.3)
+    cluster.run(1, ["scancel", "--batch", "--signal=USR1", str(job)])
+    while cluster.job_field(job, "Restarts") in ("0", "UNKNOWN"):
+        assert time.monotonic() < deadline, f"job not requeued\n{log.read_text()[-3000:]}"
+        time.sleep(0.3)
+    # a requeued job is held until its begin time (about 2 min); release it as an operator would
+    cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+    state = cluster.wait_job(job, timeout=300)
+    output = log.read_text()
+    assert state == "COMPLETED", f"job {job} ended {state}\n{output[-4000:]}\n{cluster.logs()}"
+    assert "restart 0: 2 node(s)" in output and "restart 1: 2 node(s)" in output, output[-4000:]
+    stopped_at = int(output.split("USR1 received: checkpoint at step")[1].split(",")[0])
+    assert 1 <= stopped_at < max_steps
+    assert_matches(run_dir, reference(train__max_steps=max_steps, deepspeed__zero_stage=2))
+
+
+# -- a node dies: every process on node 2 SIGKILLed mid-run -----------------------------------------
+
+KILL_RUN = dict(
+    train__max_steps=60,
+    schedule__decay="constant",
+    checkpoint__every_steps=SAVE_EVERY,
+    checkpoint__save_final=False,
+    faults__heartbeat_timeout_s=KILL_TIMEOUT_S,
+    deepspeed__zero_stage=0,  # resuming a 2-rank ZeRO-2/3 checkpoint on 1 rank is elastic resume (issue 12)
+)
+
+
+def rank_hosts(run_dir: Path) -> dict[int, str]:
+    beats = {int(p.name.split("_")[1]): p.read_text().split() for p in (run_dir / "heartbeat").glob("rank_?")}
+    return {r: words[-1] for r, words in beats.items() if words}
+
+
+def resume_on_node_one(cluster):
+    def resume(recipe: Path) -> None:
+        cmd = [PYTHON, "-m", "llm", "pretrain", str(recipe), "--set", "train.micro_batch_size=4", "--resume", "auto"]
+        out = cluster.run(1, cmd, cwd=REPO, env=node_env(cluster), timeout=300, check=False)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    return resume
+
+
+def kill_node_and_resume(cluster, reference, tmp_path, start_job, job_ended, job_output, resume_alone) -> None:
+    recipe, run_dir = recipe_for(tmp_path, **KILL_RUN)
+    start_job(recipe)
+    deadline = time.monotonic() + 240
+    while not logged_step(run_dir, SAVE_EVERY + 2):
+        assert time.monotonic() < deadline and not job_ended(), f"training did not start\n{job_output()[-3000:]}"
+        time.sleep(0.3)
+    victim = next(r for r, h in rank_hosts(run_dir).items() if h == cluster.hosts[2])
+    cluster.kill_node(2)
+    killed = time.monotonic()
+    while not job_ended():
+        assert time.monotonic() - killed < 60, f"job still running 60 s after node 2 died\n{job_output()[-3000:]}"
+        time.sleep(0.3)
+    ended_after = time.monotonic() - killed
+    output = job_output()
+    assert f"rank {victim} on {cluster.hosts[2]} stopped responding" in output, output[-4000:]
+    print(f"node-kill: job ended {ended_after:.1f} s after node 2 died")
+
+    # the remaining node resumes alone, with the same global batch (1 rank x micro batch 4)
+    saved = sorted(int(p.name.split("_")[-1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved, list(run_dir.iterdir())
+    before = read_losses(run_dir)
+    resume_alone(recipe)
+    ref = reference(**KILL_RUN)
+    got = read_losses(run_dir)  # steps after the last checkpoint are logged again by the resumed run
+    assert sorted(got) == sorted(ref) and max(before) > saved[-1]
+    for step in ref:
+        assert abs(got[step] - ref[step]) / abs(ref[step]) < 1e-4, (step, got[step], ref[step])
+
+
+@pytest.fixture
+def node_two(cluster):
+    """Node 2 is back (sshd, slurmd) after a test that killed it."""
+    yield
+    if 2 not in cluster.init_pids:
+        cluster.start_node(2)
+    if "slurmd-n2" not in cluster.daemons:
+        cluster.start_slurmd(2)
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_node_killed_ends_the_job_naming_it_and_the_run_resumes_on_one_node(
+    cluster, reference, tmp_path, launcher, node_two
+):
+    started: list[tuple[list[subprocess.Popen], list[Path]]] = []
+
+    def start(recipe):
+        started.append(LAUNCHERS[launcher](cluster, recipe, tmp_path, "--resume", "none"))
+
+    def ended() -> bool:  # the launcher on node 1 has exited (node 2's died with the node)
+        procs = started[0][0]
+        return procs[0].poll() is not None
+
+    def output() -> str:
+        return "\n".join(log.read_text() for log in started[0][1] if log.exists())
+
+    try:
+        kill_node_and_resume(cluster, reference, tmp_path, start, ended, output, resume_on_node_one(cluster))
+    finally:
+        for proc in started[0][0] if started else []:
+            _killpg(proc)
+
+
+def test_sbatch_node_killed_ends_the_job_naming_it_and_resumes_on_one_node(cluster, reference, tmp_path, node_two):
+    """The job's step ends within 60 s of node 2 dying; `sbatch --nodes=1` resumes on node 1 from the checkpoint."""
+    log = tmp_path / "job.out"
+    jobs: list[int] = []
+
+    def start(recipe):
+        jobs.append(
+            cluster.sbatch(
+                *SLURM_ALLOCATION, f"--output={log}", str(SBATCH), str(recipe), cwd=tmp_path, env=node_env(cluster)
+            )
+        )
+
+    def ended() -> bool:
+        return cluster.job_field(jobs[0], "JobState") not in ("PENDING", "RUNNING", "CONFIGURING")
+
+    def output() -> str:
+        return log.read_text() if log.exists() else ""
+
+    def resume(recipe):
+        one = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", f"--nodelist={cluster.hosts[1]}"]
+        job = cluster.sbatch(
+            *one,
+            f"--output={tmp_path / 'resume.out'}",
+            str(SBATCH),
+            str(recipe),
+            "--set",
+            "train.micro_batch_size=4",
+            cwd=tmp_path,
+            env=node_env(cluster),
+        )
+        state = cluster.wait_job(job, timeout=300)
+        assert state == "COMPLETED", f"{state}\n{(tmp_path / 'resume.out').read_text()[-3000:]}\n{cluster.logs()}"
+
+    try:
+        kill_node_and_resume(cluster, reference, tmp_path, start, ended, output, resume)
+    finally:
+        for job in jobs:
+            cluster.run(1, ["scancel", str(job)], check=False)

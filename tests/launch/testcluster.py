@@ -199,29 +199,57 @@ class TwoNodeCluster:
             host_key = ssh / f"host_n{node}"
             if not host_key.exists():
                 _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
-            (ssh / f"sshd_n{node}.conf").write_text(
-                SSHD_CONFIG.format(addr=self.addrs[node], root=self.root, i=node)
-            )
+            (ssh / f"sshd_n{node}.conf").write_text(SSHD_CONFIG.format(addr=self.addrs[node], root=self.root, i=node))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
 
     def start_node(self, node: int, timeout: float = 60.0) -> None:
         """The node's namespaces (its init process) and its sshd; again after `kill_node` to bring it back."""
         init = subprocess.Popen(
-            [_tool("nsenter"), f"--net=/run/netns/{self.netns(node)}", "unshare", "--uts", "--mount", "--propagation", "private",
-             "sh", "-c", NODE_INIT, "node-init", self.hosts[node], str(self.root / "hosts"),
-             str(self.root / "ssh" / "ssh_config"), str(self.root / "resolv.conf")],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
+            [
+                _tool("nsenter"),
+                f"--net=/run/netns/{self.netns(node)}",
+                "unshare",
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                NODE_INIT,
+                "node-init",
+                self.hosts[node],
+                str(self.root / "hosts"),
+                str(self.root / "ssh" / "ssh_config"),
+                str(self.root / "resolv.conf"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         line = init.stdout.readline().strip()
         if line != "ready":
             init.kill()
             raise RuntimeError(f"node {node} did not start: {line} {init.stdout.read()}")
         self.init_pids[node] = init.pid  # unshare exec'd sh, which exec'd sleep: the same pid
         self._save()
-        self.spawn(node, f"sshd-n{node}", [_tool("sshd"), "-D", "-e", "-f", str(self.root / "ssh" / f"sshd_n{node}.conf")])
+        self.spawn(
+            node, f"sshd-n{node}", [_tool("sshd"), "-D", "-e", "-f", str(self.root / "ssh" / f"sshd_n{node}.conf")]
+        )
         other = 2 if node == 1 else 1
-        self._wait(lambda: self.run(other if other in self.init_pids else node, ["ssh", self.hosts[node], "true"],
-                                    check=False, timeout=15).returncode == 0, timeout, f"sshd on {self.hosts[node]}")  # fmt: skip
+        self._wait(
+            lambda: (
+                self.run(
+                    other if other in self.init_pids else node,
+                    ["ssh", self.hosts[node], "true"],
+                    check=False,
+                    timeout=15,
+                ).returncode
+                == 0
+            ),
+            timeout,
+            f"sshd on {self.hosts[node]}",
+        )
 
     def _munge(self, timeout: float) -> None:
         munge = self.root / "munge"
@@ -230,18 +258,32 @@ class TwoNodeCluster:
         if not key.exists():
             key.write_bytes(os.urandom(1024))
             os.chmod(key, 0o400)
-        self.spawn(1, "munged", [
-            _tool("munged"), "--foreground", "--force", f"--key-file={key}", f"--socket={munge / 'munge.socket'}",
-            f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}",
-            f"--seed-file={munge / 'munged.seed'}",
-        ])  # fmt: skip
+        self.spawn(
+            1,
+            "munged",
+            [
+                _tool("munged"),
+                "--foreground",
+                "--force",
+                f"--key-file={key}",
+                f"--socket={munge / 'munge.socket'}",
+                f"--pid-file={munge / 'munged.pid'}",
+                f"--log-file={munge / 'munged.log'}",
+                f"--seed-file={munge / 'munged.seed'}",
+            ],
+        )
         self._wait(lambda: (munge / "munge.socket").exists(), timeout, "munged socket")
 
     def _slurm(self, timeout: float) -> None:
         conf = SLURM_CONF.format(
-            root=self.root, host1=self.hosts[1], host2=self.hosts[2], addr1=self.addrs[1], addr2=self.addrs[2],
-            ctld_port=6817, slurmd_port=6818,
-        )  # fmt: skip  (ports on the nodes' own addresses: nothing else listens there)
+            root=self.root,
+            host1=self.hosts[1],
+            host2=self.hosts[2],
+            addr1=self.addrs[1],
+            addr2=self.addrs[2],
+            ctld_port=6817,
+            slurmd_port=6818,
+        )  # (ports on the nodes' own addresses: nothing else listens there)
         (self.root / "slurm" / "slurm.conf").write_text(conf)
         (self.root / "slurm" / "cgroup.conf").write_text("CgroupPlugin=autodetect\nIgnoreSystemd=yes\n")
         self.spawn(1, "slurmctld", [_tool("slurmctld"), "-D", "-i"])
@@ -300,10 +342,13 @@ class TwoNodeCluster:
         wd = str(Path(cwd or os.getcwd()).resolve())
         return [_tool("nsenter"), "-t", str(pid), "-n", "-u", "-m", f"--wd={wd}", "--", *cmd]
 
-    def run(self, node: int, cmd: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, node: int, cmd: list[str], check: bool = True, timeout: float = 60, **kw
+    ) -> subprocess.CompletedProcess:
         kw.setdefault("env", self.env)
-        out = subprocess.run(self.command(node, cmd, kw.pop("cwd", None)), capture_output=True, text=True,
-                             timeout=timeout, **kw)  # fmt: skip
+        out = subprocess.run(
+            self.command(node, cmd, kw.pop("cwd", None)), capture_output=True, text=True, timeout=timeout, **kw
+        )
         if check and out.returncode != 0:
             raise RuntimeError(f"{cmd} on node {node} exited {out.returncode}: {out.stderr.strip()}")
         return out
@@ -311,8 +356,13 @@ class TwoNodeCluster:
     def popen(self, node: int, cmd: list[str], log: Path, cwd=None, env=None) -> subprocess.Popen:
         """Start `cmd` on the node in its own process group, output to `log`."""
         with open(log, "ab") as f:
-            return subprocess.Popen(self.command(node, cmd, cwd), stdout=f, stderr=subprocess.STDOUT,
-                                    env=env or self.env, start_new_session=True)  # fmt: skip
+            return subprocess.Popen(
+                self.command(node, cmd, cwd),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env or self.env,
+                start_new_session=True,
+            )
 
     def spawn(self, node: int, name: str, cmd: list[str]) -> None:
         proc = self.popen(node, cmd, self.root / "logs" / f"{name}.log")
