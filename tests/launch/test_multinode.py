@@ -272,7 +272,8 @@ def kill_node_and_resume(
     named = f"rank {victim} on {cluster.hosts[2]} stopped responding"
     if named not in output and launcher == "mpirun":
         # mpirun notices its daemon on llm-n2 gone and kills the ranks itself, naming the node, before a rank can
-        named = f"Remote host:   {cluster.hosts[2]}"
+        found = re.search(rf"(Remote host:\s+|Remote daemon: .* on node ){cluster.hosts[2]}\b", output)
+        named = found.group(0) if found else named
     assert named in output, output[-4000:]
     print(f"node-kill ({launcher}): job ended {ended_after:.1f} s after node 2 died: {named}")
 
