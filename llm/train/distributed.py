@@ -150,6 +150,12 @@ class Heartbeat:
                 return r, now - last
         return None
 
+    def _finished(self, rank: int) -> bool:
+        try:
+            return self._path(rank).read_text().startswith("done")
+        except OSError:
+            return False
+
     def host_of(self, rank: int) -> str:
         """The host `rank` last beat from ("unknown host" before its first beat)."""
         try:
@@ -165,6 +171,8 @@ class Heartbeat:
             return None
         deadline = time.time() + self.timeout_s + 2 * self.interval
         while time.time() < deadline:
+            if all(self._finished(r) for r in range(self.world_size) if r != self.rank):
+                return None  # every peer ended on its own: the failure was not a lost peer
             dead = self.dead_rank()
             if dead is not None:
                 r, silent = dead

@@ -98,6 +98,16 @@ def test_heartbeat_names_a_silent_rank(tmp_path):
     assert beat.dead_rank(now) is None
 
 
+def test_after_a_failed_collective_the_silent_peer_is_named_with_its_host(tmp_path):
+    beat = Heartbeat(tmp_path, rank=0, world_size=2, timeout_s=1.0)
+    beat.dir.mkdir(parents=True)
+    (beat.dir / "rank_1").write_text(f"{time.time()} node-2\n")  # beats once, then falls silent
+    assert beat.name_lost_peer() == (1, "node-2")
+    (beat.dir / "rank_1").write_text("done node-2\n")  # a peer that finished is not lost
+    started = time.time()
+    assert beat.name_lost_peer() is None and time.time() - started < 0.5
+
+
 @pytest.mark.distributed
 def test_killing_one_rank_ends_the_job_naming_it(tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", TINY)
