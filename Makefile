@@ -19,6 +19,7 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	scripts/install_slurm.sh
+	scripts/install_testcluster.sh
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

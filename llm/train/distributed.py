@@ -98,9 +98,10 @@ class Heartbeat:
     """Each rank touches run_dir/heartbeat/rank_N every few seconds and checks the others'.
 
     A rank whose file stops changing for `timeout_s` (killed, frozen, its node gone)
-    makes every surviving rank print which rank it lost and exit with status 1; the
-    collectives they may be blocked in would otherwise wait forever. Works across
-    nodes when the run directory is on a shared filesystem.
+    makes every surviving rank print which rank it lost, and on which host, and exit with
+    status 1; the collectives they may be blocked in would otherwise wait forever. Works
+    across nodes when the run directory is on a shared filesystem. A beat is one line,
+    `<unix time> <hostname>`; a finished rank writes `done <hostname>`.
     """
 
     def __init__(self, run_dir: Path, rank: int, world_size: int, timeout_s: float):
@@ -125,7 +126,7 @@ class Heartbeat:
 
     def _beat(self) -> None:
         tmp = self._path(self.rank).with_suffix(".tmp")
-        tmp.write_text(f"{time.time()}\n")
+        tmp.write_text(f"{time.time()} {socket.gethostname()}\n")
         os.replace(tmp, self._path(self.rank))
 
     def dead_rank(self, now: float | None = None) -> tuple[int, float] | None:
@@ -138,15 +139,49 @@ class Heartbeat:
                 text = self._path(r).read_text().strip()
             except OSError:
                 text = ""
-            if text == "done":
+            if text.startswith("done"):
                 continue
             try:
-                last = float(text)
-            except ValueError:
+                last = float(text.split()[0])
+            except (ValueError, IndexError):
                 last = 0.0
             last = max(last, self._started)  # files from an earlier run count from our own start
             if now - last > self.timeout_s:
                 return r, now - last
+        return None
+
+    def _finished(self, rank: int) -> bool:
+        try:
+            return self._path(rank).read_text().startswith("done")
+        except OSError:
+            return False
+
+    def host_of(self, rank: int) -> str:
+        """The host `rank` last beat from ("unknown host" before its first beat)."""
+        try:
+            return self._path(rank).read_text().split()[1]
+        except (OSError, IndexError):
+            return "unknown host"
+
+    def name_lost_peer(self) -> tuple[int, str] | None:
+        """After a collective failed: wait up to timeout_s (plus a beat) for a peer to fall silent and log
+        which rank on which host it was, so a job ended by a peer's connection dropping still names the
+        node that died. Returns (rank, host), or None when every peer keeps beating (not a lost peer)."""
+        if self.world_size == 1:
+            return None
+        deadline = time.time() + self.timeout_s + 2 * self.interval
+        while time.time() < deadline:
+            if all(self._finished(r) for r in range(self.world_size) if r != self.rank):
+                return None  # every peer ended on its own: the failure was not a lost peer
+            dead = self.dead_rank()
+            if dead is not None:
+                r, silent = dead
+                logger.error(
+                    f"rank {r} on {self.host_of(r)} stopped responding ({silent:.0f} s without a heartbeat); "
+                    f"rank {self.rank} on {socket.gethostname()} ends the job"
+                )
+                return r, self.host_of(r)
+            time.sleep(self.interval)
         return None
 
     def _run(self) -> None:
@@ -159,7 +194,8 @@ class Heartbeat:
             if dead is not None:
                 r, silent = dead
                 logger.error(
-                    f"rank {r} stopped responding ({silent:.0f} s without a heartbeat); rank {self.rank} ends the job"
+                    f"rank {r} on {self.host_of(r)} stopped responding ({silent:.0f} s without a heartbeat); "
+                    f"rank {self.rank} on {socket.gethostname()} ends the job"
                 )
                 for handler in logger.handlers:
                     handler.flush()
@@ -170,4 +206,4 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.world_size > 1:
-            self._path(self.rank).write_text("done\n")
+            self._path(self.rank).write_text(f"done {socket.gethostname()}\n")

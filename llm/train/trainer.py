@@ -280,6 +280,11 @@ class Trainer:
                 callback.on_fit_end(self, preempted)
             if not preempted and recipe.checkpoint.save_final:
                 self.save()
+        except RuntimeError:
+            # a collective failing across ranks (a peer's connection closed): name the lost rank and node first
+            if self.world_size > 1:
+                heartbeat.name_lost_peer()
+            raise
         finally:
             if bar is not None:
                 bar.close()

@@ -92,8 +92,20 @@ def test_heartbeat_names_a_silent_rank(tmp_path):
     (beat.dir / "rank_1").write_text(f"{now}\n")
     (beat.dir / "rank_2").write_text(f"{now - 50}\n")
     assert beat.dead_rank(now) == (2, pytest.approx(50))
+    (beat.dir / "rank_2").write_text(f"{now - 50} node-7\n")  # a beat names its host
+    assert beat.dead_rank(now) == (2, pytest.approx(50)) and beat.host_of(2) == "node-7"
     (beat.dir / "rank_2").write_text("done\n")
     assert beat.dead_rank(now) is None
+
+
+def test_after_a_failed_collective_the_silent_peer_is_named_with_its_host(tmp_path):
+    beat = Heartbeat(tmp_path, rank=0, world_size=2, timeout_s=1.0)
+    beat.dir.mkdir(parents=True)
+    (beat.dir / "rank_1").write_text(f"{time.time()} node-2\n")  # beats once, then falls silent
+    assert beat.name_lost_peer() == (1, "node-2")
+    (beat.dir / "rank_1").write_text("done node-2\n")  # a peer that finished is not lost
+    started = time.time()
+    assert beat.name_lost_peer() is None and time.time() - started < 0.5
 
 
 @pytest.mark.distributed
