@@ -101,6 +101,11 @@ def build_model(recipe: RecipeConfig, task: Task) -> Model:
     model = task.build_model(recipe.model)
     if recipe.init_from:
         init = loader.load_model(recipe.init_from)
+        for spec in init.transforms:  # a pruned model's smaller shapes come with it; its weights follow
+            if spec["name"] == "quantize":
+                raise ConfigError("init_from", f"{recipe.init_from}: a quantized model cannot be trained further")
+            if spec["name"] == "prune":
+                model = adapt.apply_transform(model, spec, "init_from")
         own, state = model.state_dict(), init.state_dict()
         for key, tensor in state.items():
             if key in own and own[key].shape != tensor.shape:
