@@ -52,9 +52,21 @@ class QuantizeSettings:
 
 
 def _torchao():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import torchao.quantization as q
+    """torchao.quantization, imported quietly: on a CPU-only torch its optional CUDA extensions fail
+    to load, and it says so at warning level on every import (harmless here)."""
+    import logging
+
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torchao.quantization as q
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
     return q
 
 
