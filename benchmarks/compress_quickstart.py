@@ -1,8 +1,8 @@
 """The compression figures of docs/compression.md on the README's quickstart model.
 
 Needs, in the repository root: runs/quickstart/export (llm pretrain configs/recipes/quickstart.yaml),
-and for the distillation and recovery rows the runs of configs/recipes/distill_quickstart.yaml
-(with and without the teacher) and configs/recipes/prune_recover_quickstart.yaml (see the docs).
+and for the distillation and recovery rows the runs of configs/compress/distill_quickstart.yaml
+(with and without the teacher) and configs/compress/prune_recover_quickstart.yaml (see the docs).
 Writes the variants under runs/quickstart/compress/, the report (table, JSON, PNG) and one JSON
 of every figure and check under benchmarks/results/.
 

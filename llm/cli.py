@@ -495,7 +495,7 @@ llm compress prune runs/quickstart/export runs/quickstart/pruned --structured he
         sub,
         "distill",
         "train a student from a teacher (KL on softened logits + hard labels), recipe with distill:",
-        "llm distill configs/recipes/distill_quickstart.yaml",
+        "llm distill configs/compress/distill_quickstart.yaml",
     )
     _add_recipe_args(p)
     p.set_defaults(func=_cmd_distill)
