@@ -28,7 +28,11 @@ ROOT = Path("runs/quickstart")
 ORIGINAL = ROOT / "export"
 VAL, TRAIN = "data/quickstart/val", "data/quickstart/train"
 OUT = ROOT / "compress"
-STUDENT, ALONE = Path("runs/quickstart_student/export"), Path("runs/quickstart_student_alone/export")
+STUDENTS = {  # distilled students (recipe configs/compress/distill_quickstart.yaml, its --set overrides)
+    "T=2, alpha=0.5": Path("runs/quickstart_student/export"),
+    "T=1, alpha=0.9": Path("runs/quickstart_student_t1/export"),
+}
+ALONE = Path("runs/quickstart_student_alone/export")
 RECOVERED = Path("runs/quickstart_struct25_recovered/export")
 
 
@@ -49,8 +53,32 @@ def teacher_kl(teacher_path: Path, student_path: Path, batches: int = 16) -> flo
     return total / count
 
 
+def distillation() -> dict:
+    """Perplexity and KL to the teacher of each distilled student and of the student trained alone."""
+
+    def measure(path: Path) -> dict:
+        return {
+            "ppl": evaluate_model(path, VAL)["ppl"],
+            "kl_to_teacher": teacher_kl(ORIGINAL, path),
+            "parameters": load_model(path).num_parameters(),
+        }
+
+    return {
+        "student_alone": measure(ALONE),
+        "distilled": {name: measure(p) for name, p in STUDENTS.items() if p.is_dir()},
+        "teacher_ppl": evaluate_model(ORIGINAL, VAL)["ppl"],
+    }
+
+
 def main() -> int:
     started = time.strftime("%Y%m%dT%H%M%S")
+    if sys.argv[1:] == ["--distillation"]:
+        figures = distillation()
+        out = Path("benchmarks/results") / f"compress_quickstart_distill-{started}.json"
+        payload = {"command": "PYTHONPATH=. python " + " ".join(sys.argv), "environment": report.environment()}
+        write_atomic(out, json.dumps({**payload, "figures": figures}, indent=2) + "\n")
+        print(json.dumps(figures, indent=2))
+        return 0
     variants: dict[str, Path] = {"fp32 original": ORIGINAL}
     for method in ("int8", "int8-dynamic", "int4"):
         variants[f"{method}" + (" g32" if method == "int4" else "")] = quantize_model(
@@ -90,17 +118,8 @@ def main() -> int:
     }
     if RECOVERED.is_dir():
         figures["struct25_recovered_ppl_change"] = ppl["heads+neurons -25% + 60 steps"] / ppl["fp32 original"] - 1
-    if STUDENT.is_dir() and ALONE.is_dir():
-        figures["distilled_student"] = {
-            "ppl": evaluate_model(STUDENT, VAL)["ppl"],
-            "kl_to_teacher": teacher_kl(ORIGINAL, STUDENT),
-            "parameters": load_model(STUDENT).num_parameters(),
-        }
-        figures["student_alone"] = {
-            "ppl": evaluate_model(ALONE, VAL)["ppl"],
-            "kl_to_teacher": teacher_kl(ORIGINAL, ALONE),
-            "parameters": load_model(ALONE).num_parameters(),
-        }
+    if ALONE.is_dir():
+        figures["distillation"] = distillation()
     checks = {
         "int8 >= 3.5x smaller": figures["int8_times_smaller"] >= 3.5,
         "int8 ppl within 1%": abs(figures["int8_ppl_change"]) <= 0.01,
@@ -110,10 +129,11 @@ def main() -> int:
     }
     if "struct25_recovered_ppl_change" in figures:
         checks["structured 25% + recovery within 10%"] = figures["struct25_recovered_ppl_change"] <= 0.10
-    if "distilled_student" in figures:
-        d, a = figures["distilled_student"], figures["student_alone"]
-        checks["distillation lowers KL to teacher"] = d["kl_to_teacher"] < a["kl_to_teacher"]
-        checks["distilled student ppl < student alone"] = d["ppl"] < a["ppl"]
+    if "distillation" in figures:
+        alone = figures["distillation"]["student_alone"]
+        for name, d in figures["distillation"]["distilled"].items():
+            checks[f"distillation ({name}) lowers KL to teacher"] = d["kl_to_teacher"] < alone["kl_to_teacher"]
+            checks[f"distilled student ({name}) ppl < student alone"] = d["ppl"] < alone["ppl"]
     out = Path("benchmarks/results") / f"compress_quickstart-{started}.json"
     payload = {
         "command": "PYTHONPATH=. python " + " ".join(sys.argv),
