@@ -56,7 +56,8 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow"],
+        "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow", "torchao==0.18.*"],
+        "compress": ["torchao==0.18.*"],  # llm compress quantize, and loading quantized models
         "mpi": ["mpi4py", "openmpi"],
     },
     entry_points={"console_scripts": ["llm=llm.cli:main"]},
