@@ -438,6 +438,122 @@ llm eval --model runs/sentiment/export --data data/sentiment/val.jsonl --out run
 
 
 # ----------------------------------------------------------------------------
+# llm compress / distill
+# ----------------------------------------------------------------------------
+
+
+def _cmd_compress_quantize(args) -> int:
+    from llm.run.compress import quantize_model
+
+    print(quantize_model(args.model, args.out, method=args.method, group_size=args.group_size))
+    return 0
+
+
+def _cmd_compress_prune(args) -> int:
+    from llm.run.compress import prune_model
+
+    if not args.sparsity and not args.structured:
+        raise UserError("llm compress prune: give --sparsity S (unstructured) and/or --structured heads=K,neurons=M")
+    summary = prune_model(
+        args.model,
+        args.out,
+        method=args.method,
+        sparsity=args.sparsity,
+        scope=args.scope,
+        data=args.data,
+        structured=args.structured,
+        calibration_batches_n=args.calibration_batches,
+    )
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def _cmd_compress_report(args) -> int:
+    from llm.run.compress import compress_report
+
+    result = compress_report(
+        args.model,
+        args.variants,
+        args.data,
+        args.out,
+        new_tokens=args.new_tokens,
+        rounds=args.rounds,
+        eval_batches=args.max_batches,
+        names=args.names,
+    )
+    print(f"wrote {result['table']}, {result['json']}, {result['png']}")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from llm.config import load_recipe
+    from llm.run.train import distill
+
+    distill(load_recipe(args.recipe, args.set), resume=args.resume)
+    return 0
+
+
+def _add_compress_commands(sub) -> None:
+    compress = _group(
+        sub, "compress", "quantize or prune a trained model, and report size/speed/quality", "llm compress --help"
+    )
+    p = _parser(
+        compress,
+        "quantize",
+        "post-training quantization of every Linear (torchao): int8 / int4 weight-only, or int8 dynamic",
+        "llm compress quantize runs/quickstart/export runs/quickstart/int8 --method int8",
+    )
+    p.add_argument("model", help="a model, run or checkpoint directory, or a Hugging Face directory")
+    p.add_argument("out", help="the llm model directory to write")
+    p.add_argument("--method", choices=["int8", "int4", "int8-dynamic"], default="int8")
+    p.add_argument("--group-size", type=int, default=32, help="int4: input columns per scale (default 32)")
+    p.set_defaults(func=_cmd_compress_quantize)
+    p = _parser(
+        compress,
+        "prune",
+        "unstructured (magnitude, Wanda) or structured (heads, neurons) pruning",
+        """
+llm compress prune runs/quickstart/export runs/quickstart/wanda50 --method wanda --sparsity 0.5 \
+    --data data/quickstart/train
+llm compress prune runs/quickstart/export runs/quickstart/pruned --structured heads=1,neurons=128
+""",
+    )
+    p.add_argument("model", help="a model, run or checkpoint directory, or a Hugging Face directory")
+    p.add_argument("out", help="the llm model directory to write")
+    p.add_argument("--method", choices=["magnitude", "wanda"], default="magnitude")
+    p.add_argument("--sparsity", type=float, default=0.0, help="fraction of block weights set to zero")
+    p.add_argument("--scope", choices=["layer", "global"], default="layer")
+    p.add_argument("--data", default=None, help="calibration shard directory (needed by wanda)")
+    p.add_argument("--calibration-batches", type=int, default=8, help="wanda: batches of 4 windows (default 8)")
+    p.add_argument("--structured", default=None, metavar="heads=K,neurons=M", help="units removed per block")
+    p.set_defaults(func=_cmd_compress_prune)
+    p = _parser(
+        compress,
+        "report",
+        "size on disk, parameters, CPU tokens/s and held-out quality of variants against the original",
+        "llm compress report runs/quickstart/export runs/quickstart/int8 --data data/quickstart/val "
+        "--out runs/quickstart/report",
+    )
+    p.add_argument("model", help="the original model")
+    p.add_argument("variants", nargs="*", help="compressed variants")
+    p.add_argument("--data", required=True, help="held-out shard directory (perplexity, or accuracy)")
+    p.add_argument("--out", required=True, help="directory for report.txt, report.json, report.png")
+    p.add_argument("--names", nargs="+", default=None, help="labels for the model and each variant")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per speed run (default 64)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (default 5)")
+    p.add_argument("--max-batches", type=int, default=None, help="evaluation batches (default: all)")
+    p.set_defaults(func=_cmd_compress_report)
+    p = _parser(
+        sub,
+        "distill",
+        "train a student from a teacher (KL on softened logits + hard labels), recipe with distill:",
+        "llm distill configs/compress/distill_quickstart.yaml",
+    )
+    _add_recipe_args(p)
+    p.set_defaults(func=_cmd_distill)
+
+
+# ----------------------------------------------------------------------------
 # llm bench
 # ----------------------------------------------------------------------------
 
@@ -594,6 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_commands(sub)
     _add_model_io_commands(sub)
     _add_model_commands(sub)
+    _add_compress_commands(sub)
     _add_bench_commands(sub)
     _add_plot_command(sub)
     return parser

@@ -490,6 +490,38 @@ ADAPT_METHODS = ("full", "lora", "prefix", "prompt", "freeze")
 
 
 @dataclasses.dataclass
+class DistillConfig:
+    """`llm distill`: a teacher's softened logits (and optionally hidden states) guide the recipe's model."""
+
+    teacher: str | None = None  # any path the loader reads; must share the student's tokenizer
+    temperature: float = 2.0  # softens both distributions; the KL term is scaled by T^2 (Hinton et al. 2015)
+    alpha: float = 0.5  # weight of the KL term; (1 - alpha) weighs the hard-label loss
+    hidden_mse: float = 0.0  # weight of MSE(projection(student hidden), teacher hidden); 0 = off
+
+    def validate(self, path: str = "distill") -> None:
+        _positive(self, path, "temperature")
+        _check(0 <= self.alpha <= 1, _join(path, "alpha"), f"must be in [0, 1], got {self.alpha}")
+        _check(self.hidden_mse >= 0, _join(path, "hidden_mse"), f"must be >= 0, got {self.hidden_mse}")
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    """Gradual magnitude pruning during training (Zhu & Gupta 2017's cubic schedule); sparsity 0 = off."""
+
+    sparsity: float = 0.0  # final fraction of zero weights in the blocks' Linear layers
+    start_step: int = 0
+    end_step: int = 0  # the schedule reaches `sparsity` here
+    every: int = 10  # steps between mask updates
+    scope: Literal["layer", "global"] = "layer"
+
+    def validate(self, path: str = "prune") -> None:
+        _check(0 <= self.sparsity < 1, _join(path, "sparsity"), f"must be in [0, 1), got {self.sparsity}")
+        if self.sparsity:
+            _check(self.end_step > self.start_step, _join(path, "end_step"), "must be after start_step")
+            _positive(self, path, "every")
+
+
+@dataclasses.dataclass
 class RecipeConfig:
     """A whole run. `model` is a ModelConfig mapping; its optional `base:` key names a
     model YAML (a file, or a preset name such as gpt2-tiny) whose fields the others
@@ -516,6 +548,8 @@ class RecipeConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     kernels: dict[str, str] = dataclasses.field(default_factory=dict)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
 
     def validate(self, path: str = "") -> None:
         if self.adapt is not None:

@@ -26,29 +26,35 @@ class ModelOutput:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
+    """Keys and values of every layer, for up to `max_len` positions.
 
     Each layer writes its new keys at `length` and reads everything before; the
-    trunk advances `length` once all layers have run.
+    trunk advances `length` once all layers have run. A layer's buffer is
+    allocated at its first write, with that layer's number of key/value heads
+    (structured pruning may leave layers with different counts).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.v: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.batch, self._max_len, self.dtype, self.device = batch, max_len, dtype, device
         self.length = 0
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self._max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; step would reach {end}")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if self.k[layer] is None:
+            shape = (self.batch, k.shape[1], self.max_len, k.shape[3])
+            self.k[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Transformer(nn.Module):

@@ -21,6 +21,8 @@ import torch
 import yaml
 
 from llm import adapt, kernels
+from llm.compress.distill import Distiller
+from llm.compress.prune import GradualPruner
 from llm.config import ConfigError, RecipeConfig
 from llm.errors import UserError
 from llm.fileio import write_atomic
@@ -78,8 +80,39 @@ def check_recipe(recipe: RecipeConfig) -> Task:
     except ValueError as e:
         raise ConfigError("kernels", str(e)) from None
     check_batch(recipe, 1, task.min_micro_batch)
-    deepspeed_config(recipe, 1, task.min_micro_batch)
+    ds_json = deepspeed_config(recipe, 1, task.min_micro_batch)
+    if recipe.prune.sparsity:
+        stage = ds_json.get("zero_optimization", {}).get("stage", 0)
+        if stage != 0 or recipe.train.precision != "fp32":
+            raise ConfigError(
+                "prune",
+                f"gradual pruning masks the model's own weights, which needs ZeRO stage 0 and fp32 "
+                f"(this recipe: stage {stage}, {recipe.train.precision})",
+            )
     return task
+
+
+def load_teacher(recipe: RecipeConfig) -> Model:
+    """The `distill.teacher` model, checked to share the student's vocabulary and tokenizer."""
+    from llm.data.tokenizer import Tokenizer
+
+    path = recipe.distill.teacher
+    teacher = loader.load_model(path).eval()
+    if teacher.config.vocab_size != recipe.model.vocab_size:
+        raise ConfigError(
+            "distill.teacher",
+            f"{path}: the teacher's vocabulary has {teacher.config.vocab_size} tokens, the student's "
+            f"{recipe.model.vocab_size}; teacher and student must share the tokenizer",
+        )
+    own = recipe.data.tokenizer if recipe.data.tokenizer and Path(recipe.data.tokenizer).is_file() else None
+    theirs = loader.find_tokenizer(path)
+    if (own is None) != (theirs is None) or (own and Tokenizer(own).sha256 != Tokenizer(theirs).sha256):
+        raise ConfigError(
+            "distill.teacher",
+            f"{path}: the teacher's tokenizer ({theirs or 'none found beside it'}) is not the student's "
+            f"data.tokenizer ({own or 'none'}); teacher and student must share the tokenizer",
+        )
+    return teacher
 
 
 def build_model(recipe: RecipeConfig, task: Task) -> Model:
@@ -96,6 +129,11 @@ def build_model(recipe: RecipeConfig, task: Task) -> Model:
                 f"{recipe.init_from}: a {init.config.family} model ({init.task}); the run builds a "
                 f"{recipe.model.family} model for task {task.name!r}",
             )
+        for spec in init.transforms:  # a pruned model's smaller shapes come with it; its weights follow
+            if spec["name"] == "quantize":
+                raise ConfigError("init_from", f"{recipe.init_from}: a quantized model cannot be trained further")
+            if spec["name"] == "prune":
+                model = adapt.apply_transform(model, spec, "init_from")
         own, state = model.state_dict(), init.state_dict()
         body = ("transformer.", "pooler.")
         loaded = {}
@@ -203,6 +241,14 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
     model = build_model(recipe, task).to(dist.device)
     seq = recipe.model.seq_len if recipe.model.is_image else recipe.data.seq_len
     flops_per_token = training_flops_per_token(model, seq)
+    callbacks = []
+    if recipe.prune.sparsity:
+        p = recipe.prune
+        callbacks.append(GradualPruner(model, p.sparsity, p.start_step, p.end_step, p.every, p.scope))
+    if recipe.distill.teacher:
+        d = recipe.distill
+        teacher = load_teacher(recipe).to(dist.device)
+        model = Distiller(model, teacher, d.teacher, d.temperature, d.alpha, d.hidden_mse).to(dist.device)
     engine = build_engine(model, recipe, ds_json)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
@@ -212,7 +258,7 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
         write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
     validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
     peak, _ = device_peak_flops(dist.device, recipe.train.precision)
-    trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation], flops_per_token, peak)
+    trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation, *callbacks], flops_per_token, peak)
     trainer.resume(resume)
     return Parts(task, model, engine, trainer, validation)
 
@@ -261,7 +307,8 @@ def train(recipe: RecipeConfig, resume: str = "auto") -> dict:
         summary = parts.trainer.fit()
         summary["val"] = parts.validation.last
         if not summary["preempted"] and recipe.checkpoint.save_final:
-            final = gathered_copy(parts.model, parts.engine.zero_optimization_stage())
+            trained = parts.model.student if isinstance(parts.model, Distiller) else parts.model
+            final = gathered_copy(trained, parts.engine.zero_optimization_stage())
             if dist.rank == 0:
                 summary["export"] = str(export(final, recipe))
                 if recipe.logging.sample_prompt is not None and parts.task.name == "causal_lm":
@@ -287,6 +334,13 @@ def _report(summary: dict, recipe: RecipeConfig) -> None:
     if "export" in summary:
         latest = ckpt.find_checkpoint(Path(recipe.run_dir) / "checkpoints")
         logger.info(f"checkpoint {latest}, model exported to {summary['export']}")
+
+
+def distill(recipe: RecipeConfig, resume: str = "auto") -> dict:
+    """`train` with a teacher: the recipe must name `distill.teacher` (see llm.compress.distill)."""
+    if not recipe.distill.teacher:
+        raise UserError("distill.teacher: distillation needs a teacher model (any model, run or checkpoint path)")
+    return train(recipe, resume)
 
 
 def finetune(recipe: RecipeConfig, resume: str = "auto") -> dict:
