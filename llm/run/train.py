@@ -159,14 +159,14 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool 
     seq = recipe.model.seq_len if recipe.model.is_image else recipe.data.seq_len
     flops_per_token = training_flops_per_token(model, seq)
     engine = build_engine(model, recipe, ds_json)
+    validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
+    peak, _ = device_peak_flops(dist.device, recipe.train.precision)
+    trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation], flops_per_token, peak)
+    trainer.resume(resume)  # first: a recipe the checkpoint refuses must not be recorded as the run's
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
-    validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
-    peak, _ = device_peak_flops(dist.device, recipe.train.precision)
-    trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation], flops_per_token, peak)
-    trainer.resume(resume)
     return Parts(task, model, engine, trainer, validation)
 
 

@@ -194,7 +194,7 @@ class _Writes:
                 os.replace(tmp, path)
             except (OSError, RuntimeError) as e:
                 tmp.unlink(missing_ok=True)
-                self.failures.append(f"{path}: {_short(e)}")
+                self.failures.append(f"{path}: {_short(e, path.parent)}")
 
         torch.save = save
         try:
@@ -203,10 +203,15 @@ class _Writes:
             torch.save = original
 
 
-def _short(e: BaseException) -> str:
+def _short(e: BaseException, where: Path | None = None) -> str:
+    """One line for a failed write; torch's zip writer says only "unexpected pos", so the free space is added."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "unexpected pos" in text or "enforce fail" in text or "file write failed" in text:
-        text = f"the write stopped part-way ({text[:120]})"
+        free = ""
+        if where is not None:
+            with contextlib.suppress(OSError):
+                free = f"; {shutil.disk_usage(where).free / 1e9:.2f} GB free there"
+        text = f"the write stopped part-way: full disk, quota or file-size limit{free}"
     return text
 
 

@@ -50,7 +50,13 @@ def load(f, map_location=None, **kwargs):
     kwargs.pop("pickle_module", None)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
-            return _original_load(f, map_location=map_location, weights_only=True, **kwargs)
+            try:
+                return _original_load(f, map_location=map_location, weights_only=True, **kwargs)
+            except RuntimeError as e:
+                if not kwargs.get("mmap") or "mmap can only be used" not in str(e):
+                    raise
+                kwargs["mmap"] = False  # a file in torch's legacy format: read it (safely) without mmap
+                return _original_load(f, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         reason = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
