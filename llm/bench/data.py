@@ -4,7 +4,8 @@ Loader: 32 x 2048 batches (input_ids + labels, int64) from a shard directory thr
 PackedTokens + StatefulLoader + collate_causal_lm, against nanoGPT's plain numpy-memmap
 random-window `get_batch` over the same tokens (a flat uint16 .bin), both in this process on
 one thread, measured in alternating rounds. Tokenization: `prepare` of the standard library on
-all cores, MB of UTF-8 text per second (after training a BPE tokenizer on part of it).
+all cores, MB of UTF-8 text per second (after training a BPE tokenizer on part of it). Integrity:
+a fresh reader (open every shard, then the batches) with the read-time checks on and off.
 """
 
 from __future__ import annotations
@@ -42,6 +43,31 @@ def _endless(loader):
         yield from loader
 
 
+def _integrity_cost(train: Path, batches: int, rounds: int) -> tuple[list[float], list[float]]:
+    """Tokens/s of a fresh reader (open every shard, then `batches` batches, then wait for the
+    background hashing to finish) with the read-time integrity check (sha256 of each shard in a
+    background thread, token ids against the manifest at open) on and off, in alternating rounds."""
+    from llm.data import PackedTokens, StatefulLoader, collate_causal_lm
+    from llm.data import shards as S
+
+    out: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for _ in range(rounds):
+            for check in (True, False):
+                S.VERIFY_ON_OPEN = check
+                S._verified.clear()
+                start = time.perf_counter()
+                stream = PackedTokens(train, SEQ, seed=0)
+                loader = _endless(StatefulLoader(stream, BATCH, collate_causal_lm))
+                for _ in range(batches):
+                    next(loader)
+                stream.integrity.join()  # the check's whole cost counts, even if it outlasts the batches
+                out[check].append(BATCH * SEQ * batches / (time.perf_counter() - start))
+    finally:
+        S.VERIFY_ON_OPEN = True
+    return out[True], out[False]
+
+
 def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, out_dir=None, rounds: int = 5) -> Path:
     from llm.data import PackedTokens, StatefulLoader, collate_causal_lm, prepare, train_tokenizer
     from llm.data.shards import load_manifest, shard_tokens
@@ -71,6 +97,7 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
         for _ in range(rounds):
             ours_tps.append(_time_batches(ours, batches))
             plain_tps.append(_time_batches(plain, batches))
+        checked, unchecked = _integrity_cost(train, batches, rounds)
 
     ours_med, plain_med = median(ours_tps), median(plain_tps)
     rows = [
@@ -80,6 +107,14 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
             "numpy memmap get_batch (tok/s)": plain_med,
             "ratio": ours_med / plain_med,
         },
+    ]
+    integrity_rows = [
+        {
+            "measure": f"open shards + {batches} batches, fresh reader",
+            "integrity on (tok/s)": median(checked),
+            "integrity off (tok/s)": median(unchecked),
+            "cost": 1 - median(checked) / median(unchecked),
+        }
     ]
     token_rows = [
         {
@@ -94,11 +129,15 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
     print(format_table(rows))
     print()
     print(format_table(token_rows))
+    print()
+    print(format_table(integrity_rows))
     path = write_results(
         "data",
-        rows + token_rows,
+        rows + token_rows + integrity_rows,
         out_dir,
         loader_tokens_per_s={"llm": ours_tps, "numpy_memmap": plain_tps},
+        integrity_tokens_per_s={"checked": checked, "unchecked": unchecked},
+        integrity_cost=1 - median(checked) / median(unchecked),
         tokens_in_shards=int(len(flat)),
         load_average_1_5_15min=list(os.getloadavg()),  # the machine may be shared
         batch=[BATCH, SEQ],

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -202,12 +203,41 @@ def check_on_open(path: Path, shard: dict) -> None:
     _verified.add(key)
 
 
+class BackgroundCheck:
+    """`check_on_open` of many shards in a daemon thread, off the reader's hot path (hashlib releases
+    the GIL); the reader calls `check()` (one attribute test) per batch and raises the first mismatch.
+    Batches read before the hash of a damaged shard finishes may come from it: detection takes the
+    time to hash the dataset once (sha256, ~0.5-1 GB/s per core)."""
+
+    def __init__(self, items: list[tuple[Path, dict]]):
+        self.error: ShardError | None = None
+        self._thread: threading.Thread | None = None
+        if VERIFY_ON_OPEN and items:
+            self._thread = threading.Thread(target=self._run, args=(items,), name="llm-shard-check", daemon=True)
+            self._thread.start()
+
+    def _run(self, items) -> None:
+        for path, shard in items:
+            try:
+                check_on_open(path, shard)
+            except (ShardError, OSError) as e:
+                self.error = e if isinstance(e, ShardError) else ShardError(f"{path}: cannot be read ({e})")
+                return
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def token_range_error(path: Path, values: np.ndarray, offsets: np.ndarray, limit: int) -> ShardError | None:
     """A ShardError naming the first token id above `limit` in a shard (position, document), else None."""
-    bad = np.flatnonzero(values > limit)
-    if not len(bad):
+    if not len(values) or int(values.max()) <= limit:  # one pass, no temporary
         return None
-    pos = int(bad[0])
+    pos = int(np.argmax(values > limit))
     doc = int(np.searchsorted(offsets, pos, side="right")) - 1
     return ShardError(
         f"{path}: token id {int(values[pos])} at token position {pos} "
@@ -216,9 +246,10 @@ def token_range_error(path: Path, values: np.ndarray, offsets: np.ndarray, limit
     )
 
 
-def shard_tokens(path: Path, shard: dict, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def shard_tokens(path: Path, shard: dict, dtype: str, hash_now: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(flat token values, document offsets) of a token shard, checked against its manifest entry:
-    counts and largest token id always, the sha256 once per process (`check_on_open`).
+    counts and largest token id always, the sha256 once per process (`check_on_open`; with
+    `hash_now=False` the caller hashes, e.g. in a `BackgroundCheck`).
     Raises ShardError naming the file (and the position of a token id out of range)."""
     batch = open_shard(path)
     if batch.schema.names != ["tokens"]:
@@ -238,7 +269,8 @@ def shard_tokens(path: Path, shard: dict, dtype: str) -> tuple[np.ndarray, np.nd
         error = token_range_error(path, values, offsets, int(shard["max_token_id"]))
         if error is not None:
             raise error
-    check_on_open(path, shard)
+    if hash_now:
+        check_on_open(path, shard)
     return values, offsets
 
 

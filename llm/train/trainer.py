@@ -22,8 +22,18 @@ from llm.config import RecipeConfig
 from llm.errors import UserError
 from llm.log import logger
 from llm.train import checkpoint as ckpt
-from llm.train.distributed import DistInfo, Heartbeat
+from llm.train.distributed import DistInfo, Heartbeat, RankFailure
 from llm.train.metrics import MetricsWriter, memory_bytes
+
+
+def _collective_error(e: BaseException) -> bool:
+    """Whether an exception comes from a collective: torch.distributed's own types, or gloo/nccl text."""
+    import torch.distributed as dist
+
+    kinds = tuple(k for k in (getattr(dist, "DistError", None),) if k is not None)
+    text = str(e)
+    marks = ("gloo", "nccl", "Connection reset", "Connection closed", "Timed out", "timed out", "timeout", "peer")
+    return isinstance(e, kinds) or any(m in text for m in marks)
 
 
 class NonFiniteLoss(UserError):
@@ -296,6 +306,7 @@ class Trainer:
         recipe, t = self.recipe, self.recipe.train
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         heartbeat = Heartbeat(self.run_dir, self.rank, self.world_size, recipe.faults.heartbeat_timeout_s).start()
+        self.heartbeat = heartbeat
         self.writer = MetricsWriter(self.run_dir, recipe.logging.tensorboard) if self.rank == 0 else None
         bar = self._progress_bar()
         first_loss = last = None
@@ -331,6 +342,14 @@ class Trainer:
                 callback.on_fit_end(self, preempted)
             if not preempted and recipe.checkpoint.save_final:
                 self.save()
+        except RuntimeError as e:  # torch.distributed's errors (timeouts, a peer's closed connection) among them
+            if self.world_size == 1 or not _collective_error(e):
+                raise
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise RankFailure(
+                f"a collective failed at step {self.step + 1} ({first}); {heartbeat.diagnose()}; "
+                f"rank {self.rank} on {heartbeat.host} ends the job"
+            ) from None
         finally:
             if bar is not None:
                 bar.close()

@@ -56,8 +56,11 @@ def test_a_flipped_byte_is_caught_when_the_shard_is_opened_for_training(shards):
     offsets_end = data.index(np.array([250, 251], dtype=np.uint16).tobytes())  # a token value, not metadata
     data[offsets_end] ^= 1  # 250 -> 251: still a valid id, only the checksum notices
     shard.write_bytes(bytes(data))
-    with pytest.raises(S.ShardError, match="shard-00001.arrow: contents differ from the manifest"):
-        PackedTokens(shards, 8)
+    stream = PackedTokens(shards, 8)  # hashed in the background, off the reader's hot path
+    stream.integrity.join()
+    for read in (lambda: stream.samples_at([0, 1]), lambda: stream.get(0)):
+        with pytest.raises(S.ShardError, match="shard-00001.arrow: contents differ from the manifest"):
+            read()
 
 
 def test_a_token_id_beyond_the_vocabulary_names_shard_and_position(shards):
