@@ -120,7 +120,7 @@ class Heartbeat:
     A rank is declared lost, and every surviving rank logs which one (rank, host, pid) and
     exits with status 1, when:
     - it runs on this host and its process is gone or a zombie (killed, crashed): within one
-      interval (<= 2 s), whatever launched it (torchrun, the deepspeed launcher, mpirun, SLURM,
+      interval (<= 0.5 s), whatever launched it (torchrun, the deepspeed launcher, mpirun, SLURM,
       or by hand);
     - its file stops changing for `timeout_s` (frozen, its node gone; across nodes when the run
       directory is on a shared filesystem). A SIGSTOPped rank's heartbeat thread is stopped too.
@@ -130,7 +130,7 @@ class Heartbeat:
     def __init__(self, run_dir: Path, rank: int, world_size: int, timeout_s: float):
         self.dir = Path(run_dir) / "heartbeat"
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
-        self.interval = max(0.2, min(2.0, timeout_s / 5))
+        self.interval = max(0.2, min(0.5, timeout_s / 5))
         self.host = socket.gethostname()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -26,13 +26,17 @@ class CheckpointError(UserError):
 
 
 def allowed_globals() -> list:
-    """The non-tensor types DeepSpeed's checkpoints hold (ZeRO 0-3, fp32/bf16/fp16, universal format):
-    plain data whose reconstruction calls no user code. Imported lazily (DeepSpeed is heavy)."""
+    """The non-tensor types DeepSpeed's checkpoints hold (ZeRO 0-3, fp32/bf16/fp16, universal format),
+    and numpy arrays (the RNG state in trainer files of llm before 0.2): plain data whose
+    reconstruction calls no user code. Imported lazily (DeepSpeed is heavy)."""
+    import numpy as np
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    numpy_core = getattr(np, "_core", None) or np.core
+    numpy_types = [numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, *numpy_types]
 
 
 _lock = threading.RLock()

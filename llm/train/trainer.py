@@ -294,6 +294,12 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signal.Signals(signum).name
+        heartbeat = getattr(self, "heartbeat", None)
+        gone = heartbeat.gone_rank() if heartbeat is not None else None
+        if gone is not None:  # a launcher ending the job because a rank died: say which before it kills us
+            logger.error(f"{heartbeat.describe(gone[0])} is lost: {gone[1]}; rank {self.rank} on {heartbeat.host} ends")
+            for handler in logger.handlers:
+                handler.flush()
 
     def _stop_agreed(self) -> bool:
         import torch.distributed as dist
