@@ -11,6 +11,7 @@ validation metrics, averaged over ranks.
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import sys
 import time
@@ -150,7 +151,7 @@ class Trainer:
 
         saved_path = step_dir / "recipe.yaml"
         state = ckpt.trainer_state(step_dir, 0)
-        saved_world = state.get("world_size")
+        saved_world = state.get("world_size") or len(list(step_dir.glob("trainer_rank_*.pt")))  # older llm: count
         if not saved_path.is_file():
             return saved_world
         saved = yaml.safe_load(saved_path.read_text())
@@ -351,7 +352,8 @@ class Trainer:
         except RuntimeError as e:  # torch.distributed's errors (timeouts, a peer's closed connection) among them
             if self.world_size == 1 or not _collective_error(e):
                 raise
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = re.sub(r"^\[[^\]]*\] ", "", first).split(". This is typically")[0][:160]  # gloo's source location
             raise RankFailure(
                 f"a collective failed at step {self.step + 1} ({first}); {heartbeat.diagnose()}; "
                 f"rank {self.rank} on {heartbeat.host} ends the job"
