@@ -167,6 +167,8 @@ class Heartbeat:
             last = 0.0
         pid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
         host = fields[2] if len(fields) > 2 else None
+        if last < self._started - 2 * self.interval:  # a file of an earlier (killed) run: its pid is not a peer
+            pid = host = None
         return "beating", max(last, self._started), pid, host  # files of an earlier run count from our start
 
     def describe(self, rank: int) -> str:

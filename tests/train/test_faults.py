@@ -130,3 +130,19 @@ def test_killing_one_rank_ends_the_job_naming_it(tmp_path):
     assert status != 0
     text = (tmp_path / "log").read_text()
     assert re.search(r"rank\s*:?\s*1\b", text), text[-3000:]
+
+
+def test_heartbeat_names_a_rank_whose_process_is_gone_but_not_one_of_an_earlier_run(tmp_path):
+    import socket
+
+    beat = Heartbeat(tmp_path, rank=0, world_size=3, timeout_s=1000.0)
+    beat.dir.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer exists
+    host = socket.gethostname()
+    (beat.dir / "rank_1").write_text(f"{time.time()} {os.getpid()} {host}\n")  # alive
+    (beat.dir / "rank_2").write_text(f"{time.time() - 3600} {gone.pid} {host}\n")  # an earlier run's file
+    assert beat.gone_rank() is None and beat.dead_rank() is None
+    (beat.dir / "rank_2").write_text(f"{time.time()} {gone.pid} {host}\n")  # this run's rank 2, now gone
+    assert beat.gone_rank() == (2, "its process has exited")
+    assert beat.diagnose() == f"rank 2 (pid {gone.pid} on {host}) is lost: its process has exited"
