@@ -207,7 +207,12 @@ class Heartbeat:
         """Which rank is lost, as far as the heartbeats tell (for a failed or timed-out collective)."""
         if self.world_size == 1:
             return ""
+        # a killed peer's sockets close before its process is reaped: give the evidence a moment
+        deadline = time.time() + max(2.0, 4 * self.interval)
         gone = self.gone_rank()
+        while gone is None and time.time() < deadline:
+            time.sleep(0.1)
+            gone = self.gone_rank()
         if gone is not None:
             return f"{self.describe(gone[0])} is lost: {gone[1]}"
         now = time.time()
