@@ -339,7 +339,7 @@ def _cmd_pretrain(args) -> int:
     from llm.config import load_recipe
     from llm.run.train import train
 
-    train(load_recipe(args.recipe, args.set), resume=args.resume)
+    train(load_recipe(args.recipe, args.set), resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -347,7 +347,7 @@ def _cmd_finetune(args) -> int:
     from llm.run.train import finetune, load_finetune_recipe
 
     overrides = list(args.set) + ([f"init_from={args.init_from}"] if args.init_from else [])
-    finetune(load_finetune_recipe(args.recipe, overrides), resume=args.resume)
+    finetune(load_finetune_recipe(args.recipe, overrides), resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -381,6 +381,11 @@ def _add_recipe_args(p) -> None:
         "--resume",
         default="auto",
         help="auto (the run's latest complete checkpoint, if any; default), none, or a checkpoint path",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run directory that holds an earlier run (deletes its checkpoints, export, metrics)",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 

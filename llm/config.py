@@ -258,13 +258,40 @@ class ModelConfig:
             _check(self.position == "learned", _join(path, "position"), "vit uses learned positions")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r}: first on line {first.start_mark.line + 1}, "
+                    f"again on line {key_node.start_mark.line + 1}",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str):
+    """`yaml.safe_load` that raises yaml.YAMLError on a duplicate key (naming it and both lines)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping safely, naming the file in every error."""
+    """Read a YAML mapping safely, naming the file in every error (a key given twice is one)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_unique(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -4,7 +4,8 @@ Loader: 32 x 2048 batches (input_ids + labels, int64) from a shard directory thr
 PackedTokens + StatefulLoader + collate_causal_lm, against nanoGPT's plain numpy-memmap
 random-window `get_batch` over the same tokens (a flat uint16 .bin), both in this process on
 one thread, measured in alternating rounds. Tokenization: `prepare` of the standard library on
-all cores, MB of UTF-8 text per second (after training a BPE tokenizer on part of it).
+all cores, MB of UTF-8 text per second (after training a BPE tokenizer on part of it). Integrity:
+a fresh reader (open every shard, then the batches) with the read-time checks on and off.
 """
 
 from __future__ import annotations
@@ -42,6 +43,33 @@ def _endless(loader):
         yield from loader
 
 
+def _integrity_cost(train: Path, batches: int, rounds: int) -> dict[str, dict[bool, list[float]]]:
+    """Tokens/s with the read-time integrity check (token ids against the manifest at open, each
+    shard's sha256 in a background thread) on and off, in alternating rounds: "fresh" = open every
+    shard, read `batches` batches, wait for the hashing to finish (the check's whole one-time cost);
+    "steady" = the next `batches` batches of the same reader (the loader throughput afterwards)."""
+    from llm.data import PackedTokens, StatefulLoader, collate_causal_lm
+    from llm.data import shards as S
+
+    out: dict[str, dict[bool, list[float]]] = {"fresh": {True: [], False: []}, "steady": {True: [], False: []}}
+    try:
+        for _ in range(rounds):
+            for check in (True, False):
+                S.VERIFY_ON_OPEN = check
+                S._verified.clear()
+                start = time.perf_counter()
+                stream = PackedTokens(train, SEQ, seed=0)
+                loader = _endless(StatefulLoader(stream, BATCH, collate_causal_lm))
+                for _ in range(batches):
+                    next(loader)
+                stream.integrity.join()  # the check's whole cost counts, even if it outlasts the batches
+                out["fresh"][check].append(BATCH * SEQ * batches / (time.perf_counter() - start))
+                out["steady"][check].append(_time_batches(loader.__next__, batches))
+    finally:
+        S.VERIFY_ON_OPEN = True
+    return out
+
+
 def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, out_dir=None, rounds: int = 5) -> Path:
     from llm.data import PackedTokens, StatefulLoader, collate_causal_lm, prepare, train_tokenizer
     from llm.data.shards import load_manifest, shard_tokens
@@ -71,6 +99,7 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
         for _ in range(rounds):
             ours_tps.append(_time_batches(ours, batches))
             plain_tps.append(_time_batches(plain, batches))
+        integrity = _integrity_cost(train, batches, rounds)
 
     ours_med, plain_med = median(ours_tps), median(plain_tps)
     rows = [
@@ -80,6 +109,18 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
             "numpy memmap get_batch (tok/s)": plain_med,
             "ratio": ours_med / plain_med,
         },
+    ]
+    integrity_rows = [
+        {
+            "measure": measure,
+            "integrity on (tok/s)": median(integrity[key][True]),
+            "integrity off (tok/s)": median(integrity[key][False]),
+            "cost": 1 - median(integrity[key][True]) / median(integrity[key][False]),
+        }
+        for key, measure in (
+            ("steady", f"loader throughput, {batches} batches"),
+            ("fresh", f"fresh reader: open + {batches} batches + hashing done"),
+        )
     ]
     token_rows = [
         {
@@ -94,11 +135,14 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
     print(format_table(rows))
     print()
     print(format_table(token_rows))
+    print()
+    print(format_table(integrity_rows))
     path = write_results(
         "data",
-        rows + token_rows,
+        rows + token_rows + integrity_rows,
         out_dir,
         loader_tokens_per_s={"llm": ours_tps, "numpy_memmap": plain_tps},
+        integrity_tokens_per_s={k: {"on": v[True], "off": v[False]} for k, v in integrity.items()},
         tokens_in_shards=int(len(flat)),
         load_average_1_5_15min=list(os.getloadavg()),  # the machine may be shared
         batch=[BATCH, SEQ],

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import re
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,11 +35,50 @@ def _init_worker(tokenizer_path: str) -> None:
     _worker_tokenizer = Tokenizer(tokenizer_path)
 
 
+PIECE_CHARS = 1 << 18  # a longer document is tokenized in pieces of about this many characters
+_BOUNDARY = re.compile(r"(?<=\S)\s(?=\S)")
+
+
+def split_text(text: str, limit: int | None = None) -> list[str]:
+    """`text` in pieces of at most about `limit` characters, each cut just before a single whitespace
+    character between two non-space ones, where a BPE or WordPiece pre-tokenizer splits anyway (so
+    the pieces' tokens are the whole text's). A stretch of `limit` characters without such a place
+    is cut at `limit` (the tokens at that one cut may differ from the whole text's)."""
+    limit = limit or PIECE_CHARS
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        window_start = start + limit // 2
+        cut = None
+        for match in _BOUNDARY.finditer(text, window_start, start + limit):
+            cut = match.start()
+        cut = cut if cut is not None and cut > start else start + limit
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text; a long one in bounded pieces, so memory stays bounded for any length
+    (a tokenizer holds per-character state of its whole input: ~200x the text, 7.5 GB for one 50 MB line;
+    with 256k-character pieces the peak is about 50 MB for any length)."""
+    short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
+    out: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
+    for i, ids in zip(short, _worker_tokenizer.encode_batch([texts[i] for i in short])):
+        out[i] = np.asarray(ids, dtype=np.uint32)
+    for i, text in enumerate(texts):
+        if out[i] is None:
+            parts = [
+                np.asarray(_worker_tokenizer.encode_batch([piece])[0], dtype=np.uint32) for piece in split_text(text)
+            ]
+            out[i] = np.concatenate(parts)
+    return out
+
+
 def _tokenize_chunk(texts: list[str]) -> tuple[list[bytes], list[np.ndarray], int]:
     """(text hashes, token arrays, utf-8 bytes) of a chunk of documents."""
     hashes = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts]
-    ids = [np.asarray(x, dtype=np.uint32) for x in _worker_tokenizer.encode_batch(texts)]
-    return hashes, ids, sum(len(t.encode("utf-8")) for t in texts)
+    return hashes, _encode(texts), sum(len(t.encode("utf-8")) for t in texts)
 
 
 def _chunks(files: list[Path], text_field: str) -> Iterator[list[str]]:
@@ -61,7 +102,6 @@ def is_validation(text_hash: bytes, val_fraction: float) -> bool:
 class _TokenShardWriter:
     def __init__(self, out_dir: Path, shard_tokens: int, dtype: str):
         self.out_dir, self.shard_tokens, self.dtype = out_dir, shard_tokens, dtype
-        S.start_directory(out_dir)
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
         self.entries: list[dict] = []
@@ -133,11 +173,31 @@ def prepare(
     files = expand_sources(sources, limit_bytes)
     total_bytes = sum(p.stat().st_size for p in files)
     dtype = S.token_dtype(tok.vocab_size)
-    writers = {"train": _TokenShardWriter(out / "train", shard_tokens, dtype)}
-    if val_fraction > 0:
-        writers["val"] = _TokenShardWriter(out / "val", shard_tokens, dtype)
-    elif (out / "val" / S.MANIFEST).exists():
-        S.start_directory(out / "val")  # a stale split from an earlier prepare must not outlive it
+    splits = ["train"] + (["val"] if val_fraction > 0 else [])
+    with S.staged(*[out / split for split in splits]) as stages:  # the old dataset stays until this succeeds
+        summary = _prepare_into(
+            dict(zip(splits, stages)),
+            files,
+            total_bytes,
+            tok,
+            dtype,
+            shard_tokens,
+            val_fraction,
+            min_length,
+            dedup,
+            workers,
+            text_field,
+        )
+    if val_fraction == 0 and (out / "val").exists():  # a stale split from an earlier prepare must not outlive it
+        shutil.rmtree(out / "val")
+    summary["out_dir"] = str(out)
+    return summary
+
+
+def _prepare_into(
+    dirs, files, total_bytes, tok, dtype, shard_tokens, val_fraction, min_length, dedup, workers, text_field
+) -> dict:
+    writers = {split: _TokenShardWriter(d, shard_tokens, dtype) for split, d in dirs.items()}
     eos = np.array([tok.eos_id], dtype=np.uint32)
     seen: set[bytes] = set()
     stats = {"documents_read": 0, "dropped_duplicates": 0, "dropped_short": 0, "text_bytes": 0}
@@ -181,13 +241,17 @@ def prepare(
         "tokenizer": {"path": str(tok.path.resolve()), "sha256": tok.sha256, "eos_id": tok.eos_id},
         "stats": {**stats, "min_length": min_length, "dedup": dedup, "val_fraction": val_fraction},
     }
-    summary = {"out_dir": str(out), **stats, "seconds": seconds, "mb_per_s": stats["text_bytes"] / 1e6 / seconds}
+    summary = {**stats, "seconds": seconds, "mb_per_s": stats["text_bytes"] / 1e6 / seconds}
     for split, writer in writers.items():
         manifest = writer.close(common)
         if manifest is None:
             if split == "train":
-                raise UserError(f"{out / split}: no documents left to write (empty input or all filtered)")
-            raise UserError(f"{out / split}: val_fraction={val_fraction} selected no documents; raise it")
+                raise UserError(
+                    f"{dirs[split].parent / split}: no documents left to write (empty input or all filtered)"
+                )
+            raise UserError(
+                f"{dirs[split].parent / split}: val_fraction={val_fraction} selected no documents; raise it"
+            )
         summary[split] = {"documents": manifest["num_documents"], "tokens": manifest["num_tokens"]}
     return summary
 
@@ -200,11 +264,12 @@ def write_token_shards(
     shard_tokens: int = 1 << 26,
 ) -> dict:
     """Write already-tokenized documents (arrays of ids, EOS included) as a shard directory."""
-    writer = _TokenShardWriter(Path(out_dir), shard_tokens, S.token_dtype(vocab_size))
-    for doc in documents:
-        writer.add(np.asarray(doc))
-    info = tokenizer_info or {"path": None, "sha256": "none", "eos_id": None}
-    manifest = writer.close({"dtype": writer.dtype, "vocab_size": vocab_size, "tokenizer": info, "stats": {}})
-    if manifest is None:
-        raise UserError(f"{out_dir}: no documents to write")
+    with S.staged(Path(out_dir)) as (stage,):
+        writer = _TokenShardWriter(stage, shard_tokens, S.token_dtype(vocab_size))
+        for doc in documents:
+            writer.add(np.asarray(doc))
+        info = tokenizer_info or {"path": None, "sha256": "none", "eos_id": None}
+        manifest = writer.close({"dtype": writer.dtype, "vocab_size": vocab_size, "tokenizer": info, "stats": {}})
+        if manifest is None:
+            raise UserError(f"{out_dir}: no documents to write")
     return manifest

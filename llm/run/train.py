@@ -226,10 +226,58 @@ class Parts:
     validation: Validation
 
 
-def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
+RUN_OUTPUTS = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "heartbeat")
+
+
+def earlier_run(run_dir: Path) -> str | None:
+    """What of an earlier run `run_dir` holds (its newest checkpoint, export or metrics), else None."""
+    run_dir = Path(run_dir)
+    steps = sorted((run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else []
+    if steps:
+        return f"the checkpoints of an earlier run ({', '.join(s.name for s in steps[-2:])})"
+    for name in ("export", "metrics.jsonl"):
+        if (run_dir / name).exists():
+            return f"an earlier run's {name}"
+    return None
+
+
+def check_run_dir(recipe: RecipeConfig, resume: str, overwrite: bool) -> None:
+    """A run directory has one owner: a fresh run (`resume="none"`) into one that holds an earlier
+    run's outputs is refused unless `overwrite` (which deletes them before training)."""
+    if resume != "none" or overwrite:
+        return
+    found = earlier_run(Path(recipe.run_dir))
+    if found:
+        raise UserError(
+            f"run_dir {recipe.run_dir}: holds {found}; continue it with --resume auto, "
+            f"or start over with --overwrite (deletes that run's checkpoints, export and metrics)"
+        )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete an earlier run's outputs (rank 0, for --overwrite)."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool = False) -> Parts:
     """Build the parts of a run in a started process group; see the module docstring."""
     task = check_recipe(recipe)
     recipe.task = task.to_dict()  # the label map the data decided is part of the run's record
+    check_run_dir(recipe, resume, overwrite)
+    if overwrite:
+        import torch.distributed as tdist
+
+        if dist.rank == 0:
+            logger.info(f"--overwrite: deleting the earlier run's outputs in {recipe.run_dir}")
+            clear_run_dir(Path(recipe.run_dir))
+        tdist.barrier()
     ds_json = deepspeed_config(recipe, dist.world_size, task.min_micro_batch)
     seed_everything(recipe.seed)
     prepare_if_missing(recipe, dist.rank)
@@ -252,14 +300,14 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
     engine = build_engine(model, recipe, ds_json)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+    validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
+    peak, _ = device_peak_flops(dist.device, recipe.train.precision)
+    trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation, *callbacks], flops_per_token, peak)
+    trainer.resume(resume)  # first: a recipe the checkpoint refuses must not be recorded as the run's
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
-    validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
-    peak, _ = device_peak_flops(dist.device, recipe.train.precision)
-    trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation, *callbacks], flops_per_token, peak)
-    trainer.resume(resume)
     return Parts(task, model, engine, trainer, validation)
 
 
@@ -297,13 +345,15 @@ def sample(model: Model, recipe: RecipeConfig) -> str:
     return tok.tokenizer.decode(out[0].tolist())
 
 
-def train(recipe: RecipeConfig, resume: str = "auto") -> dict:
-    """Train a recipe to its end; on rank 0 export the final model and print a sample when asked."""
+def train(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:
+    """Train a recipe to its end; on rank 0 export the final model and print a sample when asked.
+    `overwrite`: start afresh in a run directory that holds an earlier run (see `check_run_dir`)."""
     started = time.perf_counter()
     check_recipe(recipe)  # fail in milliseconds, before any process group
+    check_run_dir(recipe, resume, overwrite)
     with distributed(recipe.faults.collective_timeout_s) as dist, kernels.use(recipe.kernels):
         setup_logging(dist.rank)
-        parts = assemble(recipe, dist, resume)
+        parts = assemble(recipe, dist, resume, overwrite)
         summary = parts.trainer.fit()
         summary["val"] = parts.validation.last
         if not summary["preempted"] and recipe.checkpoint.save_final:
@@ -343,11 +393,11 @@ def distill(recipe: RecipeConfig, resume: str = "auto") -> dict:
     return train(recipe, resume)
 
 
-def finetune(recipe: RecipeConfig, resume: str = "auto") -> dict:
+def finetune(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:
     """`train` from pretrained weights: the recipe must name `init_from`."""
     if not recipe.init_from:
         raise UserError(
             "init_from: fine-tuning starts from a model (an llm model, run or checkpoint directory, "
             "or a Hugging Face directory)"
         )
-    return train(recipe, resume)
+    return train(recipe, resume, overwrite)

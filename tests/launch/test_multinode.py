@@ -269,7 +269,8 @@ def kill_node_and_resume(
     if after_kill is not None:
         after_kill()
     output = job_output()
-    named = f"rank {victim} on {cluster.hosts[2]} stopped responding"
+    found = re.search(rf"rank {victim} \(pid \d+ on {cluster.hosts[2]}\)", output)
+    named = found.group(0) if found else f"rank {victim} (pid ... on {cluster.hosts[2]})"
     if named not in output and launcher == "mpirun":
         # mpirun notices its daemon on llm-n2 gone and kills the ranks itself, naming the node, before a rank can
         found = re.search(rf"(Remote host:\s+|Remote daemon: .* on node ){cluster.hosts[2]}\b", output)
