@@ -111,6 +111,8 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
     seq = recipe.model.seq_len if recipe.model.is_image else recipe.data.seq_len
     flops_per_token = training_flops_per_token(model, seq)
     engine = build_engine(model, recipe, ds_json)
+    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
+    logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
