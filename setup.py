@@ -56,7 +56,7 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow"],
+        "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow", "peft>=0.21"],
         "mpi": ["mpi4py", "openmpi"],
     },
     entry_points={"console_scripts": ["llm=llm.cli:main"]},
