@@ -91,18 +91,15 @@ class LoRAMixin:
         for key, rows in self.lora_ranges.items():
             yield key, rows, getattr(self, _param("A", key)), getattr(self, _param("B", key))
 
-    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """scaling * dropout(x) A^T B^T, (..., out), zero in rows no adapter covers."""
+    def add_lora(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`out` (..., out) of the frozen layer plus scaling * dropout(x) A^T B^T on each adapter's rows."""
         xd = self.lora_dropout(x)
-        out, pieces, at = self.weight.shape[0], [], 0
-        for _, (start, end), a, b in sorted(self.lora_pairs(), key=lambda item: item[1]):
-            if start > at:
-                pieces.append(x.new_zeros((*x.shape[:-1], start - at)))
-            pieces.append(F.linear(F.linear(xd, a), b) * self.scaling)
-            at = end
-        if at < out:
-            pieces.append(x.new_zeros((*x.shape[:-1], out - at)))
-        return torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+        for key, (start, end), a, b in self.lora_pairs():
+            delta = F.linear(F.linear(xd, a), b) * self.scaling
+            if not key:
+                return out + delta
+            out[..., start:end] += delta  # in place: F.linear's backward does not need its output
+        return out
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A placed in its rows, (out, in), in fp32."""
@@ -129,7 +126,7 @@ class LoRALinear(LoRAMixin, nn.Linear):
     plain = nn.Linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + self.lora_delta(x)
+        return self.add_lora(F.linear(x, self.weight, self.bias), x)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora: {', '.join(k or 'all' for k in self.lora_ranges)} r={self.lora_rank}"

@@ -61,6 +61,24 @@ def test_lora_layer_computes_the_low_rank_update_on_its_rows():
     assert rel_err(layer(x), ref) < 1e-6
 
 
+def test_lora_gradients_match_a_float64_reference():
+    model = apply_transforms(build(LLAMA).double(), [{"name": "lora", "rank": 2, "targets": ["k", "v"]}])
+    randomize_adapters(model)
+    layer = model.transformer.blocks[0].attn.qkv
+    x = torch.randn(3, 5, 48, dtype=torch.float64)
+    w_q = layer.weight[: 6 * 8]
+    pieces = [x @ w_q.T]
+    for key in ("k", "v"):
+        rows = slice(*lora.slices_of(model, "transformer.blocks.0.attn.qkv")[key])
+        a, b = getattr(layer, f"lora_A_{key}"), getattr(layer, f"lora_B_{key}")
+        pieces.append(x @ layer.weight[rows].T + layer.scaling * (x @ a.T) @ b.T)
+    ref = torch.cat(pieces, dim=-1)
+    params = [layer.lora_A_k, layer.lora_B_k, layer.lora_A_v, layer.lora_B_v]
+    want = torch.autograd.grad(ref.sin().sum(), params)
+    got = torch.autograd.grad(layer(x).sin().sum(), params)
+    assert all(rel_err(g, w) < 1e-10 for g, w in zip(got, want))
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_lora_trains_only_adapters_and_named_modules(name):
     model = MODELS[name]()
