@@ -17,12 +17,12 @@ METHODS = {
 }
 
 
-def recipe(method: str, run_dir, zero_stage: int = 0, micro_batch: int = 4, steps: int = 3):
+def recipe(method: str, run_dir, zero_stage: int = 0, micro_batch: int = 4, steps: int = 3, save: bool = False):
     from llm.config import resolve_recipe
 
     data = {**TINY, "transforms": METHODS[method], "run_dir": str(run_dir)}
     data["train"] = {**TINY["train"], "max_steps": steps, "micro_batch_size": micro_batch}
-    data["checkpoint"] = {"save_final": False}
+    data["checkpoint"] = {"save_final": save}
     data["deepspeed"] = {"zero_stage": zero_stage}
     data["optim"] = {"lr": 1e-2}
     return resolve_recipe(data)

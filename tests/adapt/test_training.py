@@ -32,6 +32,23 @@ def test_zero0_trains_only_the_trainable_set(method, tmp_path):
     assert compare(before, snapshot(model), trainable) == {"frozen_changed": [], "trainable_unchanged": []}
 
 
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_an_adapted_run_reloads_from_its_checkpoint(method, tmp_path):
+    """The checkpoint records the transforms; the loader rebuilds them before loading the weights."""
+    import torch
+
+    from llm.run.loader import load_model
+
+    trainer = assembled_trainer(recipe(method, tmp_path / "run", save=True))
+    trainer.fit()
+    reloaded = load_model(tmp_path / "run")
+    assert reloaded.transforms == trainer.model.transforms == METHODS[method]
+    x = torch.randint(0, 256, (2, 10))
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, trainer.model(x).logits)
+
+
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
     d = tmp_path_factory.mktemp("zero3")
@@ -72,3 +89,28 @@ def test_zero3_start_up_counts_trainable_and_total_parameters(zero3, tmp_path):
         params = {id(p): p for p in model.parameters()}.values()
         assert int(trainable.replace(",", "")) == sum(p.numel() for p in params if p.requires_grad) > 0
         assert int(total.replace(",", "")) == sum(p.numel() for p in params)
+
+
+BAD = {
+    "unknown_lora_target": (
+        {"name": "lora", "targets": ["q", "query_proj"]},
+        "transforms[0].targets[1]: 'query_proj' matches no linear layer",
+    ),
+    "prefix_beyond_positions": (
+        {"name": "prefix", "num_virtual_tokens": 64},
+        "transforms[0].num_virtual_tokens: 64 virtual tokens leave no room in the model's 64 positions",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_adapter_settings_are_one_clear_line(name, tmp_path, capsys):
+    from llm.cli import main
+    from tests.train.helpers import TINY, write_recipe
+
+    spec, message = BAD[name]
+    recipe = write_recipe(tmp_path / "recipe.yaml", {**TINY, "transforms": [spec], "run_dir": str(tmp_path / "run")})
+    assert main(["pretrain", str(recipe), "--resume", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llm: error: ") and message in err[0], err
+    assert not (tmp_path / "run" / "checkpoints").exists()
