@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm import kernels
+from llm.adapt.freeze import freeze_base
 from llm.config import ConfigError, build_config
 from llm.models.base import Model, tied_aliases
 from llm.models.layers import LMHead, dropout
@@ -174,8 +175,9 @@ def _resolve(model: Model, target: str, where: str) -> dict[str, list[str]]:
         if name == target or name.endswith("." + target):
             hits[name] = [""]
             continue
-        head, _, piece = target.rpartition(".")
-        if piece in slices_of(model, name) and (not head or name == head or name.endswith("." + head)):
+        head, _, piece = target.rpartition(".")  # "blocks.0.attn.q": the q rows of blocks.0.attn's qkv
+        parent = name.rpartition(".")[0]
+        if piece in slices_of(model, name) and (not head or parent == head or parent.endswith("." + head)):
             hits[name] = [piece]
     if not hits:
         raise ConfigError(
@@ -212,10 +214,11 @@ def apply(model: Model, settings: dict, path: str = "lora") -> Model:
             have += [p for p in pieces if p not in have]
     extra = _trainable(model, s.trainable, path)
     tied = tied_aliases(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze_base(model)
     for name, pieces in chosen.items():
         module = model.get_submodule(name)
+        if isinstance(module, LoRAMixin):
+            raise ConfigError(f"{path}.targets", f"{name} already carries a LoRA adapter")
         if isinstance(module, LMHead) and any(n.startswith(name + ".") for n in tied):
             raise ConfigError(
                 f"{path}.targets",

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from llm.adapt.freeze import freeze_base
 from llm.config import ConfigError, build_config
 from llm.models.base import Model
 from llm.models.transformer import KVCache
@@ -117,8 +118,7 @@ def apply(model: Model, settings: dict, path: str = "prefix") -> Model:
         )
     if s.init == "vocab" and cfg.is_image and not s.reparameterize:
         raise ConfigError(f"{path}.init", "'vocab' needs a text model; use init: random")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze_base(model)
     w = next(model.parameters())
     prefix = Prefix(cfg, s.num_virtual_tokens, (s.hidden_size or cfg.d_model) if s.reparameterize else None)
     prefix.to(device=w.device, dtype=w.dtype)

@@ -28,6 +28,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from llm.adapt.freeze import freeze_base
 from llm.config import ConfigError, build_config
 from llm.models.base import Model
 
@@ -103,8 +104,7 @@ def apply(model: Model, settings: dict, path: str = "prompt") -> Model:
     bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
     if bad:
         raise ConfigError(f"{path}.init_ids", f"id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    freeze_base(model)
     table = model.transformer.tok_embed.weight
     prompt = SoftPrompt(n, cfg.d_model).to(device=table.device, dtype=table.dtype)
     index = torch.tensor([ids[i % len(ids)] for i in range(n)], device=table.device)

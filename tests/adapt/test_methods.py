@@ -257,3 +257,21 @@ def test_a_soft_prompt_too_long_for_the_input_is_one_clear_error():
     model = apply_transforms(build(GPT), [{"name": "prompt", "num_virtual_tokens": 30}])
     with pytest.raises(ValueError, match="soft prompt"):
         model(ids(1, 12))
+
+
+def test_methods_combine_without_freezing_each_other():
+    specs = [{"name": "lora", "targets": ["q"]}, {"name": "prompt", "num_virtual_tokens": 2}]
+    model = apply_transforms(build(GPT), specs)
+    train = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert train == {"transformer.prompt.embedding.weight"} | {
+        f"transformer.blocks.{i}.attn.qkv.lora_{m}_q" for i in range(2) for m in "AB"
+    }
+    with pytest.raises(ConfigError, match="already carries a LoRA adapter"):
+        apply_transforms(model, [{"name": "lora", "targets": ["blocks.0.attn.q"]}])
+    one = apply_transforms(build(GPT), [{"name": "lora", "targets": ["blocks.1.attn.v", "blocks.0.mlp.fc_in"]}])
+    assert sorted(n for n, p in one.named_parameters() if p.requires_grad) == [
+        "transformer.blocks.0.mlp.fc_in.lora_A",
+        "transformer.blocks.0.mlp.fc_in.lora_B",
+        "transformer.blocks.1.attn.qkv.lora_A_v",
+        "transformer.blocks.1.attn.qkv.lora_B_v",
+    ]
