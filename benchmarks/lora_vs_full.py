@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -102,13 +103,14 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    rows = []
+    rows, load = [], [os.getloadavg()[0]]
     for method in METHODS:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--precision", args.precision, "--worker", method]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        load.append(os.getloadavg()[0])
     full = rows[0]
     for row in rows:
         row["trainable_pct"] = 100 * row["trainable"] / row["params"]
@@ -117,7 +119,8 @@ def main() -> None:
     columns = ["method", "trainable", "trainable_pct", "tokens_per_s", "speed_vs_full", "peak_gib", "memory_vs_full"]
     print(format_table(rows, columns))
     config = {k: getattr(args, k) for k in ("model", "batch", "seq", "precision", "warmup", "steps")}
-    path = write_results("lora_vs_full", rows, args.out, config=config)
+    # other jobs on the machine slow every method; the 1-minute load average says how busy it was
+    path = write_results("lora_vs_full", rows, args.out, config=config, load_average_1min=load)
     print(f"results: {path}")
 
 
