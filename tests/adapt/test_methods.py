@@ -27,7 +27,7 @@ BERT.update(type_vocab_size=2, pooler=True, dropout=0.0, attention_dropout=0.0)
 MODELS = {
     "gpt": lambda: build(GPT, dropout=0.0, attention_dropout=0.0),
     "llama-gqa": lambda: build(LLAMA),
-    "bert-classifier": lambda: build(BERT, task="sequence_classification", num_labels=3),
+    "bert-classifier": lambda: build(BERT, task="text_classification", num_labels=3),
 }
 
 
@@ -223,7 +223,7 @@ def test_soft_prompt_generation_with_cache_matches_recomputation():
 
 
 def test_soft_prompt_classification_pools_the_real_first_token():
-    model = apply_transforms(build(BERT, task="sequence_classification"), [{"name": "prompt", "num_virtual_tokens": 3}])
+    model = apply_transforms(build(BERT, task="text_classification"), [{"name": "prompt", "num_virtual_tokens": 3}])
     model.eval()
     x = ids(2, 6)
     out = model(x, attention_mask=torch.ones_like(x))
