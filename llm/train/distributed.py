@@ -255,4 +255,4 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.world_size > 1:
-            self._path(self.rank).write_text("done\n")
+            self._path(self.rank).write_text(f"done {os.getpid()} {self.host}\n")
