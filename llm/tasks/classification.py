@@ -19,6 +19,18 @@ from llm.kernels.reference import upcast
 from llm.tasks.base import Task
 
 
+@dataclasses.dataclass
+class LabelOptions:
+    """The options every classification task takes."""
+
+    num_labels: int = 2
+    labels: list[str] | None = None  # class names, index order
+
+    def validate(self, path: str = "task") -> None:
+        if self.num_labels < 2:
+            raise ConfigError(f"{path}.num_labels", f"must be >= 2, got {self.num_labels}")
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
     """Mean cross-entropy of logits (B, num_labels) against labels (B,) int64, in fp32."""
     return F.cross_entropy(upcast(logits), labels.view(-1)) if labels is not None else None

@@ -7,25 +7,13 @@ class; images are resized to the model's image_size and num_channels.
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch import nn
 
-from llm.config import ConfigError, ModelConfig
+from llm.config import ModelConfig
 from llm.models.base import Model
 from llm.models.hf import linear_rules
 from llm.models.transformer import ModelOutput
-from llm.tasks.classification import ClassificationTask, classification_loss
-
-
-@dataclasses.dataclass
-class ImageClassificationOptions:
-    num_labels: int = 2
-    labels: list[str] | None = None  # class names, index order
-
-    def validate(self, path: str = "task") -> None:
-        if self.num_labels < 2:
-            raise ConfigError(f"{path}.num_labels", f"must be >= 2, got {self.num_labels}")
+from llm.tasks.classification import ClassificationTask, LabelOptions, classification_loss
 
 
 class ImageClassifier(Model):
@@ -33,8 +21,8 @@ class ImageClassifier(Model):
 
     task = "image_classification"
 
-    def __init__(self, cfg: ModelConfig, options: ImageClassificationOptions | None = None):
-        options = options or ImageClassificationOptions()
+    def __init__(self, cfg: ModelConfig, options: LabelOptions | None = None):
+        options = options or LabelOptions()
         super().__init__(cfg, options)
         self.classifier = nn.Linear(cfg.d_model, options.num_labels)
         self.post_init()
@@ -48,7 +36,7 @@ class ImageClassifier(Model):
 class ImageClassificationTask(ClassificationTask):
     name = "image_classification"
     model_class = ImageClassifier
-    Options = ImageClassificationOptions
+    Options = LabelOptions
     families = ("vit",)
     hf_architectures = {"ViTForImageClassification": ("vit", {})}
 

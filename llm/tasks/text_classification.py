@@ -17,23 +17,17 @@ from typing import Literal
 
 from torch import nn
 
-from llm.config import ConfigError, ModelConfig
+from llm.config import ModelConfig
 from llm.models.base import Model, Pooler, pool
 from llm.models.hf import linear_rules
 from llm.models.layers import dropout
 from llm.models.transformer import ModelOutput
-from llm.tasks.classification import ClassificationTask, classification_loss
+from llm.tasks.classification import ClassificationTask, LabelOptions, classification_loss
 
 
 @dataclasses.dataclass
-class TextClassificationOptions:
-    num_labels: int = 2
-    labels: list[str] | None = None  # class names, index order
+class TextClassificationOptions(LabelOptions):
     pooling: Literal["first", "mean", "last"] | None = None  # None: last for causal bodies, else first
-
-    def validate(self, path: str = "task") -> None:
-        if self.num_labels < 2:
-            raise ConfigError(f"{path}.num_labels", f"must be >= 2, got {self.num_labels}")
 
 
 class TextClassifier(Model):
