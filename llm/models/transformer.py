@@ -70,7 +70,8 @@ class Transformer(nn.Module):
             elif cfg.position == "sinusoidal":
                 self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, d), persistent=False)
             self.type_embed = nn.Embedding(cfg.type_vocab_size, d) if cfg.type_vocab_size else None
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.position == "rotary" else None
+        rotary = cfg.position == "rotary"
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len) if rotary else None
         self.embed_norm = build_norm(cfg) if cfg.norm_position == "post" else None
         self.dropout = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))

@@ -14,11 +14,16 @@ from llm.tasks import task_of
 
 @torch.no_grad()
 def evaluate_model(
-    model_path: str | Path, data: str | Path, seq_len: int | None = None, batch_size: int = 8, max_batches=None
+    model_path: str | Path,
+    data: str | Path,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    max_batches=None,
+    dtype: str | None = None,
 ) -> dict:
     """One pass, in order, over the windows (or samples) of a shard directory: the task's metrics
     (mean loss and perplexity for language models), with the number of batches."""
-    model = load_model(model_path).eval()
+    model = load_model(model_path, dtype=dtype).eval()
     task = task_of(model)
     cfg = model.config
     tokenizer = find_tokenizer(model_path)

@@ -37,6 +37,9 @@ class EncoderTask(Task):
     hf_architectures = {
         "GPT2Model": ("gpt", {}),
         "LlamaModel": ("llama", {}),
+        "MistralModel": ("llama", {}),
+        "Qwen2Model": ("llama", {}),
+        "Qwen3Model": ("llama", {}),
         "BertModel": ("bert", {}),
         "ViTModel": ("vit", {}),
     }
