@@ -4,7 +4,6 @@ as it is, generation stops at the tokenizer's EOS, and llm's own commands still 
 import json
 
 import pytest
-import torch
 
 from llm.config import load_recipe
 from tests.train.helpers import ROOT, assembled_trainer
