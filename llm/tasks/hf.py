@@ -131,7 +131,7 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
     if unused:
         logger.warning(f"{path}: {len(unused)} tensors that {arch} does not use, ignored: {_names(unused)}")
     if missing:
-        fresh = [r.ours for r in missing]
+        fresh = [(prefix if r.base else "") + t for r in missing for t in r.theirs]
         logger.warning(f"{path}: {len(fresh)} tensors not in the checkpoint, freshly initialised: {_names(fresh)}")
     expected = model.state_dict()
     for name, tensor in ours.items():
