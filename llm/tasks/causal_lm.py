@@ -14,7 +14,7 @@ from llm.config import ModelConfig
 from llm.models.base import Model
 from llm.models.hf import linear_rules
 from llm.models.layers import LMHead
-from llm.models.transformer import KVCache, ModelOutput
+from llm.models.transformer import KVCache, ModelOutput, check_token_labels
 from llm.tasks.base import Task
 
 
@@ -43,6 +43,7 @@ class CausalLM(Model):
         return_logits: bool = True,
     ) -> ModelOutput:
         """input_ids (B, T) int -> logits (B, T, vocab) and, with labels (B, T), the mean token loss."""
+        check_token_labels(labels, input_ids)
         h = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
         logits, loss = self.lm_head(h, labels, return_logits)
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
