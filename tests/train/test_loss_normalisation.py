@@ -66,7 +66,10 @@ def assert_same_step(got: dict, want: dict) -> None:
     for name, g in want["grads"].items():
         assert rel_err(got["grads"][name], g) < 1e-5, name
     assert abs(got["metrics"]["loss"] - want["metrics"]["loss"]) < 1e-5 * abs(want["metrics"]["loss"])
-    assert got["metrics"]["grad_norm"] == pytest.approx(want["metrics"]["grad_norm"], rel=1e-5)
+    # grad_norm is reported under ZeRO-0 too, and is the norm of the step's gradient
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in want["grads"].values()])).item()
+    assert want["metrics"]["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    assert got["metrics"]["grad_norm"] == pytest.approx(norm, rel=1e-5)
 
 
 @pytest.mark.parametrize("case", ["masked_lm", "causal_lm_padded"])
