@@ -100,12 +100,9 @@ class Tokenizer:
         if "eos_token" in special and "[SEP]" != special["eos_token"]:  # GPT-2 style: one token for all three
             special.setdefault("bos_token", special["eos_token"])
             special.setdefault("unk_token", special["eos_token"])
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": model_max_length or 1_000_000_000_000_000_019_884_624_838_656,
-            **special,
-        }
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **special}
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
         paths = [out / "tokenizer.json", out / "tokenizer_config.json", out / "special_tokens_map.json"]
         if self.path.resolve() != paths[0].resolve():
             write_atomic(paths[0], self.path.read_bytes())

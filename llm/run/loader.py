@@ -22,7 +22,7 @@ from llm import adapt
 from llm.config import ConfigError, ModelConfig, build_config
 from llm.errors import UserError
 from llm.fileio import write_atomic
-from llm.log import logger
+from llm.log import logger, short_list
 from llm.models.base import Model, tied_aliases
 from llm.tasks import get_task
 from llm.train import checkpoint as ckpt
@@ -66,15 +66,11 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> 
         raise UserError(f"{where}: the weights do not match the model (missing {', '.join(required[:3])})")
     if result.unexpected_keys:
         unused = result.unexpected_keys
-        logger.warning(f"{where}: {len(unused)} tensors the model does not use, ignored: {_names(unused)}")
+        logger.warning(f"{where}: {len(unused)} tensors the model does not use, ignored: {short_list(unused)}")
     if missing:
-        logger.warning(f"{where}: {len(missing)} tensors not in the weights, freshly initialised: {_names(missing)}")
+        fresh = short_list(missing)
+        logger.warning(f"{where}: {len(missing)} tensors not in the weights, freshly initialised: {fresh}")
     return model
-
-
-def _names(keys: list[str], shown: int = 8) -> str:
-    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-    return ", ".join(keys[:shown]) + more
 
 
 # ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from llm.config import ConfigError, ModelConfig, build_config
 from llm.errors import UserError
 from llm.fileio import write_atomic
-from llm.log import logger
+from llm.log import logger, short_list
 from llm.models import hf
 from llm.models.base import Model, tied_aliases
 from llm.tasks import TASKS, get_task, task_of
@@ -73,11 +73,6 @@ def special_tokens(config: dict, generation: dict, vocab_size: int, where: str) 
     return out
 
 
-def _names(keys: list[str], shown: int = 8) -> str:
-    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
-    return ", ".join(keys[:shown]) + more
-
-
 def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype | None = None) -> Model:
     """The model in a Hugging Face directory (config.json + safetensors or pytorch_model.bin,
     and generation_config.json when there is one), in `dtype` (default: float32).
@@ -129,10 +124,10 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
     ignored = set(source_task.hf_ignored(cfg)) | set(target.hf_ignored(cfg))
     unused = [k for k in weights if k not in used and not k.endswith(hf.IGNORED_SUFFIXES) and k not in ignored]
     if unused:
-        logger.warning(f"{path}: {len(unused)} tensors that {arch} does not use, ignored: {_names(unused)}")
+        logger.warning(f"{path}: {len(unused)} tensors that {arch} does not use, ignored: {short_list(unused)}")
     if missing:
         fresh = [(prefix if r.base else "") + t for r in missing for t in r.theirs]
-        logger.warning(f"{path}: {len(fresh)} tensors not in the checkpoint, freshly initialised: {_names(fresh)}")
+        logger.warning(f"{path}: {len(fresh)} tensors not in the checkpoint, freshly initialised: {short_list(fresh)}")
     expected = model.state_dict()
     for name, tensor in ours.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
