@@ -143,12 +143,12 @@ def export(model: Model, recipe: RecipeConfig) -> Path:
     and every llm command read as it is. A model Hugging Face cannot express (a transform, a task or
     field without an equivalent) is written as an llm model directory instead, saying why. One
     format per directory: the other format's config file is removed, so readers never disagree."""
-    from llm.tasks.hf import hf_state_dict, to_hf
+    from llm.tasks.hf import hf_architecture, to_hf
 
     out = Path(recipe.run_dir) / "export"
     tokenizer = recipe.data.tokenizer if recipe.data.tokenizer and Path(recipe.data.tokenizer).is_file() else None
     try:
-        hf_state_dict(model)
+        hf_architecture(model)
     except UserError as e:
         logger.info(f"export: no Hugging Face equivalent ({e}); writing an llm model directory")
         (out / "config.json").unlink(missing_ok=True)

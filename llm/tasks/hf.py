@@ -145,10 +145,9 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
 OPTIONAL = {"transformer.mask_token"}
 
 
-def hf_state_dict(model: Model) -> tuple[str, dict[str, torch.Tensor]]:
-    """(architecture, state dict with Hugging Face names) for `model`; tied tensors appear once.
-
-    Raises UserError naming the task or field that Hugging Face cannot express."""
+def hf_architecture(model: Model) -> str:
+    """The Hugging Face architecture `model` exports as. Raises UserError naming the task, transform
+    or config field that Hugging Face cannot express."""
     cfg, task = model.config, task_of(model)
     arch = task.hf_architecture(cfg)
     if arch is None:
@@ -158,6 +157,15 @@ def hf_state_dict(model: Model) -> tuple[str, dict[str, torch.Tensor]]:
         names = ", ".join(t["name"] for t in model.transforms)
         raise UserError(f"the model carries transforms ({names}); merge or remove them before a Hugging Face export")
     hf.check_exportable(cfg, arch)
+    return arch
+
+
+def hf_state_dict(model: Model) -> tuple[str, dict[str, torch.Tensor]]:
+    """(architecture, state dict with Hugging Face names) for `model`; tied tensors appear once.
+
+    Raises UserError naming the task or field that Hugging Face cannot express."""
+    arch = hf_architecture(model)
+    cfg, task = model.config, task_of(model)
     prefix = hf.BASE_PREFIX[cfg.family] if task.nested else ""
     ours = model.state_dict()
     out = {}

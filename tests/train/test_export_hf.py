@@ -78,3 +78,23 @@ def test_run_checkpoints_generate_with_the_runs_own_tokenizer(trained):
     path, recipe = trained
     ours = generate_text(str(path.parent / "checkpoints"), ["def f1(x):\n"], max_new_tokens=8, temperature=0.0)
     assert ours[0].startswith("def f1(x):\n")
+
+
+def test_a_model_without_hugging_face_equivalent_exports_as_an_llm_directory(tmp_path):
+    from llm import adapt
+    from llm.config import resolve_recipe
+    from llm.run.loader import load_model, model_kind
+    from llm.run.train import export
+    from llm.tasks import build_model
+    from tests.train.helpers import TINY
+
+    recipe = resolve_recipe({**TINY, "run_dir": str(tmp_path)})
+    plain = build_model(recipe.model, "causal_lm")
+    freeze = [{"name": "freeze", "layers": ["embeddings"]}]
+    frozen = adapt.apply_transforms(build_model(recipe.model, "causal_lm"), freeze)
+    out = export(frozen, recipe)
+    assert model_kind(out) == "llm" and not (out / "config.json").exists()
+    assert load_model(out).transforms == frozen.transforms
+    out = export(plain, recipe)  # the same directory, now a Hugging Face one: one format at a time
+    assert model_kind(out) == "hf" and not (out / "config.yaml").exists()
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"
