@@ -97,10 +97,11 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
         fields.update(special_tokens(config, generation, fields["vocab_size"], str(path)))
 
     prefix = hf.BASE_PREFIX[family] if arch_task.nested else ""
-    weights = {}
-    for key, tensor in hf.read_hf_weights(path).items():
-        key = key.removeprefix(prefix).replace("LayerNorm.gamma", "LayerNorm.weight")
-        weights[key.replace("LayerNorm.beta", "LayerNorm.bias")] = tensor
+    weights, stored = {}, {}  # stored: each key as the checkpoint spells it, for warnings
+    for name, tensor in hf.read_hf_weights(path).items():
+        key = name.removeprefix(prefix).replace("LayerNorm.gamma", "LayerNorm.weight")
+        key = key.replace("LayerNorm.beta", "LayerNorm.bias")
+        weights[key], stored[key] = tensor, name
     fields["pooler"] = "pooler.dense.weight" in weights
     try:
         cfg = build_config(ModelConfig, fields, "model")
@@ -124,6 +125,7 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
     ignored = set(source_task.hf_ignored(cfg)) | set(target.hf_ignored(cfg))
     unused = [k for k in weights if k not in used and not k.endswith(hf.IGNORED_SUFFIXES) and k not in ignored]
     if unused:
+        unused = [stored[k] for k in unused]
         logger.warning(f"{path}: {len(unused)} tensors that {arch} does not use, ignored: {short_list(unused)}")
     if missing:
         fresh = [(prefix if r.base else "") + t for r in missing for t in r.theirs]
