@@ -83,6 +83,7 @@ def _cmd_generate(args) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        dtype=args.dtype,
     ):
         print(text)
     return 0
@@ -125,7 +126,17 @@ llm convert runs/gpt/checkpoints exported/gpt --to hf  # latest ZeRO checkpoint 
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    _add_dtype(p)
     p.set_defaults(func=_cmd_generate)
+
+
+def _add_dtype(p) -> None:
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+        help="cast the model's weights (rotary tables stay float32; default: as loaded)",
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -365,6 +376,7 @@ def _cmd_eval(args) -> int:
         out=args.out,
         text_field=args.text_field,
         label_field=args.label_field,
+        dtype=args.dtype,
     )
     scalars = {k: v for k, v in result.items() if isinstance(v, (int, float))}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()))
@@ -439,6 +451,7 @@ llm eval --model runs/sentiment/export --data data/sentiment/val.jsonl --out run
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
+    _add_dtype(p)
     p.set_defaults(func=_cmd_eval)
 
 

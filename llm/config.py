@@ -179,8 +179,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     position: Literal["learned", "sinusoidal", "rotary", "none"] = "learned"
     rope_theta: float = 10000.0
+    # Hugging Face's rope_scaling dict: {rope_type: linear | dynamic | llama3 | yarn, factor: ..., ...}
+    rope_scaling: dict[str, Any] | None = None
     mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"
     bias: bool = True
+    qkv_bias: bool | None = None  # None: as `bias`; Qwen2 has q/k/v biases and no others
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3)
     dropout: float = 0.0
     attention_dropout: float = 0.0
     tie_embeddings: bool = True
@@ -192,11 +196,23 @@ class ModelConfig:
     num_channels: int = 3  # vit only
     init_std: float = 0.02
     pad_token_id: int | None = None
-    eos_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # a list: generation stops at any (Llama-3-Instruct)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def attn_bias(self) -> bool:
+        """Whether the q/k/v projection has a bias."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends a sequence (empty when none is known)."""
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
     @property
     def kv_heads(self) -> int:
@@ -240,14 +256,16 @@ class ModelConfig:
         if self.position == "sinusoidal":
             _check(self.d_model % 2 == 0, _join(path, "d_model"), "sinusoidal positions need an even d_model")
         _check(self.type_vocab_size >= 0, _join(path, "type_vocab_size"), "must be >= 0")
-        for name in ("pad_token_id", "eos_token_id"):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if value is not None:
+            for v in value if isinstance(value, list) else [] if value is None else [value]:
                 _check(
-                    0 <= value < self.vocab_size,
+                    0 <= v < self.vocab_size,
                     _join(path, name),
-                    f"{value} is outside the vocabulary [0, {self.vocab_size})",
+                    f"{v} is outside the vocabulary [0, {self.vocab_size})",
                 )
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling, self.position, _join(path, "rope_scaling"))
         if self.is_image:
             _positive(self, path, "image_size", "patch_size", "num_channels")
             _check(
@@ -283,6 +301,42 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def safe_load_unique(text: str):
     """`yaml.safe_load` that raises yaml.YAMLError on a duplicate key (naming it and both lines)."""
     return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+# Parameters each rope scaling type needs (required, optional), as Hugging Face names them;
+# the formulas are in llm.models.layers.rope_frequencies.
+ROPE_SCALING = {
+    "linear": ({"factor"}, set()),
+    "dynamic": ({"factor"}, {"original_max_position_embeddings"}),
+    "llama3": (
+        {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+        set(),
+    ),
+    "yarn": (
+        {"factor", "original_max_position_embeddings"},
+        {"beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"},
+    ),
+}
+
+
+def _check_rope_scaling(scaling: dict, position: str, path: str) -> None:
+    _check(position == "rotary", path, f"needs position: rotary, got {position!r}")
+    kind = scaling.get("rope_type")
+    _check(kind in ROPE_SCALING, _join(path, "rope_type"), f"expected one of {', '.join(ROPE_SCALING)}, got {kind!r}")
+    required, optional = ROPE_SCALING[kind]
+    for key in sorted(required - set(scaling)):
+        raise ConfigError(_join(path, key), f"rope_type {kind!r} needs it")
+    for key, value in scaling.items():
+        if key == "rope_type":
+            continue
+        _check(key in required | optional, _join(path, key), f"not a parameter of rope_type {kind!r}")
+        if key == "truncate":
+            _check(isinstance(value, bool), _join(path, key), f"expected true or false, got {value!r}")
+        elif value is not None:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            _check(ok, _join(path, key), f"expected a number > 0, got {value!r}")
+    if kind != "yarn":
+        _check(scaling["factor"] >= 1, _join(path, "factor"), f"must be >= 1, got {scaling['factor']}")
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -15,6 +15,12 @@ import sys
 logger = logging.getLogger("llm")
 
 
+def short_list(names: list[str], shown: int = 8) -> str:
+    """ "a, b, c and 5 more": the first `shown` names of a warning's list, and how many others."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 class _Format(logging.Formatter):
     def __init__(self, rank: int, every_rank: bool):
         super().__init__()

@@ -65,11 +65,51 @@ class Tokenizer:
         """Ids of every special token (never masked by MLM)."""
         return sorted(i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = False, ordinary: bool = True) -> list[int]:
+        """Token ids of `text`. `ordinary` (the default, as tiktoken's encode_ordinary): text that
+        spells a special token ("<|endoftext|>") is encoded as the characters it is, so only the
+        pipeline itself ever places a control token."""
+        return self.encode_batch([text], add_special_tokens, ordinary)[0]
 
-    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    def encode_batch(
+        self, texts: list[str], add_special_tokens: bool = False, ordinary: bool = True
+    ) -> list[list[int]]:
+        previous = self.tokenizer.encode_special_tokens
+        self.tokenizer.encode_special_tokens = ordinary
+        try:
+            return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        finally:
+            self.tokenizer.encode_special_tokens = previous
+
+    def token(self, kind: str) -> str | None:
+        """The spelling of special token `kind` ("eos", "pad", ...) in this vocabulary, or None."""
+        token_id = self.special_id(kind)
+        return None if token_id is None else self.tokenizer.id_to_token(token_id)
+
+    def save_hf(self, out_dir: str | Path, model_max_length: int | None = None) -> list[Path]:
+        """tokenizer.json, tokenizer_config.json and special_tokens_map.json in `out_dir`, so that
+        `transformers.AutoTokenizer.from_pretrained(out_dir)` loads this tokenizer with its special
+        tokens named (eos, bos, pad, unk, cls, sep, mask: those the vocabulary has)."""
+        import json
+
+        from llm.fileio import write_atomic
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        special = {f"{kind}_token": self.token(kind) for kind in SPECIAL_NAMES}
+        special = {k: v for k, v in special.items() if v is not None}
+        if "eos_token" in special and "[SEP]" != special["eos_token"]:  # GPT-2 style: one token for all three
+            special.setdefault("bos_token", special["eos_token"])
+            special.setdefault("unk_token", special["eos_token"])
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **special}
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
+        paths = [out / "tokenizer.json", out / "tokenizer_config.json", out / "special_tokens_map.json"]
+        if self.path.resolve() != paths[0].resolve():
+            write_atomic(paths[0], self.path.read_bytes())
+        write_atomic(paths[1], json.dumps(config, indent=2) + "\n")
+        write_atomic(paths[2], json.dumps(special, indent=2) + "\n")
+        return paths
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

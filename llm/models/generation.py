@@ -52,13 +52,14 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Extend `input_ids` (B, T) by up to `max_new_tokens`; returns (B, T + n).
 
-    Sequences that produced EOS are padded with EOS until all have finished.
+    Sequences that produced an EOS (`eos_token_id`, default the config's; an int or a list,
+    any of which ends a sequence) are padded with that id's first value until all have finished.
     """
     cfg = model.config
     if temperature < 0:
@@ -76,6 +77,9 @@ def generate(
             + f" exceeds max_seq_len={cfg.max_seq_len}"
         )
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = None if eos is None else torch.tensor([eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+    if eos is not None and not eos.numel():
+        eos = None
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
     was_training = model.training
     model.eval()
@@ -90,8 +94,8 @@ def generate(
             logits = model(fresh, attention_mask=mask, position_ids=positions, cache=cache).logits[:, -1].float()
             token = next_token(logits, temperature, top_k, top_p, generator)
             if eos is not None:
-                token = torch.where(finished, torch.full_like(token, eos), token)
-                finished |= token == eos
+                token = torch.where(finished, torch.full_like(token, int(eos[0])), token)
+                finished |= torch.isin(token, eos)
             ids = torch.cat((ids, token[:, None]), dim=1)
             mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
             if eos is not None and bool(finished.all()):

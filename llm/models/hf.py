@@ -20,7 +20,9 @@ from llm.config import ModelConfig
 from llm.errors import UserError
 
 MODEL_TYPE = {"gpt": "gpt2", "llama": "llama", "bert": "bert", "vit": "vit"}
-FAMILY = {v: k for k, v in MODEL_TYPE.items()}
+# Hugging Face model types that are our "llama" trunk with a different spelling of the same config
+LLAMA_LIKE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+FAMILY = {**{v: k for k, v in MODEL_TYPE.items()}, **dict.fromkeys(LLAMA_LIKE, "llama")}
 # Where the trunk sits inside a head model's state dict (GPT2LMHeadModel: "transformer.h.0...").
 BASE_PREFIX = {"gpt": "transformer.", "llama": "model.", "bert": "bert.", "vit": "vit."}
 # Buffers and tied duplicates that some checkpoints carry and nothing needs.
@@ -80,7 +82,9 @@ def trunk_rules(cfg: ModelConfig, mask_token: bool = False) -> list[Rule]:
             h, bias = f"layers.{i}", cfg.bias
             rules += linear_rules(f"{b}.attn_norm", f"{h}.input_layernorm", bias=False)
             rules += linear_rules(f"{b}.mlp_norm", f"{h}.post_attention_layernorm", bias=False)
-            rules += fused_rules(f"{b}.attn.qkv", [f"{h}.self_attn.{p}_proj" for p in "qkv"], bias)
+            rules += fused_rules(f"{b}.attn.qkv", [f"{h}.self_attn.{p}_proj" for p in "qkv"], cfg.attn_bias)
+            if cfg.qk_norm:
+                rules += [Rule(f"{b}.attn.{p}_norm.weight", (f"{h}.self_attn.{p}_norm.weight",)) for p in "qk"]
             rules += linear_rules(f"{b}.attn.proj", f"{h}.self_attn.o_proj", bias=bias)
             rules += fused_rules(f"{b}.mlp.fc_in", [f"{h}.mlp.gate_proj", f"{h}.mlp.up_proj"], bias)
             rules += linear_rules(f"{b}.mlp.fc_out", f"{h}.mlp.down_proj", bias=bias)
@@ -197,39 +201,7 @@ def config_from_hf(c: dict, family: str, where: str) -> dict:
             causal=True,
         )
     if family == "llama":
-        require(get("hidden_act", "silu") == "silu", where, f"hidden_act {get('hidden_act')!r} (expected 'silu')")
-        rope = get("rope_parameters") or get("rope_scaling") or {}
-        require(
-            rope.get("rope_type", rope.get("type", "default")) == "default",
-            where,
-            f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported (only default rotary)",
-        )
-        bias = get("attention_bias", False)
-        require(bias == get("mlp_bias", False), where, "attention_bias and mlp_bias must be equal")
-        d, heads = get("hidden_size", 4096), get("num_attention_heads", 32)
-        head_dim = get("head_dim") or d // heads
-        require(head_dim * heads == d, where, f"head_dim={head_dim} * heads={heads} != hidden_size={d}")
-        return dict(
-            common,
-            vocab_size=get("vocab_size", 32000),
-            max_seq_len=get("max_position_embeddings", 2048),
-            d_model=d,
-            n_layers=get("num_hidden_layers", 32),
-            n_heads=heads,
-            n_kv_heads=get("num_key_value_heads") or heads,
-            d_ff=get("intermediate_size", 11008),
-            norm="rmsnorm",
-            norm_position="pre",
-            norm_eps=get("rms_norm_eps", 1e-6),
-            position="rotary",
-            rope_theta=rope.get("rope_theta", get("rope_theta", 10000.0)),
-            mlp="swiglu",
-            bias=bias,
-            dropout=0.0,
-            attention_dropout=get("attention_dropout", 0.0),
-            tie_embeddings=get("tie_word_embeddings", False),
-            causal=True,
-        )
+        return dict(common, **_llama_fields(c, where))
     # bert and vit
     encoder = dict(
         common,
@@ -277,6 +249,88 @@ def config_from_hf(c: dict, family: str, where: str) -> dict:
     )
 
 
+def _llama_fields(c: dict, where: str) -> dict:
+    """LLaMA, Mistral, Qwen2 and Qwen3: one trunk; what differs is which biases exist,
+    q/k norms, and which config keys spell them."""
+    get, kind = c.get, c.get("model_type", "llama")
+    require(get("hidden_act", "silu") == "silu", where, f"hidden_act {get('hidden_act')!r} (expected 'silu')")
+    rope = dict(get("rope_parameters") or get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", get("rope_theta", 10000.0))
+    kind_of_rope = rope.pop("rope_type", rope.pop("type", "default"))
+    require(rope.pop("partial_rotary_factor", 1.0) == 1.0, where, "partial_rotary_factor != 1 is not supported")
+    supported = ("default", "linear", "dynamic", "llama3", "yarn")
+    require(kind_of_rope in supported, where, f"rope scaling {kind_of_rope!r} is not supported ({supported})")
+    scaling = None if kind_of_rope == "default" else {"rope_type": kind_of_rope, **rope}
+    if kind_of_rope == "dynamic":  # transformers scales against max_position_embeddings
+        scaling.pop("original_max_position_embeddings", None)
+    window = get("sliding_window")
+    uses_window = get("use_sliding_window", kind == "mistral") and window is not None
+    max_pos = get("max_position_embeddings", 2048)
+    require(
+        not uses_window or window >= max_pos,
+        where,
+        f"sliding_window={window} < max_position_embeddings={max_pos}: sliding-window attention is not supported",
+    )
+    if kind == "qwen2":  # q, k, v carry biases; o and the MLP never do
+        qkv_bias, bias = True, False
+    elif kind == "qwen3":
+        require(not get("attention_bias", False), where, "attention_bias=true is not supported for qwen3")
+        qkv_bias, bias = None, False
+    elif kind == "mistral":
+        qkv_bias, bias = None, False
+    else:
+        bias = get("attention_bias", False)
+        require(bias == get("mlp_bias", False), where, "attention_bias and mlp_bias must be equal")
+        qkv_bias = None
+    d, heads = get("hidden_size", 4096), get("num_attention_heads", 32)
+    head_dim = get("head_dim") or d // heads
+    require(head_dim * heads == d, where, f"head_dim={head_dim} * heads={heads} != hidden_size={d}")
+    return dict(
+        vocab_size=get("vocab_size", 32000),
+        max_seq_len=max_pos,
+        d_model=d,
+        n_layers=get("num_hidden_layers", 32),
+        n_heads=heads,
+        n_kv_heads=get("num_key_value_heads") or heads,
+        d_ff=get("intermediate_size", 11008),
+        norm="rmsnorm",
+        norm_position="pre",
+        norm_eps=get("rms_norm_eps", 1e-6),
+        position="rotary",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        mlp="swiglu",
+        bias=bias,
+        qkv_bias=qkv_bias,
+        qk_norm=kind == "qwen3",
+        dropout=0.0,
+        attention_dropout=get("attention_dropout", 0.0),
+        tie_embeddings=get("tie_word_embeddings", False),
+        causal=True,
+    )
+
+
+def llama_kind(cfg: ModelConfig) -> str:
+    """The Hugging Face model type a llama-family config exports as: q/k norms make it Qwen3,
+    q/k/v biases without others Qwen2, anything else LLaMA."""
+    if cfg.qk_norm:
+        return "qwen3"
+    return "qwen2" if cfg.attn_bias and not cfg.bias else "llama"
+
+
+def export_architecture(cfg: ModelConfig, arch: str) -> str:
+    """`arch` (named for LLaMA by the task) renamed for the model type `cfg` needs."""
+    if cfg.family != "llama":
+        return arch
+    return arch.replace("Llama", LLAMA_LIKE[llama_kind(cfg)], 1)
+
+
+def special_tokens(cfg: ModelConfig) -> dict:
+    """bos/eos/pad ids as config.json and generation_config.json spell them (eos an int or a list)."""
+    eos = cfg.eos_token_id
+    return dict(bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id)
+
+
 def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
     """config.json for `cfg` as `transformers` writes it for `arch`."""
     out: dict = {"architectures": [arch], "model_type": MODEL_TYPE[cfg.family], "initializer_range": cfg.init_std}
@@ -294,9 +348,9 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
             embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.attention_dropout,
             tie_word_embeddings=cfg.tie_embeddings,
-            bos_token_id=cfg.eos_token_id,
         )
     elif cfg.family == "llama":
+        kind = llama_kind(cfg)
         out.update(
             vocab_size=cfg.vocab_size,
             max_position_embeddings=cfg.max_seq_len,
@@ -308,14 +362,17 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
             intermediate_size=cfg.d_ff,
             hidden_act="silu",
             rms_norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_theta,  # transformers 4.x reads this, 5.x the dict below
-            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-            attention_bias=cfg.bias,
+            rope_theta=cfg.rope_theta,  # transformers 4.x reads this and rope_scaling, 5.x rope_parameters
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta, **(cfg.rope_scaling or {})},
+            rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+            attention_bias=cfg.attn_bias if kind == "qwen3" else cfg.bias,
             mlp_bias=cfg.bias,
             attention_dropout=cfg.attention_dropout,
             tie_word_embeddings=cfg.tie_embeddings,
-            bos_token_id=None,
+            model_type=kind,
         )
+        if kind != "llama":
+            out.update(use_sliding_window=False, sliding_window=None)
     else:
         out.update(
             hidden_size=cfg.d_model,
@@ -343,7 +400,7 @@ def config_to_hf(cfg: ModelConfig, arch: str) -> dict:
                 qkv_bias=True,
             )
     if cfg.family != "vit":
-        out.update(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+        out.update(special_tokens(cfg))
     return out
 
 
@@ -357,6 +414,12 @@ def check_exportable(cfg: ModelConfig, arch: str) -> None:
     }[cfg.family]
     if cfg.family == "bert" and cfg.type_vocab_size == 0:
         raise UserError("model.type_vocab_size: a BERT export needs token-type embeddings (got 0)")
+    if cfg.rope_scaling is not None and cfg.family != "llama":
+        raise UserError(f"model.rope_scaling: {arch} has no rotary positions")
+    if cfg.qk_norm and (cfg.family != "llama" or cfg.attn_bias or cfg.bias):
+        raise UserError("model.qk_norm: only Qwen3 has q/k norms, and it has no biases (set bias: false)")
+    if cfg.qkv_bias is not None and cfg.qkv_bias != cfg.bias and not (cfg.family == "llama" and not cfg.bias):
+        raise UserError(f"model.qkv_bias: {arch} cannot have q/k/v biases differ from the others' ({cfg.bias})")
     if cfg.family in ("gpt", "bert", "vit") and cfg.mlp == "swiglu":
         raise UserError(f"model.mlp: 'swiglu' has no {arch} equivalent (expected gelu or gelu_tanh)")
     for name, value in expected.items():
@@ -369,8 +432,9 @@ def check_exportable(cfg: ModelConfig, arch: str) -> None:
 # ----------------------------------------------------------------------------
 
 
-def read_hf_config(path: Path) -> dict:
-    file = path / "config.json"
+def read_hf_config(path: Path, name: str = "config.json") -> dict:
+    """A JSON object file of a Hugging Face directory (config.json, generation_config.json)."""
+    file = path / name
     if not file.is_file():
         raise UserError(f"{file}: not found (a Hugging Face model directory holds config.json)")
     try:

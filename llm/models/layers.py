@@ -14,6 +14,7 @@ from torch import nn
 
 from llm import kernels
 from llm.config import ModelConfig
+from llm.models.rope import rope_frequencies
 
 
 def dropout(p: float) -> nn.Module:
@@ -56,18 +57,40 @@ def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
 
 class Rotary(nn.Module):
     """Rotary position embedding in the half-split layout of Hugging Face LLaMA:
-    dimension i pairs with i + head_dim/2."""
+    dimension i pairs with i + head_dim/2 (Su et al., 2021, RoFormer), with the
+    scalings of `llm.models.rope`.
 
-    def __init__(self, head_dim: int, theta: float):
+    The frequencies stay float32 under any cast of the model (`model.to(torch.bfloat16)`):
+    in bf16, cos at position 4000 would be off by more than 1.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None, max_seq_len: int = 2048):
         super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.head_dim, self.theta, self.scaling, self.max_seq_len = head_dim, theta, scaling, max_seq_len
+        inv_freq, self.attention_scaling = rope_frequencies(head_dim, theta, scaling, max_seq_len)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.inv_freq.dtype != torch.float32:  # a cast: rebuild the table in float32 where it now lives
+            inv_freq, _ = rope_frequencies(self.head_dim, self.theta, self.scaling, self.max_seq_len)
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each (B or 1, T, head_dim), for positions (B or 1, T)."""
-        freqs = position_ids[..., None].float() * self.inv_freq
+        """cos and sin, each (B or 1, T, head_dim), for positions (B or 1, T); computed in float32, cast to dtype."""
+        inv_freq = self.inv_freq
+        if (self.scaling or {}).get("rope_type") == "dynamic":
+            longest = int(position_ids.max()) + 1 if position_ids.numel() else 0
+            if longest > self.max_seq_len:
+                inv_freq = rope_frequencies(self.head_dim, self.theta, self.scaling, self.max_seq_len, longest)[0]
+                inv_freq = inv_freq.to(self.inv_freq.device)
+        freqs = position_ids[..., None].float() * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -94,8 +117,11 @@ class Attention(nn.Module):
         self.dropout_p = cfg.attention_dropout
         q_dim, kv_dim = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
-        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.attn_bias)
         self.proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        # Qwen3: RMSNorm over each head of q and k, before rotary
+        self.q_norm = Norm(self.head_dim, "rmsnorm", cfg.norm_eps, False) if cfg.qk_norm else None
+        self.k_norm = Norm(self.head_dim, "rmsnorm", cfg.norm_eps, False) if cfg.qk_norm else None
 
     def forward(
         self,
@@ -110,6 +136,8 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if prefix is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -23,6 +24,16 @@ class ModelOutput:
     hidden_states: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
     nsp_logits: torch.Tensor | None = None
+
+
+def check_token_labels(labels: torch.Tensor | None, input_ids: torch.Tensor) -> None:
+    """Per-token labels must be integer and shaped like input_ids (B, T); raises ValueError/TypeError."""
+    if labels is None:
+        return
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer token ids (-100: no loss), got {labels.dtype}")
 
 
 class KVCache:
@@ -88,7 +99,8 @@ class Transformer(nn.Module):
             elif cfg.position == "sinusoidal":
                 self.register_buffer("pos_table", sinusoidal_table(cfg.max_seq_len, d), persistent=False)
             self.type_embed = nn.Embedding(cfg.type_vocab_size, d) if cfg.type_vocab_size else None
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta) if cfg.position == "rotary" else None
+        rotary = cfg.position == "rotary"
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len) if rotary else None
         self.embed_norm = build_norm(cfg) if cfg.norm_position == "post" else None
         self.dropout = dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -121,6 +133,8 @@ class Transformer(nn.Module):
         word embeddings; `prompt` (B, n, d) goes in front with positions 0..n-1. Returns (x, positions)."""
         cfg = self.cfg
         if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
             if input_ids.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
             if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
@@ -128,13 +142,30 @@ class Transformer(nn.Module):
                 raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size})")
             x = self.tok_embed(input_ids)
         else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != cfg.d_model:
+                raise ValueError(
+                    f"inputs_embeds must be (batch, seq, d_model={cfg.d_model}), got {tuple(inputs_embeds.shape)}"
+                )
             x = inputs_embeds
         b, t = x.shape[:2]
+        given = f"{'input_ids' if inputs_embeds is None else 'inputs_embeds'} ({b}, {t})"
         if position_ids is None:
             start = cache.length - cache.virtual if cache is not None and cache.length else 0
             position_ids = torch.arange(start, start + t, device=x.device)[None]
+        elif position_ids.dim() != 2 or position_ids.shape[-1] != t or position_ids.shape[0] not in (1, b):
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} do not fit {given}")
         position_ids = position_ids + self.virtual_positions
-        if token_type_ids is None and self.type_embed is not None:
+        if token_type_ids is not None:
+            if tuple(token_type_ids.shape) != (b, t):
+                raise ValueError(f"token_type_ids {tuple(token_type_ids.shape)} must match {given}")
+            if token_type_ids.numel() and (
+                int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= max(cfg.type_vocab_size, 1)
+            ):
+                raise ValueError(
+                    f"token type {int(token_type_ids.max())} is outside [0, {max(cfg.type_vocab_size, 1)}) "
+                    f"(model.type_vocab_size={cfg.type_vocab_size})"
+                )
+        elif self.type_embed is not None:
             token_type_ids = torch.zeros((b, t), dtype=torch.int64, device=x.device)
         if prompt is not None:
             n = prompt.shape[1]
@@ -143,9 +174,16 @@ class Transformer(nn.Module):
             x = torch.cat((prompt.to(x.dtype), x), dim=1)
             if token_type_ids is not None:
                 token_type_ids = torch.cat((token_type_ids.new_zeros((b, n)), token_type_ids), dim=1)
-        if cfg.position in ("learned", "sinusoidal") and int(position_ids.max()) >= cfg.max_seq_len:
-            virtual = f" ({self.virtual_positions} of them a soft prompt's)" if self.virtual_positions else ""
-            raise ValueError(f"position {int(position_ids.max())}{virtual} is beyond max_seq_len={cfg.max_seq_len}")
+        if (
+            cfg.position in ("learned", "sinusoidal")
+            and position_ids.numel()
+            and int(position_ids.max()) >= cfg.max_seq_len
+        ):
+            virtual = f", {self.virtual_positions} of them a soft prompt's" if self.virtual_positions else ""
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond max_seq_len={cfg.max_seq_len} "
+                f"(a sequence of at most {cfg.max_seq_len} tokens{virtual})"
+            )
         if cfg.position == "learned":
             x = x + self.pos_embed(position_ids)
         elif cfg.position == "sinusoidal":
@@ -154,15 +192,50 @@ class Transformer(nn.Module):
             x = x + self.type_embed(token_type_ids)
         return x, position_ids
 
-    def embed_patches(self, pixel_values, bool_masked_pos=None):
+    def embed_patches(self, pixel_values, bool_masked_pos=None, interpolate_pos_encoding: bool = False):
+        """Patch embeddings with [CLS] and positions. Images must be the config's size, or any size
+        with `interpolate_pos_encoding` (the position grid resized bicubically, as Hugging Face ViT and
+        DINO do: Caron et al., 2021)."""
+        cfg = self.cfg
+        if pixel_values.dim() != 4 or not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be float (batch, channels, height, width), got {pixel_values.dtype} "
+                f"of shape {tuple(pixel_values.shape)}"
+            )
+        _, channels, height, width = pixel_values.shape
+        if channels != cfg.num_channels:
+            raise ValueError(f"pixel_values have {channels} channels, the model {cfg.num_channels} (num_channels)")
+        if (height, width) != (cfg.image_size, cfg.image_size):
+            if not interpolate_pos_encoding:
+                raise ValueError(
+                    f"image size {height}x{width} does not match the model's {cfg.image_size}x{cfg.image_size} "
+                    "(image_size); resize it, or pass interpolate_pos_encoding=True"
+                )
+            if height < cfg.patch_size or width < cfg.patch_size:
+                raise ValueError(f"image size {height}x{width} is smaller than one patch ({cfg.patch_size})")
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         if bool_masked_pos is not None:
             if self.mask_token is None:
                 raise ValueError("bool_masked_pos needs a model built for masked image modeling")
+            if bool_masked_pos.numel() != x.shape[0] * x.shape[1]:
+                raise ValueError(
+                    f"bool_masked_pos {tuple(bool_masked_pos.shape)} must hold one flag per patch "
+                    f"({x.shape[0]}, {x.shape[1]})"
+                )
             w = bool_masked_pos.reshape(x.shape[0], -1, 1).to(x.dtype)
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
-        return x + self.pos_embed.to(x.dtype)
+        pos = self.pos_embed
+        if (height, width) != (cfg.image_size, cfg.image_size):
+            pos = self.resized_positions(height // cfg.patch_size, width // cfg.patch_size)
+        return x + pos.to(x.dtype)
+
+    def resized_positions(self, rows: int, cols: int) -> torch.Tensor:
+        """The learned position grid, bicubically resized to rows x cols patches; [CLS]'s kept (1, 1 + rows*cols, d)."""
+        side, d = self.cfg.image_size // self.cfg.patch_size, self.cfg.d_model
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, d).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        return torch.cat((self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, d)), dim=1)
 
     def forward(
         self,
@@ -175,12 +248,15 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        interpolate_pos_encoding: bool = False,
     ) -> torch.Tensor:
-        """Final hidden states (B, T, d) of the input tokens (or of [CLS] + patches).
+        """Final hidden states (B, T, d_model) of input_ids (B, T) or pixel_values (B, C, H, W).
 
         `inputs_embeds` (B, T, d) replaces the word embeddings of `input_ids`;
         `prefix` gives per-layer (k, v) prefixes (else the `prefix` slot does);
-        `position_ids` (B or 1, T) number the input tokens, from 0 by default."""
+        `position_ids` (B or 1, T) number the input tokens, from 0 by default. Every input is
+        checked against the config first; a mismatch raises ValueError (TypeError for a wrong
+        dtype) naming the input, its shape and the config field it contradicts."""
         fresh = cache is None or cache.length == 0  # virtual tokens enter now (later they sit in the cache)
         batch = next((t.shape[0] for t in (input_ids, inputs_embeds, pixel_values) if t is not None), 0)
         if prefix is None and self.prefix is not None and fresh:
@@ -192,7 +268,7 @@ class Transformer(nn.Module):
                 raise ValueError("a vit model takes pixel_values (batch, channels, height, width)")
             if prompt is not None:
                 raise ValueError("a soft prompt needs a text model")
-            x = self.embed_patches(pixel_values, bool_masked_pos)
+            x = self.embed_patches(pixel_values, bool_masked_pos, interpolate_pos_encoding)
             rope = None
         else:
             if input_ids is None and inputs_embeds is None:
@@ -203,6 +279,14 @@ class Transformer(nn.Module):
             x = self.embed_norm(x)
         x = self.dropout(x)
         mask = None
+        if attention_mask is not None:
+            past = cache.length - cache.virtual if cache is not None else 0  # input tokens seen before
+            inputs = x.shape[1] - (prompt.shape[1] if prompt is not None else 0)
+            if attention_mask.shape != (x.shape[0], past + inputs):
+                raise ValueError(
+                    f"attention_mask {tuple(attention_mask.shape)} must be (batch, seq) = "
+                    f"({x.shape[0]}, {past + inputs})"
+                )
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.to(torch.bool)
             virtual = (

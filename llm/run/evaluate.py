@@ -30,12 +30,14 @@ def evaluate_model(
     out: str | Path | None = None,
     text_field: str = "text",
     label_field: str = "label",
+    dtype: str | None = None,
 ) -> dict:
     """One pass, in order, over the windows (or samples) of a shard directory or an example
-    file: the task's metrics, with the number of batches. For a classifier also "confusion"
-    (a list of rows), "labels" and the paths of the JSON and PNG written under `out`
-    (default: DATA.eval next to the data)."""
-    model = load_model(model_path).eval()
+    file: the task's metrics (mean loss and perplexity for language models), with the number of
+    batches. For a classifier also "confusion" (a list of rows), "labels" and the paths of the
+    JSON and PNG written under `out` (default: DATA.eval next to the data). `dtype` (e.g.
+    "bfloat16") casts the weights at load; rotary tables stay float32."""
+    model = load_model(model_path, dtype=dtype).eval()
     task = task_of(model)
     cfg = model.config
     tokenizer = find_tokenizer(model_path)

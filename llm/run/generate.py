@@ -19,6 +19,7 @@ def generate_text(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    dtype: str | None = None,
 ) -> list[str]:
     """Each prompt followed by its continuation, from the causal LM at `model_path` (any
     format `load_model` reads) and its tokenizer.json (default: the one beside the model).
@@ -27,7 +28,7 @@ def generate_text(
         raise UserError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
     if top_k is not None and top_k <= 0:
         raise UserError(f"--top-k: must be > 0, got {top_k}")
-    model = load_model(model_path)
+    model = load_model(model_path, dtype=dtype)
     if model.task not in ("causal_lm", "instruction"):
         raise UserError(f"{model_path}: a {model.task!r} model; generation needs a causal_lm or instruction model")
     if model.task == "instruction":  # the template the model was tuned with wraps each prompt
@@ -44,8 +45,8 @@ def generate_text(
             raise UserError(f"prompt {prompt!r} encodes to no tokens")
         if max(ids) >= vocab:
             raise UserError(f"{tok.path}: prompt {prompt!r} has token id {max(ids)} beyond the model's vocab {vocab}")
-    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_id
-    pad = tok.pad_id if tok.pad_id is not None else (eos if eos is not None else 0)
+    eos = model.config.eos_ids or ([tok.eos_id] if tok.eos_id is not None else [])
+    pad = tok.pad_id if tok.pad_id is not None else (eos[0] if eos else 0)
     width = max(len(ids) for ids in encoded)
     # left padding: every prompt ends at the same column, so new tokens share positions in the batch
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])
@@ -60,7 +61,7 @@ def generate_text(
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
-            eos_token_id=eos,
+            eos_token_id=eos or None,
             generator=generator,
         )
     except ValueError as e:
@@ -68,7 +69,7 @@ def generate_text(
     texts = []
     for row, ids in zip(out, encoded):
         new = row[width:].tolist()
-        if eos is not None and eos in new:
-            new = new[: new.index(eos)]
+        ends = [i for i, token in enumerate(new) if token in eos]
+        new = new[: ends[0]] if ends else new
         texts.append(tok.decode(ids + new))
     return texts

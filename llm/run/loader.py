@@ -22,6 +22,7 @@ from llm import adapt, compress
 from llm.config import ConfigError, ModelConfig, build_config
 from llm.errors import UserError
 from llm.fileio import write_atomic
+from llm.log import logger, short_list
 from llm.models.base import Model, tied_aliases
 from llm.tasks import get_task
 from llm.train import checkpoint as ckpt
@@ -42,9 +43,11 @@ def build_from_description(description: dict, where: str) -> Model:
 
 
 def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> Model:
-    """Load `tensors` into `model`: every tensor must exist with its shape, and every parameter
-    or buffer of the model must be given (tied aliases may be left out). Quantized weights come as
-    plain parts (see llm.compress.quantize)."""
+    """Load `tensors` into `model`, as tolerant as transformers: a tensor the model has must have its
+    shape; tensors the model does not use are ignored with one warning naming them; missing
+    trunk tensors are refused, other missing ones (heads, pooler) keep their fresh
+    initialisation with one warning naming them. Tied aliases may be left out. Quantized weights
+    come as plain parts (see llm.compress.quantize)."""
     tensors, quantized = compress.quantize.load_quantized(model, tensors, where)
     quantized |= compress.quantize.quantized_names(model)
     expected = {k: v for k, v in model.state_dict().items() if k not in quantized}
@@ -60,11 +63,16 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> 
         if name in aliases and name in tensors:
             tensors.setdefault(owner[id(p)], tensors[name])
     result = model.load_state_dict({k: v for k, v in tensors.items() if k not in aliases}, strict=False)
-    missing = set(result.missing_keys) - aliases - quantized
-    if missing or result.unexpected_keys:
-        what = [f"missing {', '.join(sorted(missing)[:3])}"] if missing else []
-        what += [f"unexpected {', '.join(result.unexpected_keys[:3])}"] if result.unexpected_keys else []
-        raise UserError(f"{where}: the weights do not match the model ({'; '.join(what)})")
+    missing = sorted(set(result.missing_keys) - aliases - quantized)
+    required = [k for k in missing if k.startswith("transformer.") and k != "transformer.mask_token"]
+    if required:
+        raise UserError(f"{where}: the weights do not match the model (missing {', '.join(required[:3])})")
+    if result.unexpected_keys:
+        unused = result.unexpected_keys
+        logger.warning(f"{where}: {len(unused)} tensors the model does not use, ignored: {short_list(unused)}")
+    if missing:
+        fresh = short_list(missing)
+        logger.warning(f"{where}: {len(missing)} tensors not in the weights, freshly initialised: {fresh}")
     return model
 
 
@@ -153,17 +161,31 @@ def model_kind(path: str | Path) -> str:
     return "checkpoint"
 
 
-def load_model(path: str | Path, tag: str | None = None) -> Model:
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES.update({"float16": torch.float16, "fp16": torch.float16})
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """torch dtype for a name ("bf16", "bfloat16", "fp16", "fp32", ...); None stays None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def load_model(path: str | Path, tag: str | None = None, dtype: str | torch.dtype | None = None) -> Model:
     """A model from any path: llm model directory, Hugging Face directory, run directory or
-    checkpoint (`tag` picks a step). Raises UserError naming the path when it is none of these."""
+    checkpoint (`tag` picks a step), cast to `dtype` when given (rotary tables stay float32).
+    Raises UserError naming the path when it is none of these."""
+    dtype = parse_dtype(dtype)
     kind = model_kind(path)
     if kind == "hf":
         from llm.tasks.hf import from_hf
 
-        return from_hf(path)
-    if kind == "llm":
-        return load_pretrained(path)
-    return load_checkpoint_model(path, tag)
+        return from_hf(path, dtype=dtype)
+    model = load_pretrained(path) if kind == "llm" else load_checkpoint_model(path, tag)
+    return model.to(dtype) if dtype is not None else model
 
 
 def find_tokenizer(path: str | Path, levels: int = 3) -> Path | None:

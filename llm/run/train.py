@@ -308,6 +308,7 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool 
         run_dir = Path(recipe.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+        keep_tokenizer(recipe)
     return Parts(task, model, engine, trainer, validation)
 
 
@@ -326,9 +327,32 @@ def gathered_copy(model: Model, zero_stage: int) -> Model:
 
 
 def export(model: Model, recipe: RecipeConfig) -> Path:
-    """RUN_DIR/export: the model as an llm model directory, with the run's tokenizer.json."""
+    """RUN_DIR/export: a Hugging Face directory (config.json, generation_config.json, model.safetensors,
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json) that transformers' Auto classes
+    and every llm command read as it is. A model Hugging Face cannot express (a transform, a task or
+    field without an equivalent) is written as an llm model directory instead, saying why. One
+    format per directory: the other format's config file is removed, so readers never disagree."""
+    from llm.tasks.hf import hf_architecture, to_hf
+
+    out = Path(recipe.run_dir) / "export"
     tokenizer = recipe.data.tokenizer if recipe.data.tokenizer and Path(recipe.data.tokenizer).is_file() else None
-    return loader.save_pretrained(model, Path(recipe.run_dir) / "export", tokenizer)
+    try:
+        hf_architecture(model)
+    except UserError as e:
+        logger.info(f"export: no Hugging Face equivalent ({e}); writing an llm model directory")
+        (out / "config.json").unlink(missing_ok=True)
+        return loader.save_pretrained(model, out, tokenizer)
+    (out / loader.CONFIG).unlink(missing_ok=True)
+    return to_hf(model, out, tokenizer)
+
+
+def keep_tokenizer(recipe: RecipeConfig) -> None:
+    """Copy the run's tokenizer.json into RUN_DIR, so its checkpoints decode on their own."""
+    source = recipe.data.tokenizer
+    if source and Path(source).is_file():
+        target = Path(recipe.run_dir) / loader.TOKENIZER
+        if not target.exists() or target.resolve() != Path(source).resolve():
+            write_atomic(target, Path(source).read_bytes())
 
 
 def sample(model: Model, recipe: RecipeConfig) -> str:
@@ -337,7 +361,7 @@ def sample(model: Model, recipe: RecipeConfig) -> str:
     from llm.models.generation import generate
 
     tok = Tokenizer(recipe.data.tokenizer)
-    ids = tok.tokenizer.encode(recipe.logging.sample_prompt).ids or [tok.eos_id or 0]
+    ids = tok.encode(recipe.logging.sample_prompt) or [tok.eos_id or 0]
     g = torch.Generator().manual_seed(recipe.seed)
     out = generate(
         model, torch.tensor([ids]), max_new_tokens=recipe.logging.sample_tokens, temperature=0.8, top_k=40, generator=g

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from llm.config import ConfigError, DataConfig, ModelConfig, build_config
+from llm.config import IGNORE_INDEX, ConfigError, DataConfig, ModelConfig, build_config
 from llm.errors import UserError
 from llm.models.base import Model
 from llm.models.hf import Rule
@@ -120,6 +120,16 @@ class Task:
         if "input_ids" in batch:
             return batch["input_ids"].numel()
         return batch["pixel_values"].shape[0] * cfg.seq_len
+
+    def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms the model's loss for `batch` is the mean of: labels other than -100 for
+        per-token labels (B, T), else one per sample. The trainer weights each micro-batch by it, so
+        an optimizer step's loss is the mean over all its terms, across micro-batches and ranks."""
+        labels = batch.get("labels")
+        if labels is not None and labels.dim() >= 2:
+            return int((labels != IGNORE_INDEX).sum())
+        first = next(iter(batch.values()))
+        return int(first.shape[0])
 
     @staticmethod
     def tokenizer(data: DataConfig, why: str):

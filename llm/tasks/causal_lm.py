@@ -14,7 +14,7 @@ from llm.config import ModelConfig
 from llm.models.base import Model
 from llm.models.hf import linear_rules
 from llm.models.layers import LMHead
-from llm.models.transformer import KVCache, ModelOutput
+from llm.models.transformer import KVCache, ModelOutput, check_token_labels
 from llm.tasks.base import Task
 
 
@@ -43,6 +43,7 @@ class CausalLM(Model):
         return_logits: bool = True,
     ) -> ModelOutput:
         """input_ids (B, T) int -> logits (B, T, vocab) and, with labels (B, T), the mean token loss."""
+        check_token_labels(labels, input_ids)
         h = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
         logits, loss = self.lm_head(h, labels, return_logits)
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
@@ -59,7 +60,13 @@ class CausalLMTask(Task):
     families = ("gpt", "llama", "bert")
     causal = True
     language_model = True
-    hf_architectures = {"GPT2LMHeadModel": ("gpt", {}), "LlamaForCausalLM": ("llama", {})}
+    hf_architectures = {
+        "GPT2LMHeadModel": ("gpt", {}),
+        "LlamaForCausalLM": ("llama", {}),  # exported as Qwen2/Qwen3 when the config needs it
+        "MistralForCausalLM": ("llama", {}),
+        "Qwen2ForCausalLM": ("llama", {}),
+        "Qwen3ForCausalLM": ("llama", {}),
+    }
 
     def shard_stream(self, cfg, data, path, seed, rank, world_size):
         from llm.data import PackedTokens, check_vocab, collate_causal_lm

@@ -22,9 +22,20 @@ class Encoder(Model):
         self.pooler = Pooler(cfg.d_model) if cfg.pooler else None
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, pixel_values=None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        token_type_ids=None,
+        pixel_values=None,
+        interpolate_pos_encoding=False,
+    ) -> ModelOutput:
         h = self.transformer(
-            input_ids, pixel_values=pixel_values, attention_mask=attention_mask, token_type_ids=token_type_ids
+            input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            interpolate_pos_encoding=interpolate_pos_encoding,
         )
         pooled = self.pooler(h[:, 0]) if self.pooler is not None else None
         return ModelOutput(hidden_states=h, pooled=pooled)
@@ -37,6 +48,9 @@ class EncoderTask(Task):
     hf_architectures = {
         "GPT2Model": ("gpt", {}),
         "LlamaModel": ("llama", {}),
+        "MistralModel": ("llama", {}),
+        "Qwen2Model": ("llama", {}),
+        "Qwen3Model": ("llama", {}),
         "BertModel": ("bert", {}),
         "ViTModel": ("vit", {}),
     }

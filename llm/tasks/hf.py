@@ -3,6 +3,7 @@ joined with the head rules of the task that answers to the architecture."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,13 +11,23 @@ import torch
 
 from llm.config import ConfigError, ModelConfig, build_config
 from llm.errors import UserError
+from llm.fileio import write_atomic
+from llm.log import logger, short_list
 from llm.models import hf
 from llm.models.base import Model, tied_aliases
 from llm.tasks import TASKS, get_task, task_of
 from llm.tasks.base import Task
 
 # The architecture a config.json without "architectures" stands for.
-DEFAULT_ARCHITECTURE = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertModel", "vit": "ViTModel"}
+DEFAULT_ARCHITECTURE = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "bert": "BertModel",
+    "vit": "ViTModel",
+}
 
 
 def architectures() -> dict[str, tuple[type[Task], str, dict]]:
@@ -43,14 +54,35 @@ def _rules(cfg: ModelConfig, task: Task) -> list[hf.Rule]:
     return hf.trunk_rules(cfg, mask_token=task.mask_token) + task.hf_head_rules(cfg)
 
 
-def from_hf(path: str | Path, task: str | dict | None = None) -> Model:
-    """The model in a Hugging Face directory (config.json + safetensors or pytorch_model.bin).
+SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
 
-    `task` builds another head on the same trunk (e.g. "text_classification"
-    from a BertModel): the trunk must be complete, missing head weights are freshly
-    initialised and unused ones dropped. Without it every tensor must match.
-    Raises UserError naming the file for an unsupported architecture or field,
-    missing, extra or misshapen tensors.
+
+def special_tokens(config: dict, generation: dict, vocab_size: int, where: str) -> dict:
+    """bos/eos/pad ids from config.json, overridden by generation_config.json where it sets them
+    (as transformers' generate does); eos may be a list. Ids outside the vocabulary are dropped
+    with a warning."""
+    out = {}
+    for name in SPECIAL:
+        value = generation[name] if generation.get(name) is not None else config.get(name)
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        kept = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size]
+        if len(kept) != len(values):
+            logger.warning(f"{where}: {name} {value!r}: ids outside the vocabulary [0, {vocab_size}) dropped")
+        if kept:
+            out[name] = kept if name == "eos_token_id" and len(kept) > 1 else kept[0]
+    return out
+
+
+def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype | None = None) -> Model:
+    """The model in a Hugging Face directory (config.json + safetensors or pytorch_model.bin,
+    and generation_config.json when there is one), in `dtype` (default: float32).
+
+    Loading tolerates what transformers tolerates: tensors the model does not use (a
+    BertForMaskedLM checkpoint's `cls.seq_relationship.*`) are ignored with one warning naming
+    them; missing optional modules (heads, pooler, mask token) are freshly initialised with one
+    warning naming them. `task` builds another head on the same trunk (e.g.
+    "text_classification" from a BertModel). Raises UserError naming the file for an
+    unsupported architecture or config field, a trunk tensor that is missing, or a misshapen tensor.
     """
     path = Path(path)
     config = hf.read_hf_config(path)
@@ -58,18 +90,18 @@ def from_hf(path: str | Path, task: str | dict | None = None) -> Model:
     arch = _architecture(config, file)
     arch_task, family, implied = architectures()[arch]
     fields = hf.config_from_hf(config, family, str(file))
-    for name in ("eos_token_id", "pad_token_id"):
-        value = config.get(name)
-        if isinstance(value, list):  # some configs list several EOS ids; the first is the one we stop at
-            value = value[0] if value else None
-        if family != "vit" and isinstance(value, int) and 0 <= value < fields["vocab_size"]:
-            fields[name] = value
+    generation = {}
+    if (path / "generation_config.json").is_file():
+        generation = hf.read_hf_config(path, "generation_config.json")
+    if family != "vit":
+        fields.update(special_tokens(config, generation, fields["vocab_size"], str(path)))
 
     prefix = hf.BASE_PREFIX[family] if arch_task.nested else ""
-    weights = {}
-    for key, tensor in hf.read_hf_weights(path).items():
-        key = key.removeprefix(prefix).replace("LayerNorm.gamma", "LayerNorm.weight")
-        weights[key.replace("LayerNorm.beta", "LayerNorm.bias")] = tensor
+    weights, stored = {}, {}  # stored: each key as the checkpoint spells it, for warnings
+    for name, tensor in hf.read_hf_weights(path).items():
+        key = name.removeprefix(prefix).replace("LayerNorm.gamma", "LayerNorm.weight")
+        key = key.replace("LayerNorm.beta", "LayerNorm.bias")
+        weights[key], stored[key] = tensor, name
     fields["pooler"] = "pooler.dense.weight" in weights
     try:
         cfg = build_config(ModelConfig, fields, "model")
@@ -79,7 +111,6 @@ def from_hf(path: str | Path, task: str | dict | None = None) -> Model:
     except ConfigError as e:
         raise UserError(f"{file}: {e}") from None
 
-    lenient = task is not None and target.to_dict() != source_task.to_dict()
     ours, used, missing = {}, set(), []
     for rule in _rules(cfg, target):
         if all(t in weights for t in rule.theirs):
@@ -87,14 +118,18 @@ def from_hf(path: str | Path, task: str | dict | None = None) -> Model:
             used.update(rule.theirs)
         else:
             missing.append(rule)
-    bad_missing = [r for r in missing if not lenient or r.ours.startswith("transformer.")]
-    if bad_missing:
-        names = [t for r in bad_missing[:4] for t in r.theirs if t not in weights]
-        raise UserError(f"{path}: weights for {arch} lack {', '.join(names)} ({len(bad_missing)} tensors missing)")
-    ignored = source_task.hf_ignored(cfg)
+    required = [r for r in missing if r.ours.startswith("transformer.") and r.ours not in OPTIONAL]
+    if required:
+        names = [t for r in required[:4] for t in r.theirs if t not in weights]
+        raise UserError(f"{path}: weights for {arch} lack {', '.join(names)} ({len(required)} tensors missing)")
+    ignored = set(source_task.hf_ignored(cfg)) | set(target.hf_ignored(cfg))
     unused = [k for k in weights if k not in used and not k.endswith(hf.IGNORED_SUFFIXES) and k not in ignored]
-    if unused and not lenient:
-        raise UserError(f"{path}: {len(unused)} tensors that {arch} does not have, e.g. {', '.join(unused[:4])}")
+    if unused:
+        unused = [stored[k] for k in unused]
+        logger.warning(f"{path}: {len(unused)} tensors that {arch} does not use, ignored: {short_list(unused)}")
+    if missing:
+        fresh = [(prefix if r.base else "") + t for r in missing for t in r.theirs]
+        logger.warning(f"{path}: {len(fresh)} tensors not in the checkpoint, freshly initialised: {short_list(fresh)}")
     expected = model.state_dict()
     for name, tensor in ours.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
@@ -105,21 +140,34 @@ def from_hf(path: str | Path, task: str | dict | None = None) -> Model:
     result = model.load_state_dict(ours, strict=False)
     leftover = set(result.missing_keys) - tied_aliases(model) - {r.ours for r in missing}
     assert not leftover and not result.unexpected_keys, (leftover, result.unexpected_keys)
-    return model
+    return model.to(dtype) if dtype is not None else model
+
+
+# Trunk tensors a checkpoint may lack (transformers initialises them): the masked-image-modeling token.
+OPTIONAL = {"transformer.mask_token"}
+
+
+def hf_architecture(model: Model) -> str:
+    """The Hugging Face architecture `model` exports as. Raises UserError naming the task, transform
+    or config field that Hugging Face cannot express."""
+    cfg, task = model.config, task_of(model)
+    arch = task.hf_architecture(cfg)
+    if arch is None:
+        raise UserError(f"task {task.name!r} of a {cfg.family!r} model has no Hugging Face architecture")
+    arch = hf.export_architecture(cfg, arch)
+    if model.transforms:
+        names = ", ".join(t["name"] for t in model.transforms)
+        raise UserError(f"the model carries transforms ({names}); merge or remove them before a Hugging Face export")
+    hf.check_exportable(cfg, arch)
+    return arch
 
 
 def hf_state_dict(model: Model) -> tuple[str, dict[str, torch.Tensor]]:
     """(architecture, state dict with Hugging Face names) for `model`; tied tensors appear once.
 
     Raises UserError naming the task or field that Hugging Face cannot express."""
+    arch = hf_architecture(model)
     cfg, task = model.config, task_of(model)
-    arch = task.hf_architecture(cfg)
-    if arch is None:
-        raise UserError(f"task {task.name!r} of a {cfg.family!r} model has no Hugging Face architecture")
-    if model.transforms:
-        names = ", ".join(t["name"] for t in model.transforms)
-        raise UserError(f"the model carries transforms ({names}); merge or remove them before a Hugging Face export")
-    hf.check_exportable(cfg, arch)
     prefix = hf.BASE_PREFIX[cfg.family] if task.nested else ""
     ours = model.state_dict()
     out = {}
@@ -130,23 +178,39 @@ def hf_state_dict(model: Model) -> tuple[str, dict[str, torch.Tensor]]:
 
 
 def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -> Path:
-    """Write config.json + model.safetensors that `transformers` loads with from_pretrained;
-    copy `tokenizer` (a tokenizer.json) beside them when given. Returns `path`."""
+    """A Hugging Face directory that `transformers` loads as it is: config.json,
+    model.safetensors, generation_config.json (causal LMs) and, given `tokenizer` (a
+    tokenizer.json or its folder), tokenizer.json, tokenizer_config.json and
+    special_tokens_map.json. bos/eos/pad ids the model config leaves unset are taken from
+    the tokenizer, so generation stops at its EOS. Returns `path`.
+
+    Raises UserError naming the field or task Hugging Face cannot express."""
     from safetensors.torch import save_file
+
+    from llm.data.tokenizer import Tokenizer
 
     path = Path(path)
     arch, tensors = hf_state_dict(model)
-    config = hf.config_to_hf(model.config, arch)
-    config.update(task_of(model).hf_config(model.config))
+    cfg = model.config
+    tok = Tokenizer(tokenizer) if tokenizer is not None else None
+    if tok is not None and cfg.family != "vit":
+        known = {"bos_token_id": tok.special_id("bos"), "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        if cfg.family == "gpt" and known["bos_token_id"] is None:  # GPT-2 begins documents with its EOS
+            known["bos_token_id"] = known["eos_token_id"]
+        fill = {k: v for k, v in known.items() if getattr(cfg, k) is None and v is not None and v < cfg.vocab_size}
+        cfg = dataclasses.replace(cfg, **fill)
+    config = hf.config_to_hf(cfg, arch)
+    config.update(task_of(model).hf_config(cfg))
     dtype = next(model.parameters()).dtype
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     path.mkdir(parents=True, exist_ok=True)
-    from llm.fileio import write_atomic
-
     tmp = path / ".model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path / "model.safetensors")
-    write_atomic(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if tokenizer is not None:
-        hf.copy_tokenizer(tokenizer, path)
+    if model.task in ("causal_lm", "instruction"):
+        generation = {k: v for k, v in hf.special_tokens(cfg).items() if v is not None}
+        write_atomic(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    if tok is not None:
+        tok.save_hf(path, cfg.max_seq_len if cfg.family != "vit" else None)
+    write_atomic(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")  # last: marks it whole
     return path

@@ -27,8 +27,8 @@ class ImageClassifier(Model):
         self.classifier = nn.Linear(cfg.d_model, options.num_labels)
         self.post_init()
 
-    def forward(self, pixel_values, labels=None) -> ModelOutput:
-        h = self.transformer(pixel_values=pixel_values)
+    def forward(self, pixel_values, labels=None, interpolate_pos_encoding: bool = False) -> ModelOutput:
+        h = self.transformer(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         logits = self.classifier(h[:, 0])
         return ModelOutput(logits=logits, loss=classification_loss(logits, labels), hidden_states=h, pooled=h[:, 0])
 

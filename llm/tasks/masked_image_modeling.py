@@ -85,5 +85,9 @@ class MaskedImageModelingTask(Task):
             masks.append(m)
         return {"pixel_values": pixels, "bool_masked_pos": torch.stack(masks)}
 
+    def loss_tokens(self, batch):
+        """The L1 loss is a mean over masked patches."""
+        return int(batch["bool_masked_pos"].sum())
+
     def hf_head_rules(self, cfg):
         return linear_rules("decoder", "decoder.0", op="conv1x1", base=False)

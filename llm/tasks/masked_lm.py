@@ -20,7 +20,7 @@ from llm.kernels.reference import upcast
 from llm.models.base import Model, Pooler
 from llm.models.hf import Rule, linear_rules
 from llm.models.layers import LMHead, Norm
-from llm.models.transformer import ModelOutput
+from llm.models.transformer import ModelOutput, check_token_labels
 from llm.tasks.base import Task
 
 
@@ -82,6 +82,7 @@ class MaskedLM(Model):
         return_logits: bool = True,
     ) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, vocab), nsp_logits (B, 2); the loss is MLM (+ NSP)."""
+        check_token_labels(labels, input_ids)
         h = self.transformer(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
         pooled = self.pooler(h[:, 0]) if self.pooler is not None else None
         nsp_logits = self.nsp(pooled) if self.nsp is not None else None

@@ -197,17 +197,18 @@ class Trainer:
     def _forward(self, batch: dict) -> torch.Tensor:
         return self.engine(**batch).loss
 
-    def _micro_loss(self) -> tuple[torch.Tensor, int]:
-        """Forward one micro-batch whose loss is finite on every rank; skips (or aborts on) the others."""
+    def _micro_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Forward one micro-batch whose loss is finite on every rank; skips (or aborts on) the others,
+        drawing the next micro-batch in place of a skipped one. Returns (mean loss, the batch used)."""
         import torch.distributed as dist
 
         consecutive = 0
         while True:
-            batch = self._to_device(self.train_batches.next_batch())
+            batch = self._to_device(batch)
             loss = self._forward(batch)
             (bad,) = self._all_reduce([0.0 if torch.isfinite(loss.detach()).item() else 1.0], dist.ReduceOp.MAX)
             if not bad:
-                return loss, self.task.tokens(batch, self.model.config)
+                return loss, batch
             self.skipped += 1
             consecutive += 1
             where = f"step {self.step + 1}"
@@ -219,29 +220,45 @@ class Trainer:
                     f"{consecutive} non-finite losses in a row at {where} (train.max_skips={t.max_skips})"
                 )
             logger.warning(f"non-finite loss at {where}, micro-batch skipped ({self.skipped} so far)")
+            batch = self.train_batches.next_batch()
 
     def train_step(self) -> dict:
-        """One optimizer step over grad_accum micro-batches; metrics of the step (loss averaged over ranks)."""
+        """One optimizer step over grad_accum micro-batches; its loss is the mean over every loss
+        token (label not ignored) of all its micro-batches on all ranks.
+
+        The models return a mean per micro-batch; DeepSpeed divides by grad_accum and averages
+        over ranks. So micro-batch i, with n_i of the step's N loss tokens, is back-propagated as
+        mean_i * n_i * grad_accum * world_size / N: the step's gradient is that of sum(losses) / N,
+        the same as one batch holding every sample (a skipped micro-batch's replacement is
+        weighted by its own count; the micro-batches before it keep the step's first N)."""
         self.engine.train()
         start = time.perf_counter()
-        total_loss, tokens = 0.0, 0
-        for _ in range(self.recipe.train.grad_accum):
-            loss, n = self._micro_loss()
-            self.engine.backward(loss)
+        gas = self.recipe.train.grad_accum
+        batches = [self.train_batches.next_batch() for _ in range(gas)]
+        counts = [self.task.loss_tokens(b) for b in batches]
+        (total,) = self._all_reduce([float(sum(counts))])
+        loss_sum, tokens, grad_norm = 0.0, 0, None
+        for i, batch in enumerate(batches):
+            loss, used = self._micro_loss(batch)
+            n = self.task.loss_tokens(used) if used is not batch else counts[i]
+            weight = n * gas * self.world_size / max(total, 1.0)
+            self.engine.backward(loss * weight if weight != 1.0 else loss)
+            if i == gas - 1:
+                grad_norm = self._grad_norm()
             self.engine.step()
-            total_loss += loss.detach().float().item()
-            tokens += n
+            loss_sum += loss.detach().float().item() * n
+            tokens += self.task.tokens(used, self.model.config)
         if self.dist.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         self.step += 1
-        loss_sum, tokens_all = self._all_reduce([total_loss, float(tokens)])
-        loss = loss_sum / (self.recipe.train.grad_accum * self.world_size)
+        loss_all, tokens_all = self._all_reduce([loss_sum, float(tokens)])
+        loss = loss_all / max(total, 1.0)
         tokens_per_s = tokens_all / elapsed
         flops = self.flops_per_token * tokens_per_s
-        grad_norm = self.engine.get_global_grad_norm()
-        if isinstance(grad_norm, torch.Tensor):
-            grad_norm = grad_norm.item()
+        reported = self.engine.get_global_grad_norm()
+        if reported is not None:
+            grad_norm = reported.item() if isinstance(reported, torch.Tensor) else reported
         return {
             "step": self.step,
             "loss": loss,
@@ -254,6 +271,17 @@ class Trainer:
             "skipped": self.skipped,
             "step_time_s": elapsed,
         }
+
+    def _grad_norm(self) -> float | None:
+        """The global L2 norm of the step's gradient before clipping, where DeepSpeed keeps none:
+        ZeRO-0 leaves the averaged gradients in `.grad` after the last backward of a step, and
+        DeepSpeed's ZeRO-0 path does not record their norm (stages 1-3 report their own)."""
+        if self.engine.zero_optimization_stage() != 0:
+            return None
+        grads = [p.grad.detach().float() for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
     @torch.no_grad()
     def evaluate(self, batches, max_batches: int) -> dict | None:

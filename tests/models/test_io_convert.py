@@ -93,6 +93,13 @@ def test_llm_convert_both_directions(tmp_path, capsys):
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back")
     for name, tensor in ref.state_dict().items():
         assert torch.equal(tensor, back.state_dict()[name]), name
+    # the tokenizer and the special ids travel: AutoTokenizer names EOS, generate knows where to stop
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert tok.eos_token == "<|endoftext|>" and back.generation_config.eos_token_id == tok.eos_token_id == 0
+
+    assert main(["generate", "--model", str(tmp_path / "back"), "--prompt", "the cat", "--max-new-tokens", "3",
+                 "--temperature", "0", "--dtype", "bf16"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith("the cat")
 
     (tmp_path / "hf" / "config.json").write_text('{"architectures": ["MambaForCausalLM"]}')
     capsys.readouterr()  # drop transformers' progress bars
