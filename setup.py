@@ -56,7 +56,9 @@ setup(
         "triton; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow"],
+        "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow", "wandb", "mlflow-skinny"],
+        "wandb": ["wandb"],  # logging.wandb: true (offline by default)
+        "mlflow": ["mlflow-skinny"],  # logging.mlflow: true (local file store by default)
         "mpi": ["mpi4py", "openmpi"],
     },
     entry_points={"console_scripts": ["llm=llm.cli:main"]},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -27,12 +28,12 @@ from llm.fileio import write_atomic
 from llm.log import logger, setup_logging
 from llm.models.base import Model
 from llm.models.info import training_flops_per_token
-from llm.run import loader
+from llm.run import checks, loader
 from llm.run.prepare import prepare_if_missing
 from llm.tasks import Task, get_task
 from llm.train import checkpoint as ckpt
 from llm.train.distributed import DistInfo, distributed
-from llm.train.engine import build_engine, check_batch, deepspeed_config
+from llm.train.engine import build_engine, deepspeed_config
 from llm.train.metrics import device_peak_flops
 from llm.train.trainer import Trainer, Validation
 
@@ -43,9 +44,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_recipe(recipe: RecipeConfig) -> Task:
+def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
     """Everything about the recipe that needs no process group: the task, its fit with the model,
-    the transforms' names, the preset and the batch arithmetic for one rank. Returns the task."""
+    the transforms' names, the kernels, every path and vocabulary (`llm.run.checks.check_paths`),
+    the preset and the batch arithmetic for the launcher's world size. Returns the task.
+    `paths=False` leaves out the files (inside a started run, where rank 0 may be preparing them)."""
     task = get_task(recipe.task)
     task.check(recipe.model)
     for i, spec in enumerate(recipe.transforms):
@@ -58,9 +61,25 @@ def check_recipe(recipe: RecipeConfig) -> Task:
         kernels.check_names(recipe.kernels)
     except ValueError as e:
         raise ConfigError("kernels", str(e)) from None
-    check_batch(recipe, 1, task.min_micro_batch)
-    deepspeed_config(recipe, 1, task.min_micro_batch)
+    checks.check_trackers(recipe)
+    if paths:
+        checks.check_paths(recipe, task.name)
+    deepspeed_config(recipe, checks.launcher_world_size(), task.min_micro_batch)  # preset, batch arithmetic
     return task
+
+
+def dry_run(recipe: RecipeConfig, resume: str = "auto") -> str:
+    """`--dry-run`: every check of `train`, then the resolved recipe (YAML) and the DeepSpeed JSON for the
+    launcher's world size, as text; nothing is started or written."""
+    task = check_recipe(recipe)
+    step_dir = checks.check_resume(recipe, resume)
+    world = checks.launcher_world_size()
+    ds_json = deepspeed_config(recipe, world, task.min_micro_batch)
+    start = f"resume from {step_dir}" if step_dir else "a fresh start"
+    return (
+        f"# resolved recipe ({start})\n{yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)}"
+        f"# DeepSpeed config ({world} rank{'s' if world != 1 else ''})\n{json.dumps(ds_json, indent=2)}"
+    )
 
 
 def build_model(recipe: RecipeConfig, task: Task) -> Model:
@@ -98,7 +117,7 @@ class Parts:
 
 def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
     """Build the parts of a run in a started process group; see the module docstring."""
-    task = check_recipe(recipe)
+    task = check_recipe(recipe, paths=False)  # train() checked the files before the process group
     ds_json = deepspeed_config(recipe, dist.world_size, task.min_micro_batch)
     seed_everything(recipe.seed)
     prepare_if_missing(recipe, dist.rank)
@@ -160,6 +179,7 @@ def train(recipe: RecipeConfig, resume: str = "auto") -> dict:
     """Train a recipe to its end; on rank 0 export the final model and print a sample when asked."""
     started = time.perf_counter()
     check_recipe(recipe)  # fail in milliseconds, before any process group
+    checks.check_resume(recipe, resume)
     with distributed(recipe.faults.collective_timeout_s) as dist, kernels.use(recipe.kernels):
         setup_logging(dist.rank)
         parts = assemble(recipe, dist, resume)

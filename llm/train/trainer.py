@@ -10,6 +10,7 @@ validation metrics, averaged over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import sys
@@ -245,11 +246,16 @@ class Trainer:
         recipe, t = self.recipe, self.recipe.train
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         heartbeat = Heartbeat(self.run_dir, self.rank, self.world_size, recipe.faults.heartbeat_timeout_s).start()
-        self.writer = MetricsWriter(self.run_dir, recipe.logging.tensorboard) if self.rank == 0 else None
+        self.writer = MetricsWriter.for_recipe(recipe) if self.rank == 0 else None
         bar = self._progress_bar()
         first_loss = last = None
         preempted = False
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), self.step
+        stack = contextlib.ExitStack()
+        if bar is not None:  # log lines (validation, checkpoints) go above the bar, never glued to it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
         try:
             while self.step < t.max_steps:
                 metrics = self.train_step()
@@ -265,7 +271,9 @@ class Trainer:
                 if self.writer is not None and (self.step % t.log_every == 0 or self.step in (1, t.max_steps)):
                     self.writer.write(metrics)
                     if bar is None:
-                        logger.info(self._log_line(metrics))
+                        elapsed = time.perf_counter() - started
+                        eta = elapsed / (self.step - first_step) * (t.max_steps - self.step)
+                        logger.info(self._log_line(metrics, t.max_steps, elapsed, eta))
                 for callback in self.callbacks:
                     callback.on_step_end(self, metrics)
                 every = recipe.checkpoint.every_steps
@@ -281,6 +289,7 @@ class Trainer:
             if not preempted and recipe.checkpoint.save_final:
                 self.save()
         finally:
+            stack.close()
             if bar is not None:
                 bar.close()
             if self.writer is not None:
@@ -305,6 +314,19 @@ class Trainer:
         return tqdm(total=self.recipe.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
 
     @staticmethod
-    def _log_line(m: dict) -> str:
+    def _log_line(m: dict, max_steps: int, elapsed_s: float, eta_s: float) -> str:
+        """One step's line for logs without a progress bar (SLURM, files): the step of max_steps, loss, lr,
+        throughput, MFU, time since this run (or resume) started and the estimated time left."""
         mfu = f", mfu {m['mfu'] * 100:.2f}%" if m.get("mfu") is not None else ""
-        return f"step {m['step']}: loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['tokens_per_s']:.0f} tok/s{mfu}"
+        return (
+            f"step {m['step']}/{max_steps}: loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['tokens_per_s']:.0f} tok/s"
+            f"{mfu}, elapsed {_clock(elapsed_s)}, eta {_clock(eta_s)}"
+        )
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss (or m:ss under an hour)."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
