@@ -514,7 +514,8 @@ def _add_bench_memory(bench) -> None:
 def _cmd_bench_data(args) -> int:
     from llm.bench.data import run
 
-    run(stdlib_bytes=args.stdlib_bytes, batches=args.batches, png=args.png, out_dir=args.out)
+    run(stdlib_bytes=args.stdlib_bytes, batches=args.batches, png=args.png, out_dir=args.out,
+        tokenize_rounds=args.tokenize_rounds)  # fmt: skip
     return 0
 
 
@@ -522,11 +523,15 @@ def _add_bench_data(bench) -> None:
     p = _parser(
         bench,
         "data",
-        "causal-LM batch assembly (32 x 2048) from shards vs a numpy-memmap loader, and prepare's MB/s",
+        "causal-LM batch assembly (32 x 2048) from shards vs a numpy-memmap loader, and prepare's MB/s vs "
+        "the tokenizer's own encode_batch",
         "llm bench data --png",
     )
     p.add_argument("--stdlib-bytes", type=int, default=20_000_000, help="stdlib text to tokenize (default 20 MB)")
     p.add_argument("--batches", type=int, default=200, help="batches timed per loader (default 200)")
+    p.add_argument(
+        "--tokenize-rounds", type=int, default=3, help="alternating prepare / encode_batch rounds (default 3)"
+    )
     p.add_argument("--png", action="store_true", help="also draw a PNG")
     p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
     p.set_defaults(func=_cmd_bench_data)
