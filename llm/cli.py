@@ -264,7 +264,7 @@ llm data prepare web.jsonl --text-field body --tokenizer data/tok --out data/web
     p.add_argument("--val-fraction", type=float, default=0.0, help="documents sent to val/ by hash (default 0)")
     p.add_argument("--min-length", type=int, default=1, help="drop documents with fewer tokens (default 1)")
     p.add_argument("--no-dedup", action="store_true", help="keep exact-duplicate documents")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: one per core)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     p.add_argument("--limit-bytes", type=int, default=None, help="cap on --stdlib bytes")
     p.set_defaults(func=_cmd_data_prepare)

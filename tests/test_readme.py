@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,7 +101,13 @@ def this_environment_as_venv(venv: Path) -> None:
 
 
 @pytest.mark.slow
-def test_readme_top_to_bottom_in_a_fresh_copy(tmp_path):
+def test_readme_top_to_bottom_in_a_fresh_copy():
+    # its own folder, not tmp_path: on a machine shared with other pytest sessions, theirs prune old tmp_paths
+    with tempfile.TemporaryDirectory(prefix="llm-readme-") as tmp:
+        follow_readme(Path(tmp))
+
+
+def follow_readme(tmp_path: Path) -> None:
     clone = fresh_copy(tmp_path / "llm")
     this_environment_as_venv(clone / ".venv")
     env = {k: v for k, v in os.environ.items()
@@ -116,7 +123,7 @@ def test_readme_top_to_bottom_in_a_fresh_copy(tmp_path):
         else:
             cmd = [str(clone / ".venv" / "bin" / "python"), "-c", block["code"]]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=1800)
         timings.append((block["line"], round(time.perf_counter() - start, 1)))
         assert proc.returncode == 0, (
             f"README.md:{block['line']} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

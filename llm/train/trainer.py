@@ -165,9 +165,12 @@ class Trainer:
         self.engine.train()
         start = time.perf_counter()
         total_loss, tokens = 0.0, 0
-        for _ in range(self.recipe.train.grad_accum):
+        own_norm = None
+        for i in range(self.recipe.train.grad_accum):
             loss, n = self._micro_loss()
             self.engine.backward(loss)
+            if i == self.recipe.train.grad_accum - 1 and self.engine.zero_optimization_stage() == 0:
+                own_norm = self._grad_norm()  # DeepSpeed reports none without a ZeRO or mixed-precision optimizer
             self.engine.step()
             total_loss += loss.detach().float().item()
             tokens += n
@@ -182,6 +185,8 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if isinstance(grad_norm, torch.Tensor):
             grad_norm = grad_norm.item()
+        if grad_norm is None:
+            grad_norm = own_norm
         return {
             "step": self.step,
             "loss": loss,
@@ -194,6 +199,13 @@ class Trainer:
             "skipped": self.skipped,
             "step_time_s": elapsed,
         }
+
+    @torch.no_grad()
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the (data-parallel averaged, not yet clipped) gradients, as DeepSpeed reports it
+        under ZeRO; with ZeRO-0 every rank holds them whole after the boundary's all-reduce."""
+        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     @torch.no_grad()
     def evaluate(self, batches, max_batches: int) -> dict | None:
