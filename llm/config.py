@@ -266,13 +266,40 @@ class ModelConfig:
             _check(self.position == "learned", _join(path, "position"), "vit uses learned positions")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r}: first on line {first.start_mark.line + 1}, "
+                    f"again on line {key_node.start_mark.line + 1}",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str):
+    """`yaml.safe_load` that raises yaml.YAMLError on a duplicate key (naming it and both lines)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping safely, naming the file in every error."""
+    """Read a YAML mapping safely, naming the file in every error (a key given twice is one)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(str(path), "file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_unique(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -375,13 +402,18 @@ class DataConfig:
     """Where batches come from. `source: shards` reads Arrow shard dirs (llm data prepare);
     `source: synthetic` draws reproducible random batches (benchmarks, tests).
 
-    `train` is one shard directory, or a blend: a list of `{path, weight}` read as one
-    deterministic weighted mixture (`llm.data.Blend`)."""
+    `train` is one shard directory or example file, or a blend: a list of `{path, weight}` read as
+    one deterministic weighted mixture (`llm.data.Blend`)."""
 
     source: Literal["shards", "synthetic"] = "shards"
-    train: str | list[BlendEntry] | None = None  # shard dir of the training split, or a blend
-    val: str | None = None  # shard dir of the validation split (None: no validation)
+    # shard dir of the training split, a JSONL/CSV/Parquet file (fine-tuning), or a blend of shard dirs
+    train: str | list[BlendEntry] | None = None
+    val: str | None = None  # shard dir or file of the validation split (None: no validation)
     tokenizer: str | None = None  # tokenizer.json (generation, preparation)
+    text_field: str = "text"  # columns of example files (text_classification, instruction)
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
     seq_len: int = 256
     num_workers: int = 0
     prepare: PrepareConfig | None = None
@@ -523,6 +555,41 @@ class FaultConfig:
         _positive(self, path, "heartbeat_timeout_s", "collective_timeout_s")
 
 
+ADAPT_METHODS = ("full", "lora", "prefix", "prompt", "freeze")
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """`llm distill`: a teacher's softened logits (and optionally hidden states) guide the recipe's model."""
+
+    teacher: str | None = None  # any path the loader reads; must share the student's tokenizer
+    temperature: float = 2.0  # softens both distributions; the KL term is scaled by T^2 (Hinton et al. 2015)
+    alpha: float = 0.5  # weight of the KL term; (1 - alpha) weighs the hard-label loss
+    hidden_mse: float = 0.0  # weight of MSE(projection(student hidden), teacher hidden); 0 = off
+
+    def validate(self, path: str = "distill") -> None:
+        _positive(self, path, "temperature")
+        _check(0 <= self.alpha <= 1, _join(path, "alpha"), f"must be in [0, 1], got {self.alpha}")
+        _check(self.hidden_mse >= 0, _join(path, "hidden_mse"), f"must be >= 0, got {self.hidden_mse}")
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    """Gradual magnitude pruning during training (Zhu & Gupta 2017's cubic schedule); sparsity 0 = off."""
+
+    sparsity: float = 0.0  # final fraction of zero weights in the blocks' Linear layers
+    start_step: int = 0
+    end_step: int = 0  # the schedule reaches `sparsity` here
+    every: int = 10  # steps between mask updates
+    scope: Literal["layer", "global"] = "layer"
+
+    def validate(self, path: str = "prune") -> None:
+        _check(0 <= self.sparsity < 1, _join(path, "sparsity"), f"must be in [0, 1), got {self.sparsity}")
+        if self.sparsity:
+            _check(self.end_step > self.start_step, _join(path, "end_step"), "must be after start_step")
+            _positive(self, path, "every")
+
+
 @dataclasses.dataclass
 class RecipeConfig:
     """A whole run. `model` is a ModelConfig mapping; its optional `base:` key names a
@@ -539,6 +606,9 @@ class RecipeConfig:
     init_from: str | None = None  # an llm model dir or checkpoint to start from (fine-tuning)
     # model transforms applied in order after the model is built, e.g. [{name: freeze, layers: [embeddings]}]
     transforms: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # fine-tuning method {method: full|lora|prefix|prompt|freeze, setting: value, ...}; the assembly
+    # appends {name: method, settings...} to `transforms` (full: nothing)
+    adapt: dict[str, Any] | None = None
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
@@ -547,8 +617,17 @@ class RecipeConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     kernels: dict[str, str] = dataclasses.field(default_factory=dict)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
 
     def validate(self, path: str = "") -> None:
+        if self.adapt is not None:
+            method = self.adapt.get("method")
+            _check(
+                method in ADAPT_METHODS,
+                "adapt.method",
+                f"expected one of {', '.join(ADAPT_METHODS)}, got {method!r}",
+            )
         if self.model.is_image:
             _check(self.data.source == "synthetic" or self.data.train is not None, "data.train", "needs images")
         elif self.data.seq_len > self.model.max_seq_len and self.model.position in ("learned", "sinusoidal"):

@@ -31,6 +31,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _restore_dist_env():
+    """A trainer built in this process sets RANK, MASTER_PORT, ... and keeps its process group (and the
+    port) alive; later tests' subprocesses must not inherit that port, so the variables are restored."""
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere never passes."""
     out, ref = out.detach().double(), ref.detach().double()

@@ -14,6 +14,7 @@ FORBIDDEN = {
     "llm.data": ["llm.models", "llm.tasks", "llm.adapt", "llm.compress", "llm.train"],
     "llm.tasks": ["llm.train", "llm.adapt", "llm.compress"],
     "llm.adapt": ["llm.train", "llm.tasks", "llm.data", "llm.compress"],
+    # compress uses models, data, kernels, tasks and adapt (it registers its transforms there), never the loop
     "llm.compress": ["llm.train"],
     "llm.train": ["llm.tasks", "llm.adapt", "llm.compress", "llm.data"],
 }
@@ -91,6 +92,15 @@ def test_no_import_cycle():
         if node not in state:
             visit(node, [])
     assert not cycles, "\n".join(cycles)
+
+
+def test_compress_transforms_reach_the_loader_through_the_adapt_registry():
+    """adapt knows no compress; compress adds its transforms to adapt's registry, and the loader
+    imports compress, so a saved quantized or pruned model is rebuilt wherever models are loaded."""
+    edges = graph()
+    assert not any(within(t, "llm.compress") for m, ts in edges.items() if within(m, "llm.adapt") for t in ts)
+    assert "llm.adapt" in edges["llm.compress"]
+    assert any(within(t, "llm.compress") for t in edges["llm.run.loader"])
 
 
 def test_the_reader_sees_imports_inside_functions(tmp_path):

@@ -91,3 +91,34 @@ def test_task_and_family_must_agree():
         get_task("masked_lm").check(build_config(ModelConfig, {"family": "bert", "causal": True}, "model"))
     with pytest.raises(ConfigError, match="task: unknown task 'pretraining'"):
         get_task("pretraining")
+
+
+@pytest.mark.parametrize(
+    "text, key, first, again",
+    [
+        (
+            "model:\n  base: gpt2-tiny\ntrain:\n  max_steps: 5\n  micro_batch_size: 2\n  max_steps: 7\n",
+            "max_steps",
+            4,
+            6,
+        ),
+        ("run_dir: a\nmodel: {base: gpt2-tiny}\nrun_dir: b\n", "run_dir", 1, 3),
+        ("model: {base: gpt2-tiny, d_model: 64, d_model: 32}\n", "d_model", 1, 1),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_it_and_both_lines(tmp_path, capsys, text, key, first, again):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    assert main(["pretrain", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"llm: error: {path}: not valid YAML (line {again}, ")
+    assert f"duplicate key {key!r}: first on line {first}, again on line {again}" in err and str(path) in err
+
+
+def test_a_deepspeed_preset_with_a_key_twice_is_refused(tmp_path):
+    from llm.train.engine import load_preset
+
+    preset = tmp_path / "dup.json"
+    preset.write_text('{"zero_optimization": {"stage": 1, "stage": 3}}')
+    with pytest.raises(ConfigError, match="dup.json: duplicate key 'stage'"):
+        load_preset(str(preset))

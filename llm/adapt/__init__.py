@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from llm.adapt import freeze
+from llm.adapt import freeze, lora, prefix, prompt
 from llm.config import ConfigError
 from llm.models.base import Model
 
 TRANSFORMS: dict[str, Callable[[Model, dict, str], Model]] = {
     "freeze": freeze.apply,
+    "lora": lora.apply,
+    "prefix": prefix.apply,
+    "prompt": prompt.apply,
 }
 
 

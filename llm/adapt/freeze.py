@@ -51,6 +51,21 @@ def _prefixes(model: Model, item: str, path: str) -> list[str]:
     return [item]
 
 
+ADAPTER_PREFIXES = ("transformer.prefix.", "transformer.prompt.")
+
+
+def is_adapter(name: str) -> bool:
+    """Whether parameter `name` belongs to an adapter (LoRA matrices, a prefix, a soft prompt)."""
+    return name.startswith(ADAPTER_PREFIXES) or ".lora_" in name
+
+
+def freeze_base(model: Model) -> None:
+    """Freeze every parameter except those of adapters added before (so adapters combine)."""
+    for name, p in model.named_parameters():
+        if not is_adapter(name):
+            p.requires_grad_(False)
+
+
 def apply(model: Model, settings: dict, path: str = "freeze") -> Model:
     """Freeze the parameters that `settings["layers"]` names; see the module docstring."""
     s = build_config(FreezeSettings, settings, path)

@@ -8,6 +8,7 @@ all cores, MB of UTF-8 text per second (after training a BPE tokenizer on part o
 side with the same tokenizer's own `encode_batch` alone on the same documents, in the same
 ~1 MB batches, on the same cores (text already in memory, ids left as Encoding objects), in
 alternating rounds; the ratio prepare / encode_batch is what prepare's own work costs.
+Integrity: a fresh reader (open every shard, then the batches) with the read-time checks on and off.
 """
 
 from __future__ import annotations
@@ -69,6 +70,33 @@ def _encode_batch_mb_per_s(tokenizer_path, stdlib_bytes: int) -> float:
     return nbytes / 1e6 / seconds
 
 
+def _integrity_cost(train: Path, batches: int, rounds: int) -> dict[str, dict[bool, list[float]]]:
+    """Tokens/s with the read-time integrity check (token ids against the manifest at open, each
+    shard's sha256 in a background thread) on and off, in alternating rounds: "fresh" = open every
+    shard, read `batches` batches, wait for the hashing to finish (the check's whole one-time cost);
+    "steady" = the next `batches` batches of the same reader (the loader throughput afterwards)."""
+    from llm.data import PackedTokens, StatefulLoader, collate_causal_lm
+    from llm.data import shards as S
+
+    out: dict[str, dict[bool, list[float]]] = {"fresh": {True: [], False: []}, "steady": {True: [], False: []}}
+    try:
+        for _ in range(rounds):
+            for check in (True, False):
+                S.VERIFY_ON_OPEN = check
+                S._verified.clear()
+                start = time.perf_counter()
+                stream = PackedTokens(train, SEQ, seed=0)
+                loader = _endless(StatefulLoader(stream, BATCH, collate_causal_lm))
+                for _ in range(batches):
+                    next(loader)
+                stream.integrity.join()  # the check's whole cost counts, even if it outlasts the batches
+                out["fresh"][check].append(BATCH * SEQ * batches / (time.perf_counter() - start))
+                out["steady"][check].append(_time_batches(loader.__next__, batches))
+    finally:
+        S.VERIFY_ON_OPEN = True
+    return out
+
+
 def run(
     stdlib_bytes: int = 20_000_000,
     batches: int = 200,
@@ -110,6 +138,7 @@ def run(
         for _ in range(rounds):
             ours_tps.append(_time_batches(ours, batches))
             plain_tps.append(_time_batches(plain, batches))
+        integrity = _integrity_cost(train, batches, rounds)
 
     ours_med, plain_med = median(ours_tps), median(plain_tps)
     rows = [
@@ -121,6 +150,18 @@ def run(
         },
     ]
     ratios = [p / e for p, e in zip(prepare_mbs, encode_mbs)]
+    integrity_rows = [
+        {
+            "measure": measure,
+            "integrity on (M tok/s)": median(integrity[key][True]) / 1e6,
+            "integrity off (M tok/s)": median(integrity[key][False]) / 1e6,
+            "cost (%)": 100 * (1 - median(integrity[key][True]) / median(integrity[key][False])),
+        }
+        for key, measure in (
+            ("steady", f"loader throughput, {batches} batches"),
+            ("fresh", f"fresh reader: open + {batches} batches + hashing done"),
+        )
+    ]
     token_rows = [
         {
             "measure": "tokenization, all cores",
@@ -146,12 +187,20 @@ def run(
             },
         )
     )
+    print()
+    print(
+        format_table(
+            integrity_rows,
+            notes={"cost (%)": "100 x (1 - on / off), medians of the alternating rounds"},
+        )
+    )
     path = write_results(
         "data",
-        rows + token_rows,
+        rows + token_rows + integrity_rows,
         out_dir,
         loader_tokens_per_s={"llm": ours_tps, "numpy_memmap": plain_tps},
         tokenize_mb_per_s={"prepare": prepare_mbs, "encode_batch": encode_mbs, "ratio": ratios},
+        integrity_tokens_per_s={k: {"on": v[True], "off": v[False]} for k, v in integrity.items()},
         tokens_in_shards=int(len(flat)),
         load_average_1_5_15min=list(os.getloadavg()),  # the machine may be shared
         batch=[BATCH, SEQ],

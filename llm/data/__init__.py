@@ -5,10 +5,12 @@ from llm.data.collate import (
     ContrastiveTextCollator,
     MaskedImageCollator,
     MLMCollator,
+    PadCollator,
     collate_causal_lm,
     collate_images,
 )
-from llm.data.images import ImageStream, prepare_images
+from llm.data.examples import Examples, label_ids, label_names, read_table, table_kind
+from llm.data.images import ImageStream, prepare_images, read_images
 from llm.data.prepare import prepare
 from llm.data.shards import ShardError, check_vocab, inspect, load_manifest, verify
 from llm.data.sources import stdlib_files
@@ -33,6 +35,12 @@ __all__ = [
     "ContrastiveImageCollator",
     "ContrastiveTextCollator",
     "Documents",
+    "Examples",
+    "PadCollator",
+    "label_ids",
+    "label_names",
+    "read_table",
+    "table_kind",
     "ImageStream",
     "MLMCollator",
     "MaskedImageCollator",
@@ -40,6 +48,7 @@ __all__ = [
     "SpanPairs",
     "collate_images",
     "prepare_images",
+    "read_images",
     "PackedTokens",
     "ShardError",
     "StatefulLoader",

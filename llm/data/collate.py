@@ -138,3 +138,21 @@ class ContrastiveImageCollator:
         first = [self.augment(x, generator) for x in images]
         second = [self.augment(x, generator) for x in images]
         return {"pixel_values": torch.stack(first + second), "labels": torch.arange(len(batch))}
+
+
+class PadCollator:
+    """Examples of different lengths -> one batch padded on the right to its longest example
+    (never packed into each other). Samples hold "input_ids" (T,) int64 and either "label"
+    (an int: classification) or "labels" (T,) int64 (per token; padding gets IGNORE_INDEX)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        ids, mask = _pad([s["input_ids"] for s in batch], self.pad_id)
+        out = {"input_ids": ids, "attention_mask": mask}
+        if "labels" in batch[0]:
+            out["labels"] = _pad([s["labels"] for s in batch], IGNORE_INDEX)[0]
+        else:
+            out["labels"] = torch.tensor([s["label"] for s in batch], dtype=torch.int64)
+        return out

@@ -69,6 +69,23 @@ def _array_images(path: Path, size: int, channels: int):
         yield _resize(Image.fromarray(image.squeeze()), size, channels), int(label)
 
 
+def read_images(source: str | Path, size: int, channels: int) -> tuple[list[str], list[dict]]:
+    """(class names, samples {"pixels": uint8 (C, size, size), "label": int}) of a folder with one
+    subfolder per class or an .npz file, read into memory (no shards): small sets for fine-tuning."""
+    source = Path(source)
+    if source.is_dir():
+        items = _folder_images(source, size, channels)
+    elif source.is_file():
+        items = _array_images(source, size, channels)
+    else:
+        raise UserError(f"{source}: no such file or directory")
+    classes = next(items)
+    samples = [{"pixels": torch.from_numpy(np.array(p)), "label": label} for p, label in items]
+    if not samples:
+        raise UserError(f"{source}: holds no images")
+    return classes, samples
+
+
 def prepare_images(
     source: str | Path,
     out_dir: str | Path,
@@ -94,46 +111,48 @@ def prepare_images(
     splits = ["train"] + (["val"] if val_fraction > 0 else [])
     buffers = {s: [] for s in splits}
     entries = {s: [] for s in splits}
-    for s in splits:
-        S.start_directory(out / s)
+    with S.staged(*[out / s for s in splits]) as stages:  # the old dataset stays until this succeeds
+        dirs = dict(zip(splits, stages))
 
-    def flush(split: str) -> None:
-        images = buffers[split]
-        if not images:
-            return
-        pixels = np.stack([p for p, _ in images]).reshape(len(images), -1)
-        column = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), pixels.shape[1])
-        labels = pa.array(np.array([label for _, label in images], dtype=np.int32))
-        entry = S.write_shard(
-            out / split, len(entries[split]), pa.RecordBatch.from_arrays([column, labels], names=["pixels", "label"])
-        )
-        entry["num_images"] = entry.pop("rows")
-        entries[split].append(entry)
-        buffers[split] = []
+        def flush(split: str) -> None:
+            images = buffers[split]
+            if not images:
+                return
+            pixels = np.stack([p for p, _ in images]).reshape(len(images), -1)
+            column = pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), pixels.shape[1])
+            labels = pa.array(np.array([label for _, label in images], dtype=np.int32))
+            entry = S.write_shard(
+                dirs[split],
+                len(entries[split]),
+                pa.RecordBatch.from_arrays([column, labels], names=["pixels", "label"]),
+            )
+            entry["num_images"] = entry.pop("rows")
+            entries[split].append(entry)
+            buffers[split] = []
 
-    for pixels, label in items:
-        h = hashlib.blake2b(pixels.tobytes(), digest_size=16).digest()
-        split = "val" if val_fraction > 0 and is_validation(h, val_fraction) else "train"
-        buffers[split].append((pixels, label))
-        if len(buffers[split]) >= shard_images:
+        for pixels, label in items:
+            h = hashlib.blake2b(pixels.tobytes(), digest_size=16).digest()
+            split = "val" if val_fraction > 0 and is_validation(h, val_fraction) else "train"
+            buffers[split].append((pixels, label))
+            if len(buffers[split]) >= shard_images:
+                flush(split)
+        summary = {"out_dir": str(out)}
+        for split in splits:
             flush(split)
-    summary = {"out_dir": str(out)}
-    for split in splits:
-        flush(split)
-        if not entries[split]:
-            raise UserError(f"{out / split}: no images to write (empty source {source} or val_fraction too small)")
-        manifest = {
-            "format": S.FORMAT,
-            "format_version": S.FORMAT_VERSION,
-            "kind": "images",
-            "image_shape": [channels, size, size],
-            "classes": classes,
-            "num_images": sum(e["num_images"] for e in entries[split]),
-            "source": str(source.resolve()),
-            "shards": entries[split],
-        }
-        S.write_manifest(out / split, manifest)
-        summary[split] = manifest["num_images"]
+            if not entries[split]:
+                raise UserError(f"{out / split}: no images to write (empty source {source} or val_fraction too small)")
+            manifest = {
+                "format": S.FORMAT,
+                "format_version": S.FORMAT_VERSION,
+                "kind": "images",
+                "image_shape": [channels, size, size],
+                "classes": classes,
+                "num_images": sum(e["num_images"] for e in entries[split]),
+                "source": str(source.resolve()),
+                "shards": entries[split],
+            }
+            S.write_manifest(dirs[split], manifest)
+            summary[split] = manifest["num_images"]
     return summary
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,16 +29,6 @@ from llm.data.tokenizer import Tokenizer
 from llm.errors import UserError
 
 CHUNK_BYTES = 1 << 20  # text per encode_batch call: enough documents to keep every core busy
-
-
-def _encode_next(chunks: Iterator[list[str]], tok: Tokenizer):
-    """(texts, encodings) of the next chunk, or None at the end. Runs in a helper thread: the tokenizer's
-    Rust encode_batch releases the GIL and fans the documents out over its thread pool (one per core)."""
-    texts = next(chunks, None)
-    if texts is None:
-        return None
-    encode = getattr(tok.tokenizer, "encode_batch_fast", tok.tokenizer.encode_batch)  # no offsets: faster
-    return texts, encode(texts, add_special_tokens=False)
 
 
 @contextlib.contextmanager
@@ -55,6 +47,50 @@ def _parallelism(workers: int | None):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+PIECE_CHARS = 1 << 18  # a longer document is tokenized in pieces of about this many characters
+_BOUNDARY = re.compile(r"(?<=\S)\s(?=\S)")
+
+
+def split_text(text: str, limit: int | None = None) -> list[str]:
+    """`text` in pieces of at most about `limit` characters, each cut just before a single whitespace
+    character between two non-space ones, where a BPE or WordPiece pre-tokenizer splits anyway (so
+    the pieces' tokens are the whole text's). A stretch of `limit` characters without such a place
+    is cut at `limit` (the tokens at that one cut may differ from the whole text's)."""
+    limit = limit or PIECE_CHARS
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        window_start = start + limit // 2
+        cut = None
+        for match in _BOUNDARY.finditer(text, window_start, start + limit):
+            cut = match.start()
+        cut = cut if cut is not None and cut > start else start + limit
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode_next(chunks: Iterator[list[str]], tok: Tokenizer):
+    """(texts, ids) of the next chunk, or None at the end. Runs in a helper thread: the tokenizer's
+    Rust encode_batch releases the GIL and fans the documents out over its thread pool (one per core).
+    A text longer than PIECE_CHARS is encoded piece by piece (`split_text`) into a uint32 array, so
+    memory stays bounded for any length (a tokenizer holds per-character state of its whole input:
+    ~200x the text, 7.5 GB for one 50 MB line; with 256k-character pieces the peak is about 50 MB)."""
+    texts = next(chunks, None)
+    if texts is None:
+        return None
+    encode = getattr(tok.tokenizer, "encode_batch_fast", tok.tokenizer.encode_batch)  # no offsets: faster
+    short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
+    ids: list = [None] * len(texts)
+    for i, encoding in zip(short, encode([texts[i] for i in short], add_special_tokens=False)):
+        ids[i] = encoding.ids
+    for i, text in enumerate(texts):
+        if ids[i] is None:
+            pieces = (encode([piece], add_special_tokens=False)[0].ids for piece in split_text(text))
+            ids[i] = np.concatenate([np.asarray(piece, dtype=np.uint32) for piece in pieces])
+    return texts, ids
 
 
 def _chunks(files: list[Path], text_field: str) -> Iterator[list[str]]:
@@ -78,7 +114,6 @@ def is_validation(text_hash: bytes, val_fraction: float) -> bool:
 class _TokenShardWriter:
     def __init__(self, out_dir: Path, shard_tokens: int, dtype: str):
         self.out_dir, self.shard_tokens, self.dtype = out_dir, shard_tokens, dtype
-        S.start_directory(out_dir)
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
         self.entries: list[dict] = []
@@ -136,7 +171,8 @@ def prepare(
     `workers`: tokenizer threads (None: one per core; 1: no threads, which the tokenizer also
     falls back to in a process forked after it used its pool). Returns a summary: documents
     and tokens per split, documents dropped (duplicates, short), text bytes read, seconds and
-    MB/s of tokenization.
+    MB/s of tokenization. The new splits are built aside and replace the old ones only when
+    complete (`shards.staged`), so a failed or interrupted prepare leaves the old dataset as it was.
     """
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     if tok.eos_id is None:
@@ -151,11 +187,31 @@ def prepare(
     files = expand_sources(sources, limit_bytes)
     total_bytes = sum(p.stat().st_size for p in files)
     dtype = S.token_dtype(tok.vocab_size)
-    writers = {"train": _TokenShardWriter(out / "train", shard_tokens, dtype)}
-    if val_fraction > 0:
-        writers["val"] = _TokenShardWriter(out / "val", shard_tokens, dtype)
-    elif (out / "val" / S.MANIFEST).exists():
-        S.start_directory(out / "val")  # a stale split from an earlier prepare must not outlive it
+    splits = ["train"] + (["val"] if val_fraction > 0 else [])
+    with S.staged(*[out / split for split in splits]) as stages:  # the old dataset stays until this succeeds
+        summary = _prepare_into(
+            dict(zip(splits, stages)),
+            files,
+            total_bytes,
+            tok,
+            dtype,
+            shard_tokens,
+            val_fraction,
+            min_length,
+            dedup,
+            workers,
+            text_field,
+        )
+    if val_fraction == 0 and (out / "val").exists():  # a stale split from an earlier prepare must not outlive it
+        shutil.rmtree(out / "val")
+    summary["out_dir"] = str(out)
+    return summary
+
+
+def _prepare_into(
+    dirs, files, total_bytes, tok, dtype, shard_tokens, val_fraction, min_length, dedup, workers, text_field
+) -> dict:
+    writers = {split: _TokenShardWriter(d, shard_tokens, dtype) for split, d in dirs.items()}
     seen: set[bytes] = set()
     stats = {"documents_read": 0, "dropped_duplicates": 0, "dropped_short": 0, "text_bytes": 0}
 
@@ -168,9 +224,9 @@ def prepare(
             pending = helper.submit(_encode_next, chunks, tok)
             while (done := pending.result()) is not None:
                 pending = helper.submit(_encode_next, chunks, tok)  # encode the next chunk meanwhile
-                texts, encodings = done
+                texts, token_ids = done
                 nbytes = 0
-                for text, encoding in zip(texts, encodings):
+                for text, ids in zip(texts, token_ids):
                     raw = text.encode("utf-8")
                     nbytes += len(raw)
                     h = hashlib.blake2b(raw, digest_size=16).digest()
@@ -180,13 +236,15 @@ def prepare(
                             stats["dropped_duplicates"] += 1
                             continue
                         seen.add(h)
-                    ids = encoding.ids
                     if len(ids) < max(min_length, 1):
                         stats["dropped_short"] += 1
                         continue
                     split = "val" if val_fraction > 0 and is_validation(h, val_fraction) else "train"
-                    ids.append(tok.eos_id)
-                    writers[split].add(np.array(ids, dtype=np.uint32))
+                    if isinstance(ids, list):
+                        ids.append(tok.eos_id)
+                        writers[split].add(np.array(ids, dtype=np.uint32))
+                    else:  # a long text's array (see _encode_next)
+                        writers[split].add(np.append(ids, np.uint32(tok.eos_id)))
                 bar.update(nbytes)
                 stats["text_bytes"] += nbytes
     seconds = time.perf_counter() - start
@@ -196,13 +254,17 @@ def prepare(
         "tokenizer": {"path": str(tok.path.resolve()), "sha256": tok.sha256, "eos_id": tok.eos_id},
         "stats": {**stats, "min_length": min_length, "dedup": dedup, "val_fraction": val_fraction},
     }
-    summary = {"out_dir": str(out), **stats, "seconds": seconds, "mb_per_s": stats["text_bytes"] / 1e6 / seconds}
+    summary = {**stats, "seconds": seconds, "mb_per_s": stats["text_bytes"] / 1e6 / seconds}
     for split, writer in writers.items():
         manifest = writer.close(common)
         if manifest is None:
             if split == "train":
-                raise UserError(f"{out / split}: no documents left to write (empty input or all filtered)")
-            raise UserError(f"{out / split}: val_fraction={val_fraction} selected no documents; raise it")
+                raise UserError(
+                    f"{dirs[split].parent / split}: no documents left to write (empty input or all filtered)"
+                )
+            raise UserError(
+                f"{dirs[split].parent / split}: val_fraction={val_fraction} selected no documents; raise it"
+            )
         summary[split] = {"documents": manifest["num_documents"], "tokens": manifest["num_tokens"]}
     return summary
 
@@ -215,11 +277,12 @@ def write_token_shards(
     shard_tokens: int = 1 << 26,
 ) -> dict:
     """Write already-tokenized documents (arrays of ids, EOS included) as a shard directory."""
-    writer = _TokenShardWriter(Path(out_dir), shard_tokens, S.token_dtype(vocab_size))
-    for doc in documents:
-        writer.add(np.asarray(doc))
-    info = tokenizer_info or {"path": None, "sha256": "none", "eos_id": None}
-    manifest = writer.close({"dtype": writer.dtype, "vocab_size": vocab_size, "tokenizer": info, "stats": {}})
-    if manifest is None:
-        raise UserError(f"{out_dir}: no documents to write")
+    with S.staged(Path(out_dir)) as (stage,):
+        writer = _TokenShardWriter(stage, shard_tokens, S.token_dtype(vocab_size))
+        for doc in documents:
+            writer.add(np.asarray(doc))
+        info = tokenizer_info or {"path": None, "sha256": "none", "eos_id": None}
+        manifest = writer.close({"dtype": writer.dtype, "vocab_size": vocab_size, "tokenizer": info, "stats": {}})
+        if manifest is None:
+            raise UserError(f"{out_dir}: no documents to write")
     return manifest

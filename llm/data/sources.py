@@ -66,8 +66,12 @@ def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:
     """The documents of one file: a JSONL line's field, a Parquet column's rows, or the whole text."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {e.start} of the line)") from None
                 if not line.strip():
                     continue
                 try:

@@ -166,12 +166,14 @@ class PackedTokens(Stream):
             raise UserError(f"{self.path}: {total} tokens do not fill one window of {seq_len + 1}")
         super().__init__(windows, seed, rank, world_size, name=str(self.path))
 
-    MAPPED = ("values",)
+    MAPPED = ("values", "integrity")
 
     def map_files(self) -> None:
+        shards = self.manifest["shards"]
         self.values = [
-            S.shard_tokens(self.path / s["file"], s, self.manifest["dtype"])[0] for s in self.manifest["shards"]
+            S.shard_tokens(self.path / s["file"], s, self.manifest["dtype"], hash_now=False)[0] for s in shards
         ]
+        self.integrity = S.BackgroundCheck([(self.path / s["file"], s) for s in shards])
 
     def tokens(self, start: int, length: int, out: np.ndarray) -> None:
         """Copy tokens [start, start + length) of the concatenated stream into `out`."""
@@ -185,12 +187,14 @@ class PackedTokens(Stream):
             shard += 1
 
     def get(self, index: int) -> torch.Tensor:
+        self.integrity.check()
         out = np.empty(self.seq_len + 1, dtype=np.int64)
         self.tokens(index * self.seq_len, self.seq_len + 1, out)
         return torch.from_numpy(out)
 
     def samples_at(self, positions: list[int]) -> torch.Tensor:
         """A (len(positions), seq_len + 1) int64 tensor, filled in place."""
+        self.integrity.check()
         out = np.empty((len(positions), self.seq_len + 1), dtype=np.int64)
         span, values = self.seq_len + 1, self.values
         single = len(values) == 1
@@ -272,15 +276,18 @@ class Documents(Stream):
         self.doc_ids = np.flatnonzero(self.doc_end - self.doc_start >= min_tokens)
         super().__init__(len(self.doc_ids), seed, rank, world_size, name=str(self.path))
 
-    MAPPED = ("values",)
+    MAPPED = ("values", "integrity")
 
     def map_files(self) -> None:
+        shards = self.manifest["shards"]
         self.values = [
-            S.shard_tokens(self.path / s["file"], s, self.manifest["dtype"])[0] for s in self.manifest["shards"]
+            S.shard_tokens(self.path / s["file"], s, self.manifest["dtype"], hash_now=False)[0] for s in shards
         ]
+        self.integrity = S.BackgroundCheck([(self.path / s["file"], s) for s in shards])
 
     def document(self, doc: int) -> np.ndarray:
         """Tokens of document `doc` (an index among all documents of the directory)."""
+        self.integrity.check()
         return self.values[self.doc_shard[doc]][self.doc_start[doc] : self.doc_end[doc]]
 
     def get(self, index: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from llm.errors import UserError
+from llm.fileio import write_atomic
 from llm.log import logger
 
 # Names under which tokenizers commonly store each special token.
@@ -156,9 +157,7 @@ def train_tokenizer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "tokenizer.json"
-    tmp = out / ".tokenizer.json.tmp"
-    tmp.write_text(tok.to_str())
-    tmp.replace(path)
+    write_atomic(path, tok.to_str())
     return path
 
 
@@ -169,7 +168,5 @@ def adopt_tokenizer(source: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "tokenizer.json"
     if path.resolve() != tok.path.resolve():
-        tmp = out / ".tokenizer.json.tmp"
-        tmp.write_bytes(tok.path.read_bytes())
-        tmp.replace(path)
+        write_atomic(path, tok.path.read_bytes())
     return path

@@ -3,7 +3,8 @@
 Greedy (temperature 0), temperature sampling, top-k and top-p (nucleus)
 filtering, and stopping at EOS. Left-padded batches work: positions come from
 the attention mask, and padding is masked out of attention. With the cache the
-chosen tokens equal those of recomputing the whole sequence at every step.
+chosen tokens equal those of recomputing the whole sequence at every step, also
+with a prefix or soft prompt in the trunk (the cache holds their keys too).
 """
 
 from __future__ import annotations
@@ -66,16 +67,20 @@ def generate(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     batch, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
-    if cfg.position in ("learned", "sinusoidal") and total > cfg.max_seq_len:
+    trunk = model.transformer
+    soft = trunk.virtual_positions  # a soft prompt's positions come first
+    if cfg.position in ("learned", "sinusoidal") and total + soft > cfg.max_seq_len:
         raise ValueError(
-            f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={cfg.max_seq_len}"
+            f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens})"
+            + (f" + soft prompt ({soft})" if soft else "")
+            + f" exceeds max_seq_len={cfg.max_seq_len}"
         )
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
     was_training = model.training
     model.eval()
     param = next(model.parameters())
-    cache = KVCache(cfg, batch, total, param.dtype, param.device) if use_cache else None
+    cache = KVCache(cfg, batch, total + trunk.num_virtual_tokens, param.dtype, param.device) if use_cache else None
     ids = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
     try:

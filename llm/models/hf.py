@@ -11,7 +11,6 @@ safetensors (or a pytorch_model.bin read with `torch.load(weights_only=True)`).
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -417,4 +416,6 @@ def copy_tokenizer(tokenizer, path: Path) -> None:
         raise UserError(f"{source}: tokenizer file not found")
     target = path / "tokenizer.json"
     if source.resolve() != target.resolve():
-        shutil.copyfile(source, target)
+        from llm.fileio import write_atomic
+
+        write_atomic(target, source.read_bytes())

@@ -81,7 +81,9 @@ class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (MHA, GQA, MQA).
 
     One fused projection makes q, k and v; `cache` (a KVCache) holds earlier keys
-    and values during generation.
+    and values during generation. `prefix` (k, v), each (B, kv_heads, n, head_dim),
+    are keys and values put in front of the sequence's own (prefix tuning); they
+    take no rotary angle and, with a cache, are written into it once.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -101,6 +103,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_padding_mask: torch.Tensor | None = None,
         cache=None,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
@@ -109,6 +112,8 @@ class Attention(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if prefix is not None:
+            k, v = torch.cat((prefix[0].to(k.dtype), k), dim=2), torch.cat((prefix[1].to(v.dtype), v), dim=2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = kernels.attention(
@@ -154,11 +159,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, key_padding_mask=None, cache=None):
+    def forward(self, x, rope=None, key_padding_mask=None, cache=None, prefix=None):
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_padding_mask, cache))
+            x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_padding_mask, cache, prefix))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, rope, key_padding_mask, cache)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, rope, key_padding_mask, cache, prefix)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 

@@ -26,33 +26,51 @@ class ModelOutput:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions.
+    """Keys and values of every layer, for up to `max_len` positions.
 
     Each layer writes its new keys at `length` and reads everything before; the
-    trunk advances `length` once all layers have run.
+    trunk advances `length` once all layers have run. A layer's buffer is
+    allocated at its first write, with that layer's number of key/value heads
+    (structured pruning may leave layers with different counts). `virtual` counts the
+    positions at the front that hold no input token (a prefix or a soft prompt).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.v: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.batch, self._max_len, self.dtype, self.device = batch, max_len, dtype, device
         self.length = 0
+        self.virtual = 0
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self._max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; step would reach {end}")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if self.k[layer] is None:
+            shape = (self.batch, k.shape[1], self.max_len, k.shape[3])
+            self.k[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.v[layer] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Transformer(nn.Module):
-    """Token (or patch) embeddings, positions, the blocks, and the final norm of pre-norm stacks."""
+    """Token (or patch) embeddings, positions, the blocks, and the final norm of pre-norm stacks.
+
+    Two optional slots hold virtual tokens that a transform (llm.adapt) installs:
+    `prompt`, a module whose forward(batch) gives (B, n, d) embeddings put before
+    the input's (prompt tuning: they take positions 0..n-1 and the input's shift by
+    n), and `prefix`, a module whose forward(batch) gives one (k, v) pair per layer,
+    each (B, kv_heads, n, head_dim), put before every layer's keys and values
+    (prefix tuning: the input keeps positions from 0). Either way the returned
+    hidden states are the input tokens' only, so heads, labels and pooling are
+    unchanged, and `attention_mask` covers the input tokens only.
+    """
 
     def __init__(self, cfg: ModelConfig, mask_token: bool = False):
         super().__init__()
@@ -76,30 +94,65 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg) if cfg.norm_position == "pre" else None
         self.gradient_checkpointing = False
+        self.prompt: nn.Module | None = None
+        self.prefix: nn.Module | None = None
 
-    def embed_tokens(self, input_ids, token_type_ids=None, position_ids=None, cache: KVCache | None = None):
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Keys in front of the input's: the soft prompt's or the prefix's length (0 without)."""
+        slot = self.prompt if self.prompt is not None else self.prefix
+        return int(slot.num_virtual_tokens) if slot is not None else 0
+
+    @property
+    def virtual_positions(self) -> int:
+        """Positions the soft prompt takes before the input's (a prefix takes none)."""
+        return int(self.prompt.num_virtual_tokens) if self.prompt is not None else 0
+
+    def embed_tokens(
+        self,
+        input_ids,
+        token_type_ids=None,
+        position_ids=None,
+        cache: KVCache | None = None,
+        inputs_embeds=None,
+        prompt=None,
+    ):
+        """Word + position (+ token type) embeddings of (B, T) ids, or of `inputs_embeds` (B, T, d)
+        word embeddings; `prompt` (B, n, d) goes in front with positions 0..n-1. Returns (x, positions)."""
         cfg = self.cfg
-        if input_ids.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-        # the range check reads values back (a graph break under torch.compile, where indexing checks instead)
-        checked = input_ids.numel() and not torch.compiler.is_compiling()
-        if checked and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
-            bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0].item()
-            raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size})")
-        t = input_ids.shape[1]
+        if inputs_embeds is None:
+            if input_ids.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+            # the range check reads values back (a graph break under torch.compile, where indexing checks instead)
+            checked = input_ids.numel() and not torch.compiler.is_compiling()
+            if checked and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+                bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0].item()
+                raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size})")
+            x = self.tok_embed(input_ids)
+        else:
+            x = inputs_embeds
+        b, t = x.shape[:2]
         if position_ids is None:
-            start = cache.length if cache is not None else 0
-            position_ids = torch.arange(start, start + t, device=input_ids.device)[None]
+            start = cache.length - cache.virtual if cache is not None and cache.length else 0
+            position_ids = torch.arange(start, start + t, device=x.device)[None]
+        position_ids = position_ids + self.virtual_positions
+        if token_type_ids is None and self.type_embed is not None:
+            token_type_ids = torch.zeros((b, t), dtype=torch.int64, device=x.device)
+        if prompt is not None:
+            n = prompt.shape[1]
+            front = torch.arange(n, device=x.device)[None].expand(position_ids.shape[0], -1)
+            position_ids = torch.cat((front, position_ids), dim=1)
+            x = torch.cat((prompt.to(x.dtype), x), dim=1)
+            if token_type_ids is not None:
+                token_type_ids = torch.cat((token_type_ids.new_zeros((b, n)), token_type_ids), dim=1)
         if cfg.position in ("learned", "sinusoidal") and int(position_ids.max()) >= cfg.max_seq_len:
-            raise ValueError(f"position {int(position_ids.max())} is beyond max_seq_len={cfg.max_seq_len}")
-        x = self.tok_embed(input_ids)
+            virtual = f" ({self.virtual_positions} of them a soft prompt's)" if self.virtual_positions else ""
+            raise ValueError(f"position {int(position_ids.max())}{virtual} is beyond max_seq_len={cfg.max_seq_len}")
         if cfg.position == "learned":
             x = x + self.pos_embed(position_ids)
         elif cfg.position == "sinusoidal":
             x = x + self.pos_table[position_ids].to(x.dtype)
         if self.type_embed is not None:
-            if token_type_ids is None:
-                token_type_ids = torch.zeros_like(input_ids)
             x = x + self.type_embed(token_type_ids)
         return x, position_ids
 
@@ -122,16 +175,31 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         bool_masked_pos: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
+        """Final hidden states (B, T, d) of the input tokens (or of [CLS] + patches).
+
+        `inputs_embeds` (B, T, d) replaces the word embeddings of `input_ids`;
+        `prefix` gives per-layer (k, v) prefixes (else the `prefix` slot does);
+        `position_ids` (B or 1, T) number the input tokens, from 0 by default."""
+        fresh = cache is None or cache.length == 0  # virtual tokens enter now (later they sit in the cache)
+        batch = next((t.shape[0] for t in (input_ids, inputs_embeds, pixel_values) if t is not None), 0)
+        if prefix is None and self.prefix is not None and fresh:
+            prefix = self.prefix(batch)
+        n_prefix = prefix[0][0].shape[2] if prefix is not None else 0
+        prompt = self.prompt(batch) if self.prompt is not None and fresh else None
         if self.cfg.is_image:
             if pixel_values is None:
                 raise ValueError("a vit model takes pixel_values (batch, channels, height, width)")
+            if prompt is not None:
+                raise ValueError("a soft prompt needs a text model")
             x = self.embed_patches(pixel_values, bool_masked_pos)
             rope = None
         else:
-            if input_ids is None:
-                raise ValueError("a text model takes input_ids (batch, seq)")
-            x, position_ids = self.embed_tokens(input_ids, token_type_ids, position_ids, cache)
+            if input_ids is None and inputs_embeds is None:
+                raise ValueError("a text model takes input_ids (batch, seq) or inputs_embeds (batch, seq, d_model)")
+            x, position_ids = self.embed_tokens(input_ids, token_type_ids, position_ids, cache, inputs_embeds, prompt)
             rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         if self.embed_norm is not None:
             x = self.embed_norm(x)
@@ -139,11 +207,21 @@ class Transformer(nn.Module):
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.to(torch.bool)
-        for block in self.blocks:
+            virtual = (
+                self.num_virtual_tokens if not fresh else n_prefix + (prompt.shape[1] if prompt is not None else 0)
+            )
+            if virtual:  # virtual tokens are always attended to
+                mask = torch.cat((mask.new_ones((mask.shape[0], virtual)), mask), dim=1)
+        for i, block in enumerate(self.blocks):
+            layer_prefix = prefix[i] if prefix is not None else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, cache, layer_prefix, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache)
+                x = block(x, rope, mask, cache, layer_prefix)
         if cache is not None:
-            cache.length += x.shape[1]
+            cache.length += x.shape[1] + n_prefix
+            if fresh:
+                cache.virtual = n_prefix + (prompt.shape[1] if prompt is not None else 0)
+        if prompt is not None:
+            x = x[:, prompt.shape[1] :]
         return self.norm(x) if self.norm is not None else x

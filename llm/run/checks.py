@@ -48,41 +48,115 @@ def _tokenizer_vocab(path: Path) -> tuple[int, str]:
     return tok.vocab_size, tok.sha256
 
 
-def check_paths(recipe: RecipeConfig, task_name: str) -> None:
+def reads_files(task) -> bool:
+    """Whether `task` also reads example files and folders (JSONL, CSV, Parquet, images), not only shards."""
+    from llm.tasks.base import Task
+
+    return type(task).file_stream is not Task.file_stream
+
+
+def check_paths(recipe: RecipeConfig, task) -> None:
     """Every file the run will read exists (or `data.prepare` will make it), and the vocabularies agree:
-    tokenizer <= model.vocab_size, each shard directory's manifest and ids fit model.vocab_size.
+    tokenizer <= model.vocab_size, each shard directory's manifest and ids fit model.vocab_size;
+    `init_from` and `distill.teacher` are models (`check_model_path`), the teacher shares the tokenizer.
 
     Raises ConfigError naming the field (data.train[i].path, data.val, data.tokenizer, model.vocab_size,
-    init_from, ...)."""
+    init_from, distill.teacher, ...)."""
     data, model = recipe.data, recipe.model
     prepare = _will_prepare(recipe)
     vocab = model.vocab_size
-    if recipe.init_from and not Path(recipe.init_from).exists():
-        raise ConfigError("init_from", f"{recipe.init_from}: not found")
+    if recipe.init_from:
+        check_model_path("init_from", recipe.init_from)
+    if recipe.distill.teacher:
+        check_teacher(recipe)
     if prepare and not model.is_image and data.prepare.vocab_size > vocab:
         raise ConfigError(
             "data.prepare.vocab_size", f"{data.prepare.vocab_size} tokens do not fit model.vocab_size={vocab}"
         )
 
-    _check_tokenizer(recipe, task_name, prepare)
+    _check_tokenizer(recipe, task, prepare)
     if data.source == "shards" and not prepare:
-        _check_shards(recipe)
+        _check_shards(recipe, task)
 
 
-def _check_shards(recipe: RecipeConfig) -> None:
+def check_model_path(field: str, path: str) -> Path:
+    """`path` is something `llm.run.loader.load_model` reads: an llm model directory, a Hugging Face
+    directory, or a run/checkpoint directory with an intact checkpoint. Returns the file describing the
+    model (config.yaml, config.json or the checkpoint's model.yaml). Raises ConfigError naming `field`."""
+    from llm.run import loader
+    from llm.train import checkpoint as ckpt
+
+    try:
+        kind = loader.model_kind(path)
+        if kind == "hf":
+            return Path(path) / "config.json"
+        if kind == "llm":
+            return Path(path) / loader.CONFIG
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the loader repeats them when it loads
+            step_dir = ckpt.find_checkpoint(loader.checkpoint_dir(Path(path)))
+    except UserError as e:
+        raise ConfigError(field, str(e)) from None
+    if not (step_dir / "model.yaml").is_file():
+        raise ConfigError(field, f"{step_dir}: no model.yaml (not a checkpoint written by llm)")
+    return step_dir / "model.yaml"
+
+
+def _described_vocab(description: Path) -> int | None:
+    import json
+
+    try:
+        if description.suffix == ".json":
+            return int(json.loads(description.read_text())["vocab_size"])
+        return int(yaml.safe_load(description.read_text())["model"]["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None  # the loader names what is wrong when it reads the model
+
+
+def check_teacher(recipe: RecipeConfig) -> None:
+    """`distill.teacher` is a model with the student's vocabulary size and the student's tokenizer
+    (the same tokenizer.json beside it, by sha256). Raises ConfigError naming distill.teacher."""
+    from llm.data.tokenizer import Tokenizer
+    from llm.run import loader
+
+    path = recipe.distill.teacher
+    teacher_vocab = _described_vocab(check_model_path("distill.teacher", path))
+    if teacher_vocab is not None and teacher_vocab != recipe.model.vocab_size:
+        raise ConfigError(
+            "distill.teacher",
+            f"{path}: the teacher's vocabulary has {teacher_vocab} tokens, the student's "
+            f"{recipe.model.vocab_size}; teacher and student must share the tokenizer",
+        )
+    own = recipe.data.tokenizer if recipe.data.tokenizer and Path(recipe.data.tokenizer).is_file() else None
+    theirs = loader.find_tokenizer(path)
+    if (own is None) != (theirs is None) or (own and Tokenizer(own).sha256 != Tokenizer(theirs).sha256):
+        raise ConfigError(
+            "distill.teacher",
+            f"{path}: the teacher's tokenizer ({theirs or 'none found beside it'}) is not the student's "
+            f"data.tokenizer ({own or 'none'}); teacher and student must share the tokenizer",
+        )
+
+
+def _check_shards(recipe: RecipeConfig, task) -> None:
     from llm.data.shards import MANIFEST, ShardError, check_vocab
 
     data, model = recipe.data, recipe.model
     vocab = model.vocab_size
+    files = reads_files(task)
     fields = [f"data.train[{i}].path" for i in range(len(data.train))] if isinstance(data.train, list) else []
     named = list(zip(fields or ["data.train"], data.train_paths))
     if data.val is not None:
         named.append(("data.val", data.val))
     for field, path in named:
         if not (Path(path) / MANIFEST).is_file():
+            if files and Path(path).exists():
+                continue  # an example file or image folder: the task reads (and checks) it when it loads
             what = "no such directory" if not Path(path).exists() else f"no {MANIFEST} in it"
+            if files and not Path(path).exists():
+                what = "no such file or directory"
             hint = " and data.prepare is not set" if field == "data.train" else ""
-            raise ConfigError(field, f"{path}: {what}{hint} (make shards with `llm data prepare`)")
+            made = "`llm data prepare`" + (f", or an example file task {task.name!r} reads" if files else "")
+            raise ConfigError(field, f"{path}: {what}{hint} (make shards with {made})")
         if model.is_image:
             continue
         try:
@@ -91,15 +165,20 @@ def _check_shards(recipe: RecipeConfig) -> None:
             raise ConfigError(field, str(e)) from None
 
 
-def _check_tokenizer(recipe: RecipeConfig, task_name: str, prepare: bool) -> None:
+def _check_tokenizer(recipe: RecipeConfig, task, prepare: bool) -> None:
     from llm.data.shards import MANIFEST, ShardError, load_manifest
 
     data, model = recipe.data, recipe.model
     vocab = model.vocab_size
-    needs_tokenizer = recipe.logging.sample_prompt is not None and task_name == "causal_lm"
+    needs_tokenizer = recipe.logging.sample_prompt is not None and task.name == "causal_lm"
+    text_files = [
+        p for p in data.train_paths + [data.val] * (data.val is not None) if Path(p).is_file()
+    ] if data.source == "shards" and reads_files(task) and not model.is_image else []  # fmt: skip
     if data.tokenizer is None:
         if needs_tokenizer and data.source == "shards":
             raise ConfigError("data.tokenizer", "needed to decode logging.sample_prompt's sample (or set it to null)")
+        if text_files:
+            raise ConfigError("data.tokenizer", f"needed to tokenize {text_files[0]} (task {task.name!r})")
         if prepare:
             raise ConfigError("data.tokenizer", "needed by data.prepare (where the tokenizer is written or read)")
         return
@@ -110,6 +189,8 @@ def _check_tokenizer(recipe: RecipeConfig, task_name: str, prepare: bool) -> Non
         if prepare:
             return  # data.prepare trains it
         if data.source == "synthetic" and not needs_tokenizer:
+            return
+        if model.is_image and not needs_tokenizer:
             return
         made_with = ""
         if data.source == "shards":
@@ -144,20 +225,6 @@ def check_trackers(recipe: RecipeConfig) -> None:
             raise ConfigError(f"logging.{field}", f"true needs the {package} package (pip install 'llm[{package}]')")
 
 
-# Fields a resumed run must share with its checkpoint: what the weights are (model, task, transforms) and what
-# the saved data position counts in (source, training shards, sequence length, seed).
-FIXED_ON_RESUME = ("model", "task", "transforms", "data.source", "data.train", "data.seq_len", "seed")
-
-
-def _flatten(value, prefix: str) -> dict:
-    if isinstance(value, dict) and value:
-        out = {}
-        for key, item in value.items():
-            out.update(_flatten(item, f"{prefix}.{key}"))
-        return out
-    return {prefix: value}
-
-
 def resume_checkpoint(recipe: RecipeConfig, resume: str) -> Path | None:
     """The step directory `--resume` would load (None: a fresh start)."""
     from llm.train import checkpoint as ckpt
@@ -176,26 +243,26 @@ def resume_checkpoint(recipe: RecipeConfig, resume: str) -> Path | None:
         return ckpt.find_checkpoint(resume)
 
 
-def check_resume(recipe: RecipeConfig, resume: str) -> Path | None:
-    """Compare the recipe with the one saved in the checkpoint it would resume from; a changed field of
-    FIXED_ON_RESUME raises a UserError naming it (e.g. `model.n_layers: 6, the checkpoint ... has 4`).
+def check_resume(recipe: RecipeConfig, resume: str, task=None) -> Path | None:
+    """Compare the recipe with the one saved in the checkpoint it would resume from, as the trainer
+    will (`llm.train.recipe_change.check_resume`): a field that may not change on resume, or a global
+    batch that differs for the launcher's world size, raises a ConfigError naming the field. `task`:
+    the checked task, whose options (a label map read from the data) the run records (None: made here).
     Returns that checkpoint (None for a fresh start)."""
+    from llm.train import checkpoint as ckpt
+    from llm.train import recipe_change
+
     step_dir = resume_checkpoint(recipe, resume)
     if step_dir is None or not (step_dir / "recipe.yaml").is_file():
         return step_dir
     saved = yaml.safe_load((step_dir / "recipe.yaml").read_text()) or {}
-    now = dataclasses.asdict(recipe)
-    for field in FIXED_ON_RESUME:
-        head, _, tail = field.partition(".")
-        old, new = saved.get(head), now.get(head)
-        if tail:
-            old, new = (old or {}).get(tail), (new or {}).get(tail)
-        old_flat, new_flat = _flatten(old, field), _flatten(new, field)
-        for key in sorted(set(old_flat) | set(new_flat)):
-            if old_flat.get(key) != new_flat.get(key):
-                raise UserError(
-                    f"{key}: {new_flat.get(key)!r} now, {old_flat.get(key)!r} in the checkpoint {step_dir} "
-                    f"(a resumed run cannot change {', '.join(FIXED_ON_RESUME)}); restore it or start a "
-                    "new run_dir"
-                )
+    current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+    if task is None:
+        from llm.tasks import get_task
+
+        task = get_task(recipe.task).with_data(recipe.data)
+    current["task"] = task.to_dict()  # as the run records it (see llm.run.train.assemble)
+    state = ckpt.trainer_state(step_dir, 0)
+    saved_world = state.get("world_size") or len(list(step_dir.glob("trainer_rank_*.pt")))
+    recipe_change.check_resume(saved, current, str(step_dir), saved_world, launcher_world_size())
     return step_dir

@@ -21,14 +21,17 @@ def generate_text(
     seed: int = 0,
 ) -> list[str]:
     """Each prompt followed by its continuation, from the causal LM at `model_path` (any
-    format `load_model` reads) and its tokenizer.json (default: the one beside the model)."""
+    format `load_model` reads) and its tokenizer.json (default: the one beside the model).
+    An instruction-tuned model gets each prompt inside the template saved with it."""
     if max_new_tokens < 0:
         raise UserError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
     if top_k is not None and top_k <= 0:
         raise UserError(f"--top-k: must be > 0, got {top_k}")
     model = load_model(model_path)
-    if model.task != "causal_lm":
-        raise UserError(f"{model_path}: a {model.task!r} model; generation needs a causal_lm model")
+    if model.task not in ("causal_lm", "instruction"):
+        raise UserError(f"{model_path}: a {model.task!r} model; generation needs a causal_lm or instruction model")
+    if model.task == "instruction":  # the template the model was tuned with wraps each prompt
+        prompts = [model.options.format(p) for p in prompts]
     tok_path = tokenizer or find_tokenizer(model_path)
     if tok_path is None:
         raise UserError(f"{model_path}: no tokenizer.json beside the model or its run directory; pass --tokenizer")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from llm import adapt
+from llm import adapt, compress
 from llm.config import ConfigError, ModelConfig, build_config
 from llm.errors import UserError
 from llm.fileio import write_atomic
@@ -43,8 +43,11 @@ def build_from_description(description: dict, where: str) -> Model:
 
 def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> Model:
     """Load `tensors` into `model`: every tensor must exist with its shape, and every parameter
-    or buffer of the model must be given (tied aliases may be left out)."""
-    expected = model.state_dict()
+    or buffer of the model must be given (tied aliases may be left out). Quantized weights come as
+    plain parts (see llm.compress.quantize)."""
+    tensors, quantized = compress.quantize.load_quantized(model, tensors, where)
+    quantized |= compress.quantize.quantized_names(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in quantized}
     for name, tensor in tensors.items():
         if name in expected and expected[name].shape != tensor.shape:
             raise UserError(
@@ -57,7 +60,7 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> 
         if name in aliases and name in tensors:
             tensors.setdefault(owner[id(p)], tensors[name])
     result = model.load_state_dict({k: v for k, v in tensors.items() if k not in aliases}, strict=False)
-    missing = set(result.missing_keys) - aliases
+    missing = set(result.missing_keys) - aliases - quantized
     if missing or result.unexpected_keys:
         what = [f"missing {', '.join(sorted(missing)[:3])}"] if missing else []
         what += [f"unexpected {', '.join(result.unexpected_keys[:3])}"] if result.unexpected_keys else []
@@ -80,8 +83,7 @@ def save_pretrained(model: Model, path: str | Path, tokenizer=None) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    aliases = tied_aliases(model)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
+    tensors = compress.quantize.plain_state_dict(model, skip=tied_aliases(model))
     tmp = path / f".{WEIGHTS}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path / WEIGHTS)
@@ -127,8 +129,13 @@ def load_checkpoint_model(path: str | Path, tag: str | None = None) -> Model:
     description = step_dir / "model.yaml"
     if not description.is_file():
         raise UserError(f"{description}: not found (a checkpoint written by llm holds its model's description)")
-    model = build_from_description(load_yaml(description), str(description))
-    load_weights(model, ckpt.consolidated_state_dict(step_dir), str(step_dir))
+    described = load_yaml(description)
+    model = build_from_description(described, str(description))
+    state = ckpt.consolidated_state_dict(step_dir)
+    prefix = (described.get("distill") or {}).get("student_prefix") if isinstance(described, dict) else None
+    if prefix:  # a distillation run's checkpoint: the student's weights, without the hidden-state projection
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    load_weights(model, state, str(step_dir))
     return model.float().eval()
 
 

@@ -22,11 +22,13 @@ import torch
 import yaml
 
 from llm import adapt, kernels
+from llm.compress.distill import Distiller
+from llm.compress.prune import GradualPruner
 from llm.config import ConfigError, RecipeConfig
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.log import logger, setup_logging
-from llm.models.base import Model
+from llm.models.base import Model, tied_aliases
 from llm.models.info import training_flops_per_token
 from llm.run import checks, loader
 from llm.run.prepare import prepare_if_missing
@@ -44,14 +46,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def recipe_transforms(recipe: RecipeConfig) -> list[dict]:
+    """The recipe's `transforms:` followed by its `adapt:` method as a transform ({name: method,
+    settings...}; method `full` adds none). Raises ConfigError when the method is not installed."""
+    if recipe.adapt is None:
+        return list(recipe.transforms)
+    settings = dict(recipe.adapt)
+    method = settings.pop("method")
+    if method == "full":
+        if settings:
+            raise ConfigError(f"adapt.{next(iter(settings))}", "method full takes no settings")
+        return list(recipe.transforms)
+    if method not in adapt.TRANSFORMS:
+        raise ConfigError(
+            "adapt.method", f"{method!r} is not available here (available: full, {', '.join(adapt.TRANSFORMS)})"
+        )
+    return [*recipe.transforms, {"name": method, **settings}]
+
+
 def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
-    """Everything about the recipe that needs no process group: the task, its fit with the model,
-    the transforms' names, the kernels, every path and vocabulary (`llm.run.checks.check_paths`),
-    the preset and the batch arithmetic for the launcher's world size. Returns the task.
+    """Everything about the recipe that needs no process group: every path and vocabulary
+    (`llm.run.checks.check_paths`: data, tokenizer, init_from, distill.teacher), the task (with the
+    label map its training data decides), its fit with the model, the transforms' and adapt method's
+    names, the kernels, the trackers, the preset and the batch arithmetic for the launcher's world
+    size, pruning's engine needs. Returns the task.
     `paths=False` leaves out the files (inside a started run, where rank 0 may be preparing them)."""
     task = get_task(recipe.task)
+    if paths:
+        checks.check_paths(recipe, task)
+    task = task.with_data(recipe.data)
     task.check(recipe.model)
-    for i, spec in enumerate(recipe.transforms):
+    for i, spec in enumerate(recipe_transforms(recipe)):
         name = spec.get("name") if isinstance(spec, dict) else None
         if name not in adapt.TRANSFORMS:
             raise ConfigError(
@@ -62,17 +87,24 @@ def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
     except ValueError as e:
         raise ConfigError("kernels", str(e)) from None
     checks.check_trackers(recipe)
-    if paths:
-        checks.check_paths(recipe, task.name)
-    deepspeed_config(recipe, checks.launcher_world_size(), task.min_micro_batch)  # preset, batch arithmetic
+    ds_json = deepspeed_config(recipe, checks.launcher_world_size(), task.min_micro_batch)  # preset, batch
+    if recipe.prune.sparsity:
+        stage = ds_json.get("zero_optimization", {}).get("stage", 0)
+        if stage != 0 or recipe.train.precision != "fp32":
+            raise ConfigError(
+                "prune",
+                f"gradual pruning masks the model's own weights, which needs ZeRO stage 0 and fp32 "
+                f"(this recipe: stage {stage}, {recipe.train.precision})",
+            )
     return task
 
 
-def dry_run(recipe: RecipeConfig, resume: str = "auto") -> str:
+def dry_run(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> str:
     """`--dry-run`: every check of `train`, then the resolved recipe (YAML) and the DeepSpeed JSON for the
     launcher's world size, as text; nothing is started or written."""
     task = check_recipe(recipe)
-    step_dir = checks.check_resume(recipe, resume)
+    step_dir = checks.check_resume(recipe, resume, task)
+    check_run_dir(recipe, resume, overwrite)
     world = checks.launcher_world_size()
     ds_json = deepspeed_config(recipe, world, task.min_micro_batch)
     start = f"resume from {step_dir}" if step_dir else "a fresh start"
@@ -82,26 +114,127 @@ def dry_run(recipe: RecipeConfig, resume: str = "auto") -> str:
     )
 
 
+def load_teacher(recipe: RecipeConfig) -> Model:
+    """The `distill.teacher` model, checked to share the student's vocabulary and tokenizer."""
+    from llm.data.tokenizer import Tokenizer
+
+    path = recipe.distill.teacher
+    teacher = loader.load_model(path).eval()
+    if teacher.config.vocab_size != recipe.model.vocab_size:
+        raise ConfigError(
+            "distill.teacher",
+            f"{path}: the teacher's vocabulary has {teacher.config.vocab_size} tokens, the student's "
+            f"{recipe.model.vocab_size}; teacher and student must share the tokenizer",
+        )
+    own = recipe.data.tokenizer if recipe.data.tokenizer and Path(recipe.data.tokenizer).is_file() else None
+    theirs = loader.find_tokenizer(path)
+    if (own is None) != (theirs is None) or (own and Tokenizer(own).sha256 != Tokenizer(theirs).sha256):
+        raise ConfigError(
+            "distill.teacher",
+            f"{path}: the teacher's tokenizer ({theirs or 'none found beside it'}) is not the student's "
+            f"data.tokenizer ({own or 'none'}); teacher and student must share the tokenizer",
+        )
+    return teacher
+
+
 def build_model(recipe: RecipeConfig, task: Task) -> Model:
-    """The recipe's model with the task's head, `init_from` weights where shapes agree, then its transforms."""
+    """The recipe's model with the task's head, `init_from` weights, then its transforms.
+
+    From `init_from` every tensor of the shared body (trunk, pooler) loads and must fit; head
+    tensors load where the task and shapes agree, the others are freshly initialised (logged)."""
     model = task.build_model(recipe.model)
     if recipe.init_from:
         init = loader.load_model(recipe.init_from)
+        if init.config.family != recipe.model.family:
+            raise ConfigError(
+                "init_from",
+                f"{recipe.init_from}: a {init.config.family} model ({init.task}); the run builds a "
+                f"{recipe.model.family} model for task {task.name!r}",
+            )
+        for spec in init.transforms:  # a pruned model's smaller shapes come with it; its weights follow
+            if spec["name"] == "quantize":
+                raise ConfigError("init_from", f"{recipe.init_from}: a quantized model cannot be trained further")
+            if spec["name"] == "prune":
+                model = adapt.apply_transform(model, spec, "init_from")
         own, state = model.state_dict(), init.state_dict()
+        body = ("transformer.", "pooler.")
+        loaded = {}
         for key, tensor in state.items():
-            if key in own and own[key].shape != tensor.shape:
-                raise ConfigError(
-                    "init_from",
-                    f"{recipe.init_from}: {key} has shape {tuple(tensor.shape)}, "
-                    f"the recipe's model needs {tuple(own[key].shape)}",
-                )
-        result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-        if result.missing_keys:
-            logger.info(f"init_from {recipe.init_from}: freshly initialised: {', '.join(result.missing_keys)}")
-    model = adapt.apply_transforms(model, recipe.transforms)
+            if key not in own:
+                continue
+            if own[key].shape != tensor.shape:
+                if key.startswith(body):
+                    raise ConfigError(
+                        "init_from",
+                        f"{recipe.init_from}: {key} has shape {tuple(tensor.shape)}, "
+                        f"the recipe's model needs {tuple(own[key].shape)}",
+                    )
+                continue
+            loaded[key] = tensor
+        result = model.load_state_dict(loaded, strict=False)
+        fresh = sorted(set(result.missing_keys) - tied_aliases(model))
+        logger.info(
+            f"init_from {recipe.init_from} ({init.task}): loaded {len(loaded)} tensors; "
+            f"freshly initialised: {', '.join(fresh) if fresh else 'none'}"
+        )
+    model = adapt.apply_transforms(model, recipe_transforms(recipe))
     if recipe.train.activation_checkpointing:
         model.set_gradient_checkpointing(True)
     return model
+
+
+def load_finetune_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """A fine-tuning recipe YAML (+ `--set` overrides); see `finetune_recipe`."""
+    from llm.config import apply_overrides, load_yaml
+
+    data = apply_overrides(load_yaml(path), overrides or [])
+    return finetune_recipe(data, base_dir=Path(path).parent)
+
+
+# model fields a fine-tuning recipe may change: regularisation, not the shape
+TUNABLE_MODEL_FIELDS = ("dropout", "attention_dropout")
+
+
+def finetune_recipe(data: dict, base_dir: Path | None = None) -> RecipeConfig:
+    """A recipe mapping whose model comes from `init_from`.
+
+    The model's fields are those of the model at `init_from`; a `model:` section may only
+    repeat them (or set dropout), anything else is a ConfigError naming the field. Without
+    `data.tokenizer`, the tokenizer.json beside `init_from` is used."""
+    from llm.config import find_preset, load_yaml, resolve_recipe
+
+    data = dict(data)
+    source = data.get("init_from")
+    if not source or not isinstance(source, str):
+        raise ConfigError(
+            "init_from",
+            "fine-tuning starts from a model: an llm model, run or checkpoint directory, or a Hugging Face directory",
+        )
+    try:
+        theirs = loader.load_model(source).description()["model"]
+    except UserError as e:
+        raise ConfigError("init_from", str(e)) from None
+    own = data.get("model") or {}
+    if not isinstance(own, dict):
+        raise ConfigError("model", f"expected a mapping, got {type(own).__name__} {own!r}")
+    own = dict(own)
+    base = own.pop("base", None)
+    if base is not None:
+        own = {**load_yaml(find_preset("models", str(base), "model.base", base_dir)), **own}
+    for key, value in own.items():
+        if key in theirs and value != theirs[key] and key not in TUNABLE_MODEL_FIELDS:
+            raise ConfigError(
+                f"model.{key}",
+                f"{value!r} contradicts init_from {source}, whose model has {key}: {theirs[key]!r} "
+                "(a fine-tuning recipe takes the model from init_from; leave model: out)",
+            )
+    data["model"] = {**theirs, **own}
+    section = data.get("data")
+    if isinstance(section, dict) and not section.get("tokenizer"):
+        found = loader.find_tokenizer(source)
+        if found is not None:
+            data["data"] = {**section, "tokenizer": str(found)}
+    return resolve_recipe(data, base_dir)
 
 
 @dataclass
@@ -115,9 +248,58 @@ class Parts:
     validation: Validation
 
 
-def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
+RUN_OUTPUTS = ("checkpoints", "export", "metrics.jsonl", "tensorboard", "heartbeat")
+
+
+def earlier_run(run_dir: Path) -> str | None:
+    """What of an earlier run `run_dir` holds (its newest checkpoint, export or metrics), else None."""
+    run_dir = Path(run_dir)
+    steps = sorted((run_dir / "checkpoints").glob("step_*")) if (run_dir / "checkpoints").is_dir() else []
+    if steps:
+        return f"the checkpoints of an earlier run ({', '.join(s.name for s in steps[-2:])})"
+    for name in ("export", "metrics.jsonl"):
+        if (run_dir / name).exists():
+            return f"an earlier run's {name}"
+    return None
+
+
+def check_run_dir(recipe: RecipeConfig, resume: str, overwrite: bool) -> None:
+    """A run directory has one owner: a fresh run (`resume="none"`) into one that holds an earlier
+    run's outputs is refused unless `overwrite` (which deletes them before training)."""
+    if resume != "none" or overwrite:
+        return
+    found = earlier_run(Path(recipe.run_dir))
+    if found:
+        raise UserError(
+            f"run_dir {recipe.run_dir}: holds {found}; continue it with --resume auto, "
+            f"or start over with --overwrite (deletes that run's checkpoints, export and metrics)"
+        )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete an earlier run's outputs (rank 0, for --overwrite)."""
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool = False) -> Parts:
     """Build the parts of a run in a started process group; see the module docstring."""
     task = check_recipe(recipe, paths=False)  # train() checked the files before the process group
+    recipe.task = task.to_dict()  # the label map the data decided is part of the run's record
+    check_run_dir(recipe, resume, overwrite)
+    if overwrite:
+        import torch.distributed as tdist
+
+        if dist.rank == 0:
+            logger.info(f"--overwrite: deleting the earlier run's outputs in {recipe.run_dir}")
+            clear_run_dir(Path(recipe.run_dir))
+        tdist.barrier()
     ds_json = deepspeed_config(recipe, dist.world_size, task.min_micro_batch)
     seed_everything(recipe.seed)
     prepare_if_missing(recipe, dist.rank)
@@ -129,15 +311,25 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str) -> Parts:
     model = build_model(recipe, task).to(dist.device)
     seq = recipe.model.seq_len if recipe.model.is_image else recipe.data.seq_len
     flops_per_token = training_flops_per_token(model, seq)
+    callbacks = []
+    if recipe.prune.sparsity:
+        p = recipe.prune
+        callbacks.append(GradualPruner(model, p.sparsity, p.start_step, p.end_step, p.every, p.scope))
+    if recipe.distill.teacher:
+        d = recipe.distill
+        teacher = load_teacher(recipe).to(dist.device)
+        model = Distiller(model, teacher, d.teacher, d.temperature, d.alpha, d.hidden_mse).to(dist.device)
     engine = build_engine(model, recipe, ds_json)
+    trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
+    logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
+    validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
+    peak, _ = device_peak_flops(dist.device, recipe.train.precision)
+    trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation, *callbacks], flops_per_token, peak)
+    trainer.resume(resume)  # first: a recipe the checkpoint refuses must not be recorded as the run's
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "recipe.yaml", yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
-    validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
-    peak, _ = device_peak_flops(dist.device, recipe.train.precision)
-    trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation], flops_per_token, peak)
-    trainer.resume(resume)
     return Parts(task, model, engine, trainer, validation)
 
 
@@ -175,18 +367,22 @@ def sample(model: Model, recipe: RecipeConfig) -> str:
     return tok.tokenizer.decode(out[0].tolist())
 
 
-def train(recipe: RecipeConfig, resume: str = "auto") -> dict:
-    """Train a recipe to its end; on rank 0 export the final model and print a sample when asked."""
+def train(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:
+    """Train a recipe to its end; on rank 0 export the final model and print a sample when asked.
+    `overwrite`: start afresh in a run directory that holds an earlier run (see `check_run_dir`)."""
     started = time.perf_counter()
     check_recipe(recipe)  # fail in milliseconds, before any process group
-    checks.check_resume(recipe, resume)
+    task = check_recipe(recipe)  # fail in milliseconds, before any process group
+    checks.check_resume(recipe, resume, task)
+    check_run_dir(recipe, resume, overwrite)
     with distributed(recipe.faults.collective_timeout_s) as dist, kernels.use(recipe.kernels):
         setup_logging(dist.rank)
-        parts = assemble(recipe, dist, resume)
+        parts = assemble(recipe, dist, resume, overwrite)
         summary = parts.trainer.fit()
         summary["val"] = parts.validation.last
         if not summary["preempted"] and recipe.checkpoint.save_final:
-            final = gathered_copy(parts.model, parts.engine.zero_optimization_stage())
+            trained = parts.model.student if isinstance(parts.model, Distiller) else parts.model
+            final = gathered_copy(trained, parts.engine.zero_optimization_stage())
             if dist.rank == 0:
                 summary["export"] = str(export(final, recipe))
                 if recipe.logging.sample_prompt is not None and parts.task.name == "causal_lm":
@@ -214,11 +410,23 @@ def _report(summary: dict, recipe: RecipeConfig) -> None:
         logger.info(f"checkpoint {latest}, model exported to {summary['export']}")
 
 
-def finetune(recipe: RecipeConfig, resume: str = "auto") -> dict:
+def require_teacher(recipe: RecipeConfig) -> None:
+    """Distillation needs `distill.teacher`; a UserError otherwise."""
+    if not recipe.distill.teacher:
+        raise UserError("distill.teacher: distillation needs a teacher model (any model, run or checkpoint path)")
+
+
+def distill(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:
+    """`train` with a teacher: the recipe must name `distill.teacher` (see llm.compress.distill)."""
+    require_teacher(recipe)
+    return train(recipe, resume, overwrite)
+
+
+def finetune(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:
     """`train` from pretrained weights: the recipe must name `init_from`."""
     if not recipe.init_from:
         raise UserError(
             "init_from: fine-tuning starts from a model (an llm model, run or checkpoint directory, "
             "or a Hugging Face directory)"
         )
-    return train(recipe, resume)
+    return train(recipe, resume, overwrite)

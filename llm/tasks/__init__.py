@@ -1,7 +1,7 @@
 """Tasks: one file per objective, each holding its head, data, metrics and checks.
 
     task = get_task("causal_lm")                      # or {"name": ..., option: value}
-    model = build_model(model_config, "sequence_classification")
+    model = build_model(model_config, "text_classification")
 
 Adding a task is one new file with a `Task` subclass (see `llm.tasks.base`) and
 one line in `TASKS` below.
@@ -16,16 +16,18 @@ from llm.tasks.causal_lm import CausalLM, CausalLMTask
 from llm.tasks.contrastive import Contrastive, ContrastiveTask
 from llm.tasks.encoder import Encoder, EncoderTask
 from llm.tasks.image_classification import ImageClassificationTask, ImageClassifier
+from llm.tasks.instruction import InstructionLM, InstructionTask
 from llm.tasks.masked_image_modeling import MaskedImageModel, MaskedImageModelingTask
 from llm.tasks.masked_lm import MaskedLM, MaskedLMTask
-from llm.tasks.sequence_classification import SequenceClassificationTask, SequenceClassifier
+from llm.tasks.text_classification import TextClassificationTask, TextClassifier
 
 TASKS: dict[str, type[Task]] = {
     t.name: t
     for t in (
         CausalLMTask,
+        InstructionTask,
         MaskedLMTask,
-        SequenceClassificationTask,
+        TextClassificationTask,
         ImageClassificationTask,
         MaskedImageModelingTask,
         ContrastiveTask,
@@ -39,9 +41,10 @@ __all__ = [
     "Contrastive",
     "Encoder",
     "ImageClassifier",
+    "InstructionLM",
     "MaskedImageModel",
     "MaskedLM",
-    "SequenceClassifier",
+    "TextClassifier",
     "Task",
     "build_model",
     "get_task",

@@ -94,22 +94,32 @@ class Task:
         if isinstance(path, list):  # a blend: each part read whole, the mixture split over ranks
             from llm.data import Blend
 
-            parts = [self._shard_stream(cfg, data, f"data.train[{i}].path", e.path, seed, 0, 1) for i, e in
-                     enumerate(path)]  # fmt: skip
+            parts = [self._stream(cfg, data, f"data.train[{i}].path", e.path, seed, 0, 1) for i, e in enumerate(path)]
             stream = Blend([(s, e.weight) for (s, _), e in zip(parts, path)], seed, rank, world_size)
             collate = parts[0][1]
         else:
-            stream, collate = self._shard_stream(cfg, data, f"data.{split}", path, seed, rank, world_size)
+            stream, collate = self._stream(cfg, data, f"data.{split}", path, seed, rank, world_size)
         return Batches(StatefulLoader(stream, micro_batch, collate, data.num_workers), wrap=split == "train")
 
-    def _shard_stream(self, cfg, data, field: str, path: str, seed: int, rank: int, world_size: int):
+    def _stream(self, cfg, data, field: str, path: str, seed: int, rank: int, world_size: int):
+        """(stream, collate) of one shard directory (it has manifest.json) or one file."""
         if not Path(path).exists():
-            raise UserError(f"{field}: {path}: shard directory not found (run `llm data prepare`)")
-        return self.shard_stream(cfg, data, Path(path), seed, rank, world_size)
+            raise UserError(f"{field}: {path}: not found (a shard directory from `llm data prepare`, or a file)")
+        if (Path(path) / "manifest.json").is_file():
+            return self.shard_stream(cfg, data, Path(path), seed, rank, world_size)
+        return self.file_stream(cfg, data, Path(path), seed, rank, world_size)
 
     def shard_stream(self, cfg: ModelConfig, data: DataConfig, path: Path, seed: int, rank: int, world_size: int):
         """(stream, collate) reading this rank's samples of the shard directory `path`."""
         raise UserError(f"task {self.name!r} has no shard data pipeline; use data.source: synthetic")
+
+    def file_stream(self, cfg: ModelConfig, data: DataConfig, path: Path, seed: int, rank: int, world_size: int):
+        """(stream, collate) reading this rank's examples of a file (JSONL, CSV, Parquet, images)."""
+        raise UserError(f"{path}: task {self.name!r} reads shard directories (manifest.json), not files")
+
+    def with_data(self, data: DataConfig) -> Task:
+        """This task with the options its training data decides (a classifier's label map)."""
+        return self
 
     def synthetic_batch(self, corpus, indices: list[int], cfg: ModelConfig, seq_len: int) -> dict:
         """The batch of global samples `indices` drawn from a `llm.data.SyntheticCorpus`."""

@@ -1,17 +1,34 @@
-"""What the two classification tasks share: label options, the loss, accuracy.
+"""What the two classification tasks share: label options, the loss, accuracy, macro-F1
+and the confusion matrix.
 
 Labels are class indices in [0, num_labels); `labels` optionally names them
-(saved with the model, exported as Hugging Face's id2label).
+(saved with the model, exported as Hugging Face's id2label). A fine-tuning run whose
+task gives no `labels` takes them from its training data (`with_data`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from llm.config import ConfigError
 from llm.kernels.reference import upcast
 from llm.tasks.base import Task
+
+
+@dataclasses.dataclass
+class LabelOptions:
+    """The options every classification task takes."""
+
+    num_labels: int = 2
+    labels: list[str] | None = None  # class names, index order
+
+    def validate(self, path: str = "task") -> None:
+        if self.num_labels < 2:
+            raise ConfigError(f"{path}.num_labels", f"must be >= 2, got {self.num_labels}")
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
@@ -27,17 +44,55 @@ class ClassificationTask(Task):
         if names is not None and len(names) != self.options.num_labels:
             raise ConfigError(f"{path}.labels", f"{len(names)} names for num_labels={self.options.num_labels}")
 
+    def dataset_labels(self, data, path: str) -> list[str] | None:
+        """The label names found in the training data at `path` (None: the data does not say)."""
+        return None
+
+    def with_data(self, data):
+        """The task with num_labels and labels read from data.train when the recipe gives no labels."""
+        if self.options.labels is not None or data.source != "shards" or data.train is None:
+            return self
+        blend = isinstance(data.train, list)
+        fields = [f"data.train[{i}].path" for i in range(len(data.train))] if blend else ["data.train"]
+        found = [(f, p, self.dataset_labels(data, p)) for f, p in zip(fields, data.train_paths)]
+        names = found[0][2]
+        for field, path, other in found[1:]:  # a blend's parts must agree on the label set
+            if other != names:
+                raise ConfigError(field, f"{path}: labels {other} differ from {found[0][1]}'s {names}")
+        if names is None:
+            return self
+        if len(names) < 2:
+            raise ConfigError(fields[0], f"{found[0][1]}: a classifier needs at least 2 labels, found {names}")
+        options = dataclasses.replace(self.options, num_labels=len(names), labels=names)
+        return type(self)(dataclasses.asdict(options))
+
     def eval_sums(self, batch, output):
         sums = super().eval_sums(batch, output)
-        labels = batch["labels"].view(-1)
-        sums["correct"] = float((output.logits.argmax(-1).view(-1) == labels.to(output.logits.device)).sum().item())
+        labels = batch["labels"].view(-1).cpu()
+        predicted = output.logits.argmax(-1).view(-1).cpu()
+        sums["correct"] = float((predicted == labels).sum().item())
         sums["examples"] = float(labels.numel())
+        k = self.options.num_labels
+        counts = torch.bincount(labels * k + predicted, minlength=k * k)
+        for index in counts.nonzero().view(-1).tolist():
+            sums[f"confusion.{index // k}.{index % k}"] = float(counts[index])
         return sums
 
     def eval_metrics(self, sums):
         out = super().eval_metrics(sums)
         out["val_accuracy"] = sums["correct"] / max(sums["examples"], 1.0)
+        out["val_macro_f1"] = macro_f1(self.confusion(sums))
         return out
+
+    def confusion(self, sums: dict[str, float]) -> np.ndarray:
+        """The (num_labels, num_labels) int64 confusion matrix of summed eval_sums: rows true, columns predicted."""
+        k = self.options.num_labels
+        matrix = np.zeros((k, k), dtype=np.int64)
+        for key, value in sums.items():
+            if key.startswith("confusion."):
+                _, true, pred = key.split(".")
+                matrix[int(true), int(pred)] = int(value)
+        return matrix
 
     def label_names(self) -> list[str]:
         return self.options.labels or [f"LABEL_{i}" for i in range(self.options.num_labels)]
@@ -53,3 +108,17 @@ class ClassificationTask(Task):
     def hf_config(self, cfg):
         names = self.label_names()
         return {"id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def macro_f1(confusion: np.ndarray) -> float:
+    """The unweighted mean of per-class F1 = 2 TP / (2 TP + FP + FN) over the classes that occur
+    as a true or a predicted label (scikit-learn's f1_score(average="macro"); F1 of a class with
+    no true and no predicted example is left out, one with TP = 0 counts as 0)."""
+    tp = np.diag(confusion).astype(np.float64)
+    fp = confusion.sum(0) - tp
+    fn = confusion.sum(1) - tp
+    present = (confusion.sum(0) + confusion.sum(1)) > 0
+    if not present.any():
+        return 0.0
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
+    return float(f1[present].mean())

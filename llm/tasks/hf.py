@@ -46,7 +46,7 @@ def _rules(cfg: ModelConfig, task: Task) -> list[hf.Rule]:
 def from_hf(path: str | Path, task: str | dict | None = None) -> Model:
     """The model in a Hugging Face directory (config.json + safetensors or pytorch_model.bin).
 
-    `task` builds another head on the same trunk (e.g. "sequence_classification"
+    `task` builds another head on the same trunk (e.g. "text_classification"
     from a BertModel): the trunk must be complete, missing head weights are freshly
     initialised and unused ones dropped. Without it every tensor must match.
     Raises UserError naming the file for an unsupported architecture or field,
@@ -141,8 +141,12 @@ def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -
     dtype = next(model.parameters()).dtype
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    from llm.fileio import write_atomic
+
+    tmp = path / ".model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / "model.safetensors")
+    write_atomic(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         hf.copy_tokenizer(tokenizer, path)
     return path

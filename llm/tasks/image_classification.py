@@ -1,26 +1,19 @@
-"""Image classification (ViT): a linear layer on the final [CLS] state (Dosovitskiy et al., 2021)."""
+"""Image classification (ViT): a linear layer on the final [CLS] state (Dosovitskiy et al., 2021).
+
+Data: image shards (`llm data prepare-images`), or, read into memory without shards, an .npz
+file (uint8 `images` (N, H, W[, C]) and integer `labels`) or a folder with one subfolder per
+class; images are resized to the model's image_size and num_channels.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch import nn
 
-from llm.config import ConfigError, ModelConfig
+from llm.config import ModelConfig
 from llm.models.base import Model
 from llm.models.hf import linear_rules
 from llm.models.transformer import ModelOutput
-from llm.tasks.classification import ClassificationTask, classification_loss
-
-
-@dataclasses.dataclass
-class ImageClassificationOptions:
-    num_labels: int = 2
-    labels: list[str] | None = None  # class names, index order
-
-    def validate(self, path: str = "task") -> None:
-        if self.num_labels < 2:
-            raise ConfigError(f"{path}.num_labels", f"must be >= 2, got {self.num_labels}")
+from llm.tasks.classification import ClassificationTask, LabelOptions, classification_loss
 
 
 class ImageClassifier(Model):
@@ -28,8 +21,8 @@ class ImageClassifier(Model):
 
     task = "image_classification"
 
-    def __init__(self, cfg: ModelConfig, options: ImageClassificationOptions | None = None):
-        options = options or ImageClassificationOptions()
+    def __init__(self, cfg: ModelConfig, options: LabelOptions | None = None):
+        options = options or LabelOptions()
         super().__init__(cfg, options)
         self.classifier = nn.Linear(cfg.d_model, options.num_labels)
         self.post_init()
@@ -43,7 +36,7 @@ class ImageClassifier(Model):
 class ImageClassificationTask(ClassificationTask):
     name = "image_classification"
     model_class = ImageClassifier
-    Options = ImageClassificationOptions
+    Options = LabelOptions
     families = ("vit",)
     hf_architectures = {"ViTForImageClassification": ("vit", {})}
 
@@ -56,5 +49,46 @@ class ImageClassificationTask(ClassificationTask):
 
         return ImageStream(path, seed, rank, world_size), collate_images
 
+    def dataset_labels(self, data, path):
+        return image_classes(path)
+
+    def file_stream(self, cfg, data, path, seed, rank, world_size):
+        from llm.data import Examples, collate_images, read_images
+        from llm.errors import UserError
+
+        classes, samples = read_images(path, cfg.image_size, cfg.num_channels)
+        index = {n: i for i, n in enumerate(self.label_names())}
+        for i, sample in enumerate(samples, 1):
+            name = classes[sample["label"]]
+            if name not in index:
+                raise UserError(f"{path}: image {i}: class {name!r} is not one of the model's labels")
+            sample["label"] = index[name]
+        return Examples(samples, seed, rank, world_size, name=str(path)), collate_images
+
     def hf_head_rules(self, cfg):
         return linear_rules("classifier", "classifier", base=False)
+
+
+def image_classes(path) -> list[str] | None:
+    """Class names of image data: a shard manifest's, a folder's subfolders, an .npz's label range."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from llm.data import load_manifest
+    from llm.errors import UserError
+
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return list(load_manifest(path, kind="images")["classes"])
+    if path.is_dir():
+        return sorted(p.name for p in path.iterdir() if p.is_dir()) or None
+    if path.suffix == ".npz" and path.is_file():
+        try:
+            labels = np.load(path)["labels"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{path}: expected an .npz with arrays 'images' and 'labels' ({e})") from None
+        if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+            raise UserError(f"{path}: 'labels' must be non-negative integers, got {labels.dtype} {labels[:5]}")
+        return [str(c) for c in range(int(labels.max()) + 1)]
+    return None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from llm.errors import UserError
 from llm.log import logger
 
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
@@ -94,19 +95,43 @@ def distributed(timeout_s: float = 120.0):
                 os.environ[key] = value
 
 
-class Heartbeat:
-    """Each rank touches run_dir/heartbeat/rank_N every few seconds and checks the others'.
+def _process_state(pid: int) -> str | None:
+    """The state letter of a process on this host (R, S, T stopped, Z zombie...), None when there is none."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return "?"
+        return "?"
+    return stat.rsplit(")", 1)[1].split()[0]
 
-    A rank whose file stops changing for `timeout_s` (killed, frozen, its node gone)
-    makes every surviving rank print which rank it lost and exit with status 1; the
-    collectives they may be blocked in would otherwise wait forever. Works across
-    nodes when the run directory is on a shared filesystem.
+
+class RankFailure(UserError):
+    """Another rank died or froze; the message names it (rank, host, pid, what was seen)."""
+
+
+class Heartbeat:
+    """Each rank writes "time pid host" to run_dir/heartbeat/rank_N every few seconds and checks the others'.
+
+    A rank is declared lost, and every surviving rank logs which one (rank, host, pid) and
+    exits with status 1, when:
+    - it runs on this host and its process is gone or a zombie (killed, crashed): within one
+      interval (<= 0.5 s), whatever launched it (torchrun, the deepspeed launcher, mpirun, SLURM,
+      or by hand);
+    - its file stops changing for `timeout_s` (frozen, its node gone; across nodes when the run
+      directory is on a shared filesystem). A SIGSTOPped rank's heartbeat thread is stopped too.
+    `diagnose()` names the lost rank when a collective fails or times out first.
     """
 
     def __init__(self, run_dir: Path, rank: int, world_size: int, timeout_s: float):
         self.dir = Path(run_dir) / "heartbeat"
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
-        self.interval = max(0.2, min(2.0, timeout_s / 5))
+        self.interval = max(0.2, min(0.5, timeout_s / 5))
+        self.host = socket.gethostname()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.time()
@@ -125,8 +150,31 @@ class Heartbeat:
 
     def _beat(self) -> None:
         tmp = self._path(self.rank).with_suffix(".tmp")
-        tmp.write_text(f"{time.time()}\n")
+        tmp.write_text(f"{time.time()} {os.getpid()} {self.host}\n")
         os.replace(tmp, self._path(self.rank))
+
+    def peer(self, rank: int) -> tuple[str, float, int | None, str | None]:
+        """(status "done" / "beating", last beat time, pid, host) from a rank's file."""
+        try:
+            fields = self._path(rank).read_text().split()
+        except OSError:
+            fields = []
+        if fields[:1] == ["done"]:
+            return "done", time.time(), None, None
+        try:
+            last = float(fields[0])
+        except (IndexError, ValueError):
+            last = 0.0
+        pid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+        host = fields[2] if len(fields) > 2 else None
+        if last < self._started - 2 * self.interval:  # a file of an earlier (killed) run: its pid is not a peer
+            pid = host = None
+        return "beating", max(last, self._started), pid, host  # files of an earlier run count from our start
+
+    def describe(self, rank: int) -> str:
+        _, _, pid, host = self.peer(rank)
+        where = f" on {host}" if host else ""
+        return f"rank {rank} (pid {pid}{where})" if pid else f"rank {rank}"
 
     def dead_rank(self, now: float | None = None) -> tuple[int, float] | None:
         """(rank, seconds silent) of a rank silent past the timeout, else None."""
@@ -134,20 +182,59 @@ class Heartbeat:
         for r in range(self.world_size):
             if r == self.rank:
                 continue
-            try:
-                text = self._path(r).read_text().strip()
-            except OSError:
-                text = ""
-            if text == "done":
-                continue
-            try:
-                last = float(text)
-            except ValueError:
-                last = 0.0
-            last = max(last, self._started)  # files from an earlier run count from our own start
-            if now - last > self.timeout_s:
+            status, last, _, _ = self.peer(r)
+            if status != "done" and now - last > self.timeout_s:
                 return r, now - last
         return None
+
+    def gone_rank(self) -> tuple[int, str] | None:
+        """(rank, what) of a rank on this host whose process has exited, or is stopped and silent."""
+        now = time.time()
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            status, last, pid, host = self.peer(r)
+            if status == "done" or pid is None or host != self.host:
+                continue
+            state = _process_state(pid)
+            if state is None or state in "ZX":
+                return r, "its process has exited"
+            if state in "Tt" and now - last > 3 * self.interval:
+                return r, f"its process is stopped (SIGSTOP?), silent for {now - last:.0f} s"
+        return None
+
+    def diagnose(self) -> str:
+        """Which rank is lost, as far as the heartbeats tell (for a failed or timed-out collective)."""
+        if self.world_size == 1:
+            return ""
+        # a killed peer's sockets close before its process is reaped: give the evidence a moment
+        deadline = time.time() + max(2.0, 4 * self.interval)
+        gone = self.gone_rank()
+        while gone is None and time.time() < deadline:
+            time.sleep(0.1)
+            gone = self.gone_rank()
+        if gone is not None:
+            return f"{self.describe(gone[0])} is lost: {gone[1]}"
+        # a peer on another node: its connection dropped before its heartbeat file goes stale, so
+        # wait (at most the heartbeat timeout) for one to fall silent, unless every peer finished
+        deadline = time.time() + self.timeout_s + 2 * self.interval
+        while True:
+            now = time.time()
+            peers = [(now - self.peer(r)[1], r) for r in range(self.world_size) if r != self.rank]
+            live = [(age, r) for age, r in peers if self.peer(r)[0] != "done"]
+            silent = [(age, r) for age, r in live if age > 3 * self.interval]
+            if silent:
+                age, r = max(silent)
+                return f"{self.describe(r)} is lost: no heartbeat for {age:.0f} s"
+            if not live or now > deadline:
+                return "no rank's heartbeat stopped (a network fault?)"
+            time.sleep(self.interval)
+
+    def _lost(self, what: str) -> None:
+        logger.error(f"{what}; rank {self.rank} on {self.host} ends the job")
+        for handler in logger.handlers:
+            handler.flush()
+        os._exit(1)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -155,19 +242,17 @@ class Heartbeat:
                 self._beat()
             except OSError:
                 pass
+            gone = self.gone_rank()
+            if gone is not None:
+                self._lost(f"{self.describe(gone[0])} is lost: {gone[1]}")
             dead = self.dead_rank()
             if dead is not None:
                 r, silent = dead
-                logger.error(
-                    f"rank {r} stopped responding ({silent:.0f} s without a heartbeat); rank {self.rank} ends the job"
-                )
-                for handler in logger.handlers:
-                    handler.flush()
-                os._exit(1)
+                self._lost(f"{self.describe(r)} stopped responding ({silent:.0f} s without a heartbeat)")
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.world_size > 1:
-            self._path(self.rank).write_text("done\n")
+            self._path(self.rank).write_text(f"done {os.getpid()} {self.host}\n")

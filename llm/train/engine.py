@@ -40,8 +40,16 @@ def check_batch(recipe: RecipeConfig, world_size: int, min_micro_batch: int = 1)
 def load_preset(name: str) -> dict:
     """A DeepSpeed JSON preset by name (zero0-zero3, shipped in the package) or path."""
     path = find_preset("deepspeed", name, "deepspeed.preset")
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ConfigError("deepspeed.preset", f"{path}: duplicate key {key!r} in one object")
+        return dict(pairs)
+
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_pairs_hook=unique)
     except json.JSONDecodeError as e:
         raise ConfigError("deepspeed.preset", f"{path}: not valid JSON ({e})") from None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llm.fileio import write_atomic
+from llm.log import logger
 
 # Dense (no sparsity) peak TFLOP/s per device: (bf16/fp16, tf32) from the vendors' data sheets.
 DEVICE_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
@@ -92,12 +93,17 @@ def memory_bytes(device: torch.device) -> int:
 
 class MetricsWriter:
     """Rank 0 appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard
-    and to the other `trackers` (objects with write(record) and close(), see `llm.train.trackers`)."""
+    and to the other `trackers` (objects with write(record) and close(), see `llm.train.trackers`).
+
+    A line is appended whole or not at all: one write(2) on an O_APPEND descriptor, and when it
+    fails part-way (full disk, quota) the file is cut back to its previous length and a warning
+    says what was lost. A half line left by a crash is cut off when the file is next opened."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, trackers: list | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a")
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._repair()
         self.trackers = list(trackers or [])
         self.tb = None
         if tensorboard:
@@ -105,9 +111,33 @@ class MetricsWriter:
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
+    def _repair(self) -> None:
+        size = os.fstat(self.fd).st_size
+        if not size:
+            return
+        with open(self.path, "rb") as f:
+            f.seek(max(0, size - (1 << 16)))
+            tail = f.read()
+        if tail.endswith(b"\n"):
+            return
+        keep = size - len(tail) + tail.rfind(b"\n") + 1 if b"\n" in tail else 0
+        if keep == 0 and size > len(tail):  # no newline in the last 64 KiB: find the last one
+            data = self.path.read_bytes()
+            keep = data.rfind(b"\n") + 1
+        os.ftruncate(self.fd, keep)
+        logger.warning(f"{self.path}: removed a half-written last line ({size - keep} bytes) from an earlier run")
+
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        line = (json.dumps(record) + "\n").encode()
+        size = os.fstat(self.fd).st_size
+        try:
+            written = os.write(self.fd, line)
+            if written != len(line):
+                raise OSError(f"wrote {written} of {len(line)} bytes")
+        except OSError as e:
+            os.ftruncate(self.fd, size)
+            logger.warning(f"{self.path}: could not append step {record.get('step')} ({e}); the file is as it was")
+            return
         if self.tb is not None:
             step = record["step"]
             for key, value in record.items():
@@ -117,7 +147,7 @@ class MetricsWriter:
             tracker.write(record)
 
     def close(self) -> None:
-        self.file.close()
+        os.close(self.fd)
         if self.tb is not None:
             self.tb.close()
         for tracker in self.trackers:

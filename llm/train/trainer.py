@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -24,8 +24,18 @@ from llm.config import RecipeConfig
 from llm.errors import UserError
 from llm.log import logger
 from llm.train import checkpoint as ckpt
-from llm.train.distributed import DistInfo, Heartbeat
+from llm.train.distributed import DistInfo, Heartbeat, RankFailure
 from llm.train.metrics import MetricsWriter, memory_bytes
+
+
+def _collective_error(e: BaseException) -> bool:
+    """Whether an exception comes from a collective: torch.distributed's own types, or gloo/nccl text."""
+    import torch.distributed as dist
+
+    kinds = tuple(k for k in (getattr(dist, "DistError", None),) if k is not None)
+    text = str(e)
+    marks = ("gloo", "nccl", "Connection reset", "Connection closed", "Timed out", "timed out", "timeout", "peer")
+    return isinstance(e, kinds) or any(m in text for m in marks)
 
 
 class NonFiniteLoss(UserError):
@@ -93,33 +103,74 @@ class Trainer:
         self.max_steps = recipe.train.max_steps
         self.step = 0
         self.skipped = 0
+        self.resumed_step: int | None = None
         self.writer: MetricsWriter | None = None
         self._stop_signal: str | None = None
 
     # -- resume -------------------------------------------------------------------------
 
     def resume(self, resume: str) -> None:
-        """ "none", "auto" (the newest complete checkpoint of the run, if any) or a checkpoint path."""
+        """ "none", "auto" (the newest intact checkpoint of the run, if any) or a checkpoint path.
+
+        The checkpoint's recipe is compared with this one (`llm.train.recipe_change`): allowed
+        changes are logged and take effect (a new lr replaces the saved one), others are refused.
+        A checkpoint of another number of ranks is loaded through DeepSpeed's universal format
+        (`llm.train.elastic`) when its ZeRO stage shards the optimizer."""
         if resume == "none":
             return
         if resume == "auto":
-            if not self.ckpt_dir.is_dir():
-                return
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                steps = ckpt.complete_steps(self.ckpt_dir)
-            for w in caught:
-                logger.warning(str(w.message))
-            if not steps:
+            if not ckpt.complete_steps(self.ckpt_dir):
                 return
             step_dir = ckpt.find_checkpoint(self.ckpt_dir)
         else:
             step_dir = ckpt.find_checkpoint(resume)
-        state = ckpt.load(self.engine, step_dir, self.rank)
+        saved_world = self._check_recipe(step_dir)
+        load_dir, kwargs = None, {}
+        if saved_world is not None and saved_world != self.world_size and self.engine.zero_optimization_stage() > 0:
+            from llm.train import elastic
+
+            load_dir = elastic.universal_copy(step_dir, self.rank)
+            kwargs = elastic.load_kwargs(self.engine)
+        state = ckpt.load(self.engine, step_dir, self.rank, load_dir, **kwargs)
+        if load_dir is not None:
+            from llm.train import elastic
+
+            elastic.after_load(self.engine, state)
         self.step = int(state["step"])
+        self.resumed_step = self.step
         self.skipped = int(state.get("skipped", 0))
         self.train_batches.load_state_dict(state["data"])
+        self._apply_lr()
         logger.info(f"resumed from {step_dir} at step {self.step}")
+
+    def _check_recipe(self, step_dir: Path) -> int | None:
+        """Compare the checkpoint's recipe with ours (see `resume`); the checkpoint's world size."""
+        import yaml
+
+        from llm.train import recipe_change
+
+        saved_path = step_dir / "recipe.yaml"
+        state = ckpt.trainer_state(step_dir, 0)
+        saved_world = state.get("world_size") or len(list(step_dir.glob("trainer_rank_*.pt")))  # older llm: count
+        if not saved_path.is_file():
+            return saved_world
+        saved = yaml.safe_load(saved_path.read_text())
+        current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(self.recipe), sort_keys=False))
+        changed = recipe_change.check_resume(saved, current, str(step_dir), saved_world, self.world_size)
+        for field, (old, new) in changed.items():
+            if field != "run_dir":
+                logger.info(f"resume: {field} changed from {old!r} to {new!r} (takes effect from step {state['step']})")
+        return saved_world
+
+    def _apply_lr(self) -> None:
+        """Peak lr of this recipe (not the checkpoint's) from the restored step on."""
+        scheduler = getattr(self.engine, "lr_scheduler", None)
+        if scheduler is None or not hasattr(scheduler, "base_lrs"):
+            return
+        scheduler.base_lrs = [self.recipe.optim.lr for _ in scheduler.base_lrs]
+        for group, lr_lambda, base in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, scheduler.base_lrs):
+            group["lr"] = base * lr_lambda(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
 
     # -- one step -----------------------------------------------------------------------
 
@@ -231,7 +282,7 @@ class Trainer:
         return {"step": self.step, **self.task.eval_metrics(totals)}
 
     def save(self) -> Path:
-        state = {"data": self.train_batches.state_dict(), "skipped": self.skipped}
+        state = {"data": self.train_batches.state_dict(), "skipped": self.skipped, "world_size": self.world_size}
         return ckpt.save(
             self.engine,
             self.ckpt_dir,
@@ -240,12 +291,19 @@ class Trainer:
             {"recipe": dataclasses.asdict(self.recipe), "model": self.model.description()},
             self.rank,
             self.recipe.checkpoint.keep_last,
+            self.resumed_step,
         )
 
     # -- the run ------------------------------------------------------------------------
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signal.Signals(signum).name
+        heartbeat = getattr(self, "heartbeat", None)
+        gone = heartbeat.gone_rank() if heartbeat is not None else None
+        if gone is not None:  # a launcher ending the job because a rank died: say which before it kills us
+            logger.error(f"{heartbeat.describe(gone[0])} is lost: {gone[1]}; rank {self.rank} on {heartbeat.host} ends")
+            for handler in logger.handlers:
+                handler.flush()
 
     def _stop_agreed(self) -> bool:
         import torch.distributed as dist
@@ -258,6 +316,7 @@ class Trainer:
         recipe, t = self.recipe, self.recipe.train
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         heartbeat = Heartbeat(self.run_dir, self.rank, self.world_size, recipe.faults.heartbeat_timeout_s).start()
+        self.heartbeat = heartbeat
         self.writer = MetricsWriter.for_recipe(recipe) if self.rank == 0 else None
         bar = self._progress_bar()
         first_loss = last = None
@@ -300,6 +359,15 @@ class Trainer:
                 callback.on_fit_end(self, preempted)
             if not preempted and recipe.checkpoint.save_final:
                 self.save()
+        except RuntimeError as e:  # torch.distributed's errors (timeouts, a peer's closed connection) among them
+            if self.world_size == 1 or not _collective_error(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = re.sub(r"^\[[^\]]*\] ", "", first).split(". This is typically")[0][:160]  # gloo's source location
+            raise RankFailure(
+                f"a collective failed at step {self.step + 1} ({first}); {heartbeat.diagnose()}; "
+                f"rank {self.rank} on {heartbeat.host} ends the job"
+            ) from None
         finally:
             stack.close()
             if bar is not None:

@@ -38,7 +38,7 @@ def test_data_commands(tmp_path, capsys, bpe):
     assert err.startswith("llm: error: ") and "manifest.json" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("command", ["tokenizer", "prepare", "prepare-images", "inspect", "verify"])
+@pytest.mark.parametrize("command", ["tokenizer", "prepare", "prepare-images", "examples", "inspect", "verify"])
 def test_help_has_an_example(command, capsys):
     with pytest.raises(SystemExit):
         main(["data", command, "--help"])

@@ -75,7 +75,7 @@ def test_parquet_and_directory_sources(tmp_path, bpe):
     assert summary["train"]["documents"] == 3
 
 
-def test_interrupted_prepare_leaves_no_manifest(tmp_path, bpe, monkeypatch):
+def test_interrupted_prepare_keeps_the_old_dataset(tmp_path, bpe, monkeypatch):
     path, _ = corpus(tmp_path)
     prepare([path], bpe, tmp_path / "out", workers=1, text_field="body")  # an older, complete run
     calls = []
@@ -88,11 +88,12 @@ def test_interrupted_prepare_leaves_no_manifest(tmp_path, bpe, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(S, "write_shard", crash_on_second)
+    before = read_docs(tmp_path / "out" / "train")
     with pytest.raises(KeyboardInterrupt):
         prepare([path], bpe, tmp_path / "out", shard_tokens=200, workers=1, text_field="body")
-    assert not (tmp_path / "out" / "train" / "manifest.json").exists()
-    with pytest.raises(UserError, match="manifest.json: missing"):
-        PackedTokens(tmp_path / "out" / "train", 8)
+    assert read_docs(tmp_path / "out" / "train") == before  # the new one was built aside, then dropped
+    verify(tmp_path / "out" / "train")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train"]
 
 
 @pytest.fixture

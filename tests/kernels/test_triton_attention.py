@@ -16,7 +16,7 @@ import torch
 from llm import kernels
 from llm.config import ModelConfig
 from llm.kernels import triton_attention
-from llm.models import build_model
+from llm.tasks import build_model
 from tests.conftest import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,14 +155,14 @@ def test_unsupported_calls_name_the_reason():
     "arch",
     [
         dict(n_kv_heads=2, norm="rmsnorm", position="rotary", mlp="swiglu", bias=False),
-        dict(family="bert", causal=False, task="masked_lm", norm_position="post", type_vocab_size=2, mlp="gelu"),
+        dict(family="bert", causal=False, norm_position="post", type_vocab_size=2, mlp="gelu"),
     ],
     ids=["llama-gqa", "bert-padded"],
 )
 def test_model_with_triton_attention_matches_torch(arch, monkeypatch):
     cfg = ModelConfig(vocab_size=61, max_seq_len=24, d_model=48, n_layers=2, n_heads=4, d_ff=64, **arch)
     cfg.validate()
-    model = build_model(cfg).to(DEVICE)
+    model = build_model(cfg, "causal_lm" if cfg.causal else "masked_lm").to(DEVICE)
     launches = []
     launch = triton_attention.FlashAttention.apply
     monkeypatch.setattr(triton_attention.FlashAttention, "apply", lambda *a: launches.append(1) or launch(*a))

@@ -118,6 +118,6 @@ def test_generate_errors_are_one_line(tmp_path, capsys):
     model = build(dict(TINY, family="bert", task="encoder", causal=False, norm_position="post"))
     save_pretrained(model, tmp_path)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
-    assert "generation needs a causal_lm model" in capsys.readouterr().err
+    assert "generation needs a causal_lm or instruction model" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "nope: not found" in capsys.readouterr().err

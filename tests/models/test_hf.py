@@ -137,7 +137,7 @@ def test_llama_loss_and_config_fields(tmp_path):
 def test_task_override_keeps_the_trunk(tmp_path):
     ref = hf_model("BertForPreTraining", "BertConfig", BERT)
     ref.save_pretrained(tmp_path)
-    ours = from_hf(tmp_path, task="sequence_classification").eval()
+    ours = from_hf(tmp_path, task="text_classification").eval()
     x = inputs("BertModel")
     with torch.no_grad():
         keep = x["attention_mask"].bool()

@@ -89,8 +89,8 @@ def test_mlm_loss_counts_masked_positions_only_and_adds_nsp():
     assert out.pooled.shape == (3, 32) and out.nsp_logits.shape == (3, 2)
 
 
-def test_sequence_classifier_pools_last_real_token():
-    m = model(**TEXT, task="sequence_classification", pooling="last", num_labels=3)
+def test_text_classifier_pools_last_real_token():
+    m = model(**TEXT, task="text_classification", pooling="last", num_labels=3)
     ids = torch.randint(0, 97, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, 5:] = 0

@@ -92,8 +92,20 @@ def test_heartbeat_names_a_silent_rank(tmp_path):
     (beat.dir / "rank_1").write_text(f"{now}\n")
     (beat.dir / "rank_2").write_text(f"{now - 50}\n")
     assert beat.dead_rank(now) == (2, pytest.approx(50))
+    (beat.dir / "rank_2").write_text(f"{now - 50} 4242 node-7\n")  # a beat names its pid and host
+    assert beat.dead_rank(now) == (2, pytest.approx(50)) and beat.describe(2) == "rank 2 (pid 4242 on node-7)"
     (beat.dir / "rank_2").write_text("done\n")
     assert beat.dead_rank(now) is None
+
+
+def test_after_a_failed_collective_the_silent_peer_is_named_with_its_host(tmp_path):
+    beat = Heartbeat(tmp_path, rank=0, world_size=2, timeout_s=1.0)
+    beat.dir.mkdir(parents=True)
+    (beat.dir / "rank_1").write_text(f"{time.time()} 4242 node-2\n")  # beats once, then falls silent
+    assert beat.diagnose().startswith("rank 1 (pid 4242 on node-2) is lost: no heartbeat for ")
+    (beat.dir / "rank_1").write_text("done\n")  # a peer that finished is not lost
+    started = time.time()
+    assert beat.diagnose() == "no rank's heartbeat stopped (a network fault?)" and time.time() - started < 3
 
 
 @pytest.mark.distributed
@@ -130,3 +142,19 @@ def test_killing_one_rank_ends_the_job_naming_it(tmp_path):
     assert status != 0
     text = (tmp_path / "log").read_text()
     assert re.search(r"rank\s*:?\s*1\b", text), text[-3000:]
+
+
+def test_heartbeat_names_a_rank_whose_process_is_gone_but_not_one_of_an_earlier_run(tmp_path):
+    import socket
+
+    beat = Heartbeat(tmp_path, rank=0, world_size=3, timeout_s=1000.0)
+    beat.dir.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer exists
+    host = socket.gethostname()
+    (beat.dir / "rank_1").write_text(f"{time.time()} {os.getpid()} {host}\n")  # alive
+    (beat.dir / "rank_2").write_text(f"{time.time() - 3600} {gone.pid} {host}\n")  # an earlier run's file
+    assert beat.gone_rank() is None and beat.dead_rank() is None
+    (beat.dir / "rank_2").write_text(f"{time.time()} {gone.pid} {host}\n")  # this run's rank 2, now gone
+    assert beat.gone_rank() == (2, "its process has exited")
+    assert beat.diagnose() == f"rank 2 (pid {gone.pid} on {host}) is lost: its process has exited"

@@ -11,7 +11,6 @@ import yaml
 
 from llm.cli import main
 from llm.config import ConfigError, resolve_recipe
-from llm.errors import UserError
 from llm.run.checks import check_resume
 from llm.run.train import check_recipe
 from tests.train.helpers import TINY, run, write_recipe
@@ -155,18 +154,49 @@ def test_blend_recipe_reads_both_directories_by_weight(corpus):
     assert np.mean(from_text) == pytest.approx(0.75, abs=0.08)  # weights 3 : 1
 
 
-def test_resume_that_changes_a_fixed_field_names_it(tmp_path):
+def test_resume_that_changes_a_fixed_field_names_it(tmp_path, monkeypatch):
     path = write_recipe(tmp_path / "r.yaml", dict(TINY, run_dir=str(tmp_path / "run")))
     run(path, 1, "train.max_steps=2")
     base = resolve_recipe(dict(TINY, run_dir=str(tmp_path / "run")))
     assert check_resume(base, "auto").name == "step_00000002"
     assert check_resume(base, "none") is None
     for override, message in (
-        ({"model": dict(TINY["model"], n_layers=3)}, r"^model.n_layers: 3 now, 2 in the checkpoint .*step_00000002"),
-        ({"data": dict(TINY["data"], seq_len=32)}, r"^data.seq_len: 32 now, 16 in the checkpoint"),
-    ):
+        ({"model": dict(TINY["model"], n_layers=3)}, r"^model.n_layers: is 3 but the checkpoint .*step_00000002 was "
+                                                     r"trained with 2; this field cannot change on resume"),
+        ({"data": dict(TINY["data"], seq_len=32)}, r"^data.seq_len: is 32 but .* was trained with 16"),
+    ):  # fmt: skip
         changed = resolve_recipe(dict(TINY, run_dir=str(tmp_path / "run"), **override))
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(ConfigError, match=message):
             check_resume(changed, "auto")
-    # fields that may change (the optimizer's lr, max_steps) pass
+    # fields that may change (the optimizer's lr, max_steps) pass; the global batch must stay for the launcher's ranks
     check_resume(resolve_recipe(dict(TINY, run_dir=str(tmp_path / "run"), optim={"lr": 1e-4})), "auto")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^train.grad_accum: global batch 8 .* x 2 ranks\) differs from the "
+                                          r"checkpoint's 4 \(1 ranks\)"):  # fmt: skip
+        check_resume(base, "auto")
+    # the CLI fails with that line before any process group starts
+    path = write_recipe(tmp_path / "r3.yaml", dict(TINY, run_dir=str(tmp_path / "run"),
+                                                    model=dict(TINY["model"], n_layers=3)))  # fmt: skip
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["pretrain", str(path), "--dry-run"]) == 2
+
+
+def test_fine_tuning_files_models_and_teacher_are_checked_before_any_process_group(corpus, tmp_path):
+    rows = "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in (("the cat", "a"), ("def f", "b")) * 4)
+    (tmp_path / "train.jsonl").write_text(rows)
+    (tmp_path / "other.jsonl").write_text(rows.replace('"b"', '"c"'))
+    recipe = shard_recipe(corpus, train=str(tmp_path / "train.jsonl"))
+    recipe["task"] = "text_classification"
+    assert check(recipe).options.labels == ["a", "b"]  # an example file where shards would be, labels from it
+    with pytest.raises(ConfigError, match=r"^data.train: .*gone.jsonl: no such file or directory"):
+        check(dict(recipe, data=dict(recipe["data"], train=str(tmp_path / "gone.jsonl"))))
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: needed to tokenize .*train.jsonl"):
+        check(dict(recipe, data=dict(recipe["data"], tokenizer=None)))
+    blend = [{"path": str(tmp_path / "train.jsonl")}, {"path": str(tmp_path / "other.jsonl")}]
+    with pytest.raises(ConfigError, match=r"^data.train\[1\].path: .*other.jsonl: labels \['a', 'c'\] differ"):
+        check(dict(recipe, data=dict(recipe["data"], train=blend)))
+    with pytest.raises(ConfigError, match=r"^init_from: .*nowhere: not found"):
+        check(dict(recipe, init_from=str(tmp_path / "nowhere")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"^distill.teacher: .*empty"):
+        check(dict(shard_recipe(corpus), distill={"teacher": str(tmp_path / "empty")}))

@@ -1,0 +1,18 @@
+"""Compression: quantization, pruning and distillation of trained models, and their report.
+
+One file per idea: `quantize.py` (torchao int8 / int4 / dynamic int8, saved as plain tensors),
+`prune.py` (magnitude and Wanda unstructured, structured heads/neurons, gradual), `distill.py`
+(the teacher -> student objective), `report.py` (size, speed and quality measurements, table/PNG).
+
+Quantization and structured pruning change a model's modules, so they are model transforms
+(`apply(model, settings, path) -> model`, as in `llm.adapt`): importing this package adds
+"quantize" and "prune" to `llm.adapt.TRANSFORMS`, so a saved model's record rebuilds them on load.
+"""
+
+from __future__ import annotations
+
+from llm import adapt
+from llm.compress import prune, quantize
+
+adapt.TRANSFORMS.setdefault("quantize", quantize.apply)
+adapt.TRANSFORMS.setdefault("prune", prune.apply)

@@ -1,0 +1,129 @@
+"""What `llm compress report` measures and writes: size on disk, parameters, CPU generation speed
+and quality of compressed variants against their original; a table, JSON and a PNG.
+
+Speed is greedy generation of the same prompt for the same number of new tokens (KV cache on, batch
+1, this process's CPU threads), the variants' runs interleaved round by round so that machine noise
+falls on all of them alike; the median over rounds is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from llm.fileio import write_atomic
+from llm.models.generation import generate
+
+WEIGHT_FILES = ("model.safetensors", "config.yaml")
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of a model directory's weights and config (the tokenizer is left out: it is shared)."""
+    path = Path(path)
+    files = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+    if not files:  # a Hugging Face directory or a checkpoint: every file
+        files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files)
+
+
+@torch.no_grad()
+def generation_speed(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new_tokens: int, rounds: int) -> dict:
+    """{name: median new tokens per second} of greedy generation from `prompt` (1, T) int64,
+    the models run in turn within each of `rounds` rounds (after one warm-up round)."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            generate(model.eval(), prompt, max_new_tokens=new_tokens, temperature=0.0)
+            if r:
+                times[name].append(time.perf_counter() - start)
+    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
+
+
+def environment() -> dict:
+    import torch as t
+
+    versions = {"torch": t.__version__, "python": platform.python_version()}
+    try:
+        import torchao
+
+        versions["torchao"] = torchao.__version__
+    except ImportError:
+        pass
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": t.get_num_threads(),
+        "versions": versions,
+    }
+
+
+QUALITY = (("ppl", "perplexity", False), ("accuracy", "accuracy", True))
+
+
+def quality_key(row: dict) -> tuple[str, str, bool]:
+    """(metric key, label, higher is better) of a row: perplexity for language models, else accuracy."""
+    for key, label, higher in QUALITY:
+        if key in row.get("metrics", {}):
+            return key, label, higher
+    return "loss", "loss", False
+
+
+def table(rows: list[dict]) -> str:
+    """A fixed-width text table of the report rows; the first row is the original."""
+    base = rows[0]
+    key, label, _ = quality_key(base)
+    head = f"{'variant':<28} {'size MB':>9} {'x smaller':>9} {'params':>11} {'tok/s':>8} {label:>11} {'vs orig':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        q, q0 = r["metrics"].get(key), base["metrics"].get(key)
+        rel = f"{(q / q0 - 1) * 100:+.2f}%" if q is not None and q0 else "n/a"
+        if key == "accuracy" and q is not None:
+            rel = f"{(q - q0) * 100:+.2f}pt"
+        lines.append(
+            f"{r['name']:<28} {r['size_bytes'] / 1e6:>9.3f} {base['size_bytes'] / r['size_bytes']:>9.2f} "
+            f"{r['parameters']:>11,} {r['tokens_per_s']:>8.1f} {q if q is not None else float('nan'):>11.4f} {rel:>8}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Three bar charts side by side (size, speed, quality), the original first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label, _ = quality_key(rows[0])
+    names = [r["name"] for r in rows]
+    values = [
+        ("size on disk (MB)", [r["size_bytes"] / 1e6 for r in rows]),
+        ("CPU generation (tokens/s)", [r["tokens_per_s"] for r in rows]),
+        (label, [r["metrics"].get(key, float("nan")) for r in rows]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(rows) + 2.5))
+    for ax, (what, vals) in zip(axes, values):
+        colours = ["#555555"] + ["#1f77b4"] * (len(rows) - 1)
+        ax.barh(names[::-1], vals[::-1], color=colours[::-1])
+        ax.set_title(what)
+        for y, v in enumerate(vals[::-1]):
+            ax.text(v, y, f" {v:.3g}", va="center", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rows: list[dict], out: str | Path, meta: dict) -> dict[str, Path]:
+    """report.txt, report.json (rows + hardware, versions, command) and report.png under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out / "report.txt", "json": out / "report.json", "png": out / "report.png"}
+    write_atomic(paths["table"], table(rows) + "\n")
+    write_atomic(paths["json"], json.dumps({**meta, "environment": environment(), "rows": rows}, indent=2) + "\n")
+    plot(rows, paths["png"], f"compression report: {rows[0]['name']}")
+    return paths

@@ -1,0 +1,104 @@
+"""Exports of adapted models, checked with the tools that load them: the merged Hugging Face
+directory with `transformers`, the LoRA adapter with `peft` on the untouched base (PEFT 0.21),
+and llm's prefix/prompt adapter layout with its own loader."""
+
+import json
+
+import pytest
+import torch
+
+from llm.adapt import apply_transforms, lora
+from llm.adapt.export import load_virtual_adapter
+from llm.run.export import export_artifacts
+from llm.tasks.hf import from_hf
+from tests.conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+TEXT = dict(vocab_size=101, attn_implementation="eager")
+GPT2 = dict(TEXT, n_embd=48, n_layer=2, n_head=4, n_positions=40, bos_token_id=0, eos_token_id=0)
+GPT2.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+LLAMA = dict(TEXT, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4)
+LLAMA.update(max_position_embeddings=64, num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+BERT = dict(TEXT, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+BERT.update(max_position_embeddings=40, pad_token_id=0, num_labels=3)
+BERT.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+# name: (architecture, config class, config, LoRA settings)
+CASES = {
+    "gpt2-q-v-slices": ("GPT2LMHeadModel", "GPT2Config", GPT2, {"targets": ["q", "v", "fc_in", "proj"]}),
+    "gpt2-whole-qkv": ("GPT2LMHeadModel", "GPT2Config", GPT2, {"targets": ["qkv", "fc_out"], "rank": 3}),
+    "llama-gqa-slices": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        LLAMA,
+        {"targets": ["q", "k", "v", "proj", "gate", "up", "lm_head"], "alpha": 5},
+    ),
+    "llama-whole-fused": ("LlamaForCausalLM", "LlamaConfig", LLAMA, {"targets": ["qkv", "fc_in", "fc_out"]}),
+    "bert-classifier": (
+        "BertForSequenceClassification",
+        "BertConfig",
+        BERT,
+        {"targets": ["q", "v", "fc_out", "dense"], "trainable": ["classifier"]},
+    ),
+}
+
+
+def hf_base(arch, config_class, config, path):
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(getattr(transformers, config_class)(**config))
+    model.save_pretrained(path)
+    return path
+
+
+def trained_like(model):
+    """Adapters and trainable modules moved away from their start, as training would."""
+    with torch.no_grad():
+        for _, layer in lora.adapted_layers(model):
+            for _, _, a, b in layer.lora_pairs():
+                b.normal_(std=0.1)
+                a.add_(torch.randn_like(a) * 0.01)
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora_" not in n:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_adapter_on_the_untouched_base_gives_the_merged_logits(case, tmp_path):
+    arch, config_class, config, settings = CASES[case]
+    base = hf_base(arch, config_class, config, tmp_path / "base")
+    ours = apply_transforms(from_hf(base), [{"name": "lora", "rank": 4, **settings}])
+    trained_like(ours)
+    ours.eval()
+    export_artifacts(ours, tmp_path / "export", base_model=str(base))
+
+    cls = getattr(transformers, arch)
+    merged = cls.from_pretrained(tmp_path / "export", attn_implementation="eager").eval()
+    untouched = cls.from_pretrained(base, attn_implementation="eager")
+    adapted = peft.PeftModel.from_pretrained(untouched, tmp_path / "export" / "adapter").eval()
+    x = torch.randint(1, 101, (2, 11))
+    with torch.no_grad():
+        want = merged(input_ids=x).logits
+        assert rel_err(adapted(input_ids=x).logits, want) < 1e-5
+        assert rel_err(ours(x).logits, want) < 1e-5
+        assert rel_err(cls.from_pretrained(base, attn_implementation="eager").eval()(input_ids=x).logits, want) > 1e-3
+    config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(base)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_prefix_and_prompt_adapters_rebuild_on_the_exported_base(method, tmp_path):
+    base = hf_base("LlamaForCausalLM", "LlamaConfig", LLAMA, tmp_path / "base")
+    spec = {"name": method, "num_virtual_tokens": 3}
+    if method == "prefix":
+        spec.update(reparameterize=True, hidden_size=8)
+    ours = apply_transforms(from_hf(base), [spec]).eval()
+    out = export_artifacts(ours, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
+    assert config["format"] == "llm-adapter" and config["transforms"][0]["name"] == method
+    plain = from_hf(tmp_path / "export")  # the frozen base, untouched
+    x = torch.randint(1, 101, (2, 9))
+    assert torch.equal(plain.eval()(x).logits, from_hf(base).eval()(x).logits)
+    rebuilt = load_virtual_adapter(plain, out["adapter"]).eval()
+    assert rel_err(rebuilt(x).logits, ours(x).logits) < 1e-6

@@ -1,0 +1,311 @@
+"""`llm finetune` end to end: a tiny BERT from an llm model directory and from a Hugging Face
+directory, a new classification head, the label map kept with the model, `llm eval` metrics
+against scikit-learn, and one clear error for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from llm.config import ConfigError
+from llm.errors import UserError
+from tests.train.helpers import PYTHON, ROOT, env
+
+transformers = pytest.importorskip("transformers")
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+WORDS = "the movie film plot actor scene story was is very quite rather a an this".split()
+CUES = {"pos": ["great", "wonderful", "superb"], "neg": ["awful", "boring", "dreadful"]}
+BERT = dict(family="bert", max_seq_len=32, d_model=32, n_layers=2, n_heads=2, d_ff=64, norm_position="post")
+BERT.update(norm_eps=1e-12, mlp="gelu", causal=False, type_vocab_size=2, pooler=True, tie_embeddings=True)
+
+
+def sentences(n: int, seed: int) -> list[dict]:
+    """Short reviews whose label is given away by one cue word."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(WORDS, 4) + [rng.choice(CUES[label])]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Train/val files, a WordPiece tokenizer, an llm BERT directory and a Hugging Face BERT directory."""
+    from llm.data.tokenizer import train_tokenizer
+    from llm.run.loader import save_pretrained
+    from llm.tasks import build_model
+
+    root = tmp_path_factory.mktemp("finetune")
+    train, val = sentences(160, 0), sentences(48, 1)
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (root / "val.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in val))
+    tok = train_tokenizer([str(root / "train.jsonl")], root / "tok", kind="wordpiece", vocab_size=100)
+    vocab = json.loads(tok.read_text())["model"]["vocab"]
+    cfg = {**BERT, "vocab_size": len(vocab)}
+    save_pretrained(build_model(cfg, "masked_lm"), root / "llm-bert", tok)
+    hf_cfg = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, type_vocab_size=2, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    transformers.BertModel(hf_cfg).save_pretrained(root / "hf-bert")
+    (root / "hf-bert" / "tokenizer.json").write_bytes(tok.read_bytes())
+    return {"root": root, "train": root / "train.jsonl", "val": root / "val.csv", "val_rows": val}
+
+
+def recipe(world, name: str, init_from, **extra) -> dict:
+    r = {
+        "init_from": str(init_from),
+        "task": {"name": "text_classification", "pooling": "mean"},
+        "data": {"train": str(world["train"]), "val": str(world["val"]), "seq_len": 16},
+        "run_dir": str(world["root"] / name),
+        "train": {"micro_batch_size": 8, "max_steps": 60, "log_every": 20, "eval_batches": 2},
+        "optim": {"lr": 3e-3},
+        "deepspeed": {"preset": "zero0"},
+        "logging": {"tensorboard": False, "progress": False},
+    }
+    r.update(extra)
+    return r
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [PYTHON, "-m", "llm", *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def finetune(world, name: str, r: dict) -> subprocess.CompletedProcess:
+    path = world["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return cli("finetune", str(path))
+
+
+@pytest.fixture(scope="module")
+def from_llm_dir(world):
+    """A run that fine-tunes the llm BERT directory for 60 steps (the export and its log)."""
+    proc = finetune(world, "from-llm", recipe(world, "from-llm", world["root"] / "llm-bert", adapt={"method": "full"}))
+    return world["root"] / "from-llm", proc.stderr
+
+
+def test_finetune_from_an_llm_directory_learns_the_task(world, from_llm_dir):
+    run_dir, log = from_llm_dir
+    assert "freshly initialised: classifier.bias, classifier.weight" in log  # the MLM head is not reused
+    proc = cli("eval", "--model", str(run_dir / "export"), "--data", str(world["val"]), "--out", str(run_dir / "ev"))
+    metrics = dict(kv.split("=") for kv in proc.stdout.splitlines()[0].split())
+    assert float(metrics["accuracy"]) > 0.9  # a cue word gives the label away
+    assert "true \\ predicted" in proc.stdout and (run_dir / "ev" / "confusion.png").stat().st_size > 0
+
+
+def test_label_map_and_head_are_restored_on_reload(world, from_llm_dir, tmp_path):
+    from llm.run.loader import load_checkpoint_model, load_model
+    from llm.tasks.hf import to_hf
+
+    run_dir, _ = from_llm_dir
+    model = load_model(run_dir / "export")
+    assert model.options.labels == ["neg", "pos"] and model.options.num_labels == 2
+    trained = load_checkpoint_model(run_dir / "checkpoints")
+    assert torch.equal(model.classifier.weight, trained.classifier.weight)  # the head, not a fresh one
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["task"]["labels"] == ["neg", "pos"]
+    # exported as id2label; transformers reads the same classifier back
+    to_hf(model, tmp_path / "hf")
+    ref = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    assert ref.config.id2label == {0: "neg", 1: "pos"}
+    assert torch.equal(ref.classifier.weight, model.classifier.weight)
+
+
+def test_eval_metrics_match_scikit_learn_on_predictions_from_transformers(world, from_llm_dir, tmp_path):
+    """The reference predictions come from transformers running the exported classifier; scikit-learn scores them."""
+    from tokenizers import Tokenizer
+
+    from llm.run.evaluate import evaluate_model
+    from llm.tasks.hf import to_hf
+
+    run_dir, _ = from_llm_dir
+    from llm.run.loader import load_model
+
+    model = load_model(run_dir / "export")
+    model.options.pooling = "first"  # transformers' BertForSequenceClassification pools [CLS]
+    model.pooling = "first"
+    from llm.run.loader import save_pretrained
+
+    save_pretrained(model, tmp_path / "cls", run_dir / "export" / "tokenizer.json")
+    to_hf(model, tmp_path / "hf")
+    ref = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    tok = Tokenizer.from_file(str(run_dir / "export" / "tokenizer.json"))
+    truth, predicted = [], []
+    with torch.no_grad():
+        for row in world["val_rows"]:
+            ids = torch.tensor([tok.encode(row["text"]).ids])
+            predicted.append(int(ref(input_ids=ids).logits.argmax(-1)))
+            truth.append(["neg", "pos"].index(row["label"]))
+    result = evaluate_model(tmp_path / "cls", world["val"], seq_len=16, batch_size=5, out=tmp_path / "ev")
+    assert result["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(truth, predicted), abs=1e-12)
+    assert result["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(truth, predicted, average="macro"), abs=1e-12)
+    assert result["confusion"] == sklearn_metrics.confusion_matrix(truth, predicted, labels=[0, 1]).tolist()
+    assert json.loads((tmp_path / "ev" / "confusion.json").read_text())["confusion"] == result["confusion"]
+
+
+def test_macro_f1_matches_scikit_learn_with_absent_and_never_predicted_classes():
+    from llm.tasks.classification import macro_f1
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        truth = rng.choice([0, 1, 3, 4], size=50)  # class 2 never occurs; some are never predicted
+        predicted = np.where(rng.random(50) < 0.6, truth, rng.choice([0, 1, 4], size=50))
+        cm = sklearn_metrics.confusion_matrix(truth, predicted, labels=range(5))
+        ref = sklearn_metrics.f1_score(truth, predicted, average="macro", zero_division=0)
+        assert macro_f1(cm) == pytest.approx(ref, abs=1e-12)
+
+
+def test_finetune_from_a_hugging_face_directory_with_a_frozen_body(world):
+    """adapt: {method: freeze, layers: [trunk]}: the Hugging Face body loads and stays as it was; the head trains."""
+    from llm.run.loader import load_model
+    from llm.tasks.hf import from_hf
+
+    r = recipe(world, "from-hf", world["root"] / "hf-bert", adapt={"method": "freeze", "layers": ["trunk"]})
+    r["task"] = "text_classification"  # pooled [CLS] through BERT's pooler
+    r["train"]["max_steps"] = 10
+    proc = finetune(world, "from-hf", r)
+    assert "init_from" in proc.stderr and "(encoder)" in proc.stderr
+    assert "parameters: 66 trainable of " in proc.stderr  # the new head only: 32 x 2 weights + 2 biases
+    tuned, base = load_model(world["root"] / "from-hf" / "export"), from_hf(world["root"] / "hf-bert")
+    assert tuned.transforms == [{"name": "freeze", "layers": ["trunk"]}]
+    body = {k: v for k, v in base.state_dict().items()}
+    for key, value in tuned.state_dict().items():
+        if key.startswith(("transformer.", "pooler.")):
+            assert torch.equal(value, body[key]), key
+    assert tuned.options.labels == ["neg", "pos"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one clear error each
+# ---------------------------------------------------------------------------------------------
+
+
+def resolved(world, r: dict):
+    from llm.run.train import check_recipe, finetune_recipe
+
+    return check_recipe(finetune_recipe(r))
+
+
+def test_a_model_section_that_contradicts_init_from_names_the_field(world):
+    r = recipe(world, "bad", world["root"] / "llm-bert", model={"d_model": 64})
+    with pytest.raises(
+        ConfigError, match=r"^model\.d_model: 64 contradicts init_from .*llm-bert, whose model has d_model: 32"
+    ):
+        resolved(world, r)
+    resolved(world, recipe(world, "ok", world["root"] / "llm-bert", model={"d_model": 32, "dropout": 0.1}))
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(world, tmp_path):
+    from llm.run.loader import save_pretrained
+    from llm.tasks import build_model
+
+    vit = dict(family="vit", image_size=8, patch_size=4, num_channels=1, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    save_pretrained(build_model(vit, "image_classification"), tmp_path / "vit")
+    with pytest.raises(ConfigError, match=r"model\.family: task 'text_classification' needs a gpt or llama or bert"):
+        resolved(world, recipe(world, "bad", tmp_path / "vit"))
+
+
+def test_a_task_the_model_family_cannot_do(world):
+    r = recipe(world, "bad", world["root"] / "llm-bert", task="instruction")
+    with pytest.raises(ConfigError, match=r"model\.causal: task 'instruction' needs causal: true"):
+        resolved(world, r)
+
+
+def test_mixed_or_missing_labels_in_the_training_file(world, tmp_path):
+    rows = [{"text": "great film", "label": "pos"}, {"text": "awful film", "label": 0}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = recipe(world, "bad", world["root"] / "llm-bert")
+    r["data"]["train"] = str(tmp_path / "mixed.jsonl")
+    with pytest.raises(UserError, match=r"mixed\.jsonl: row 2: label 0 is an integer, row 1's is a string"):
+        resolved(world, r)
+    (tmp_path / "missing.jsonl").write_text(json.dumps({"text": "great film"}) + "\n")
+    r["data"]["train"] = str(tmp_path / "missing.jsonl")
+    with pytest.raises(UserError, match=r"missing\.jsonl: no row has the field 'label'"):
+        resolved(world, r)
+
+
+def test_adapt_section_becomes_a_transform_and_unknown_methods_fail(world):
+    from llm import adapt
+    from llm.run.train import finetune_recipe, recipe_transforms
+
+    r = recipe(world, "x", world["root"] / "llm-bert", adapt={"method": "freeze", "layers": ["embeddings"]})
+    r["transforms"] = [{"name": "freeze", "layers": ["blocks.0"]}]
+    assert recipe_transforms(finetune_recipe(r)) == [
+        {"name": "freeze", "layers": ["blocks.0"]},
+        {"name": "freeze", "layers": ["embeddings"]},
+    ]
+    assert recipe_transforms(finetune_recipe({**r, "adapt": {"method": "full"}})) == r["transforms"]
+    with pytest.raises(ConfigError, match=r"^adapt\.method: expected one of 'full', 'lora'|^adapt\.method: expected"):
+        finetune_recipe({**r, "adapt": {"method": "dora"}})
+    missing = [m for m in ("lora", "prefix", "prompt") if m not in adapt.TRANSFORMS]
+    for method in missing:  # a method whose transform this checkout lacks
+        with pytest.raises(ConfigError, match=rf"adapt\.method: '{method}' is not available here"):
+            recipe_transforms(finetune_recipe({**r, "adapt": {"method": method}}))
+
+
+def test_cli_prints_one_line_for_a_bad_recipe(world):
+    r = recipe(world, "bad", world["root"] / "llm-bert", model={"n_layers": 3})
+    path = world["root"] / "bad.yaml"
+    path.write_text(yaml.safe_dump(r))
+    proc = cli("finetune", str(path), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"llm: error: model.n_layers: 3 contradicts init_from {world['root'] / 'llm-bert'}, whose model has "
+        "n_layers: 2 (a fine-tuning recipe takes the model from init_from; leave model: out)"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# the shipped fine-tuning recipes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_sentiment_recipe_trains_from_a_bert_directory(world, tmp_path):
+    """configs/finetune/sentiment.yaml with a tiny BERT in place of MiniLM and the toy sentences."""
+    from llm.run.train import load_finetune_recipe
+    from tests.train.helpers import assembled_trainer
+
+    sets = [f"init_from={world['root'] / 'llm-bert'}", f"data.train={world['train']}", f"data.val={world['val']}"]
+    sets += [f"run_dir={tmp_path / 'run'}", "data.seq_len=16", "train.max_steps=3", "train.eval_every=0"]
+    sets += ["train.eval_batches=1", "checkpoint.save_final=false", "logging.progress=false"]
+    recipe = load_finetune_recipe(ROOT / "configs" / "finetune" / "sentiment.yaml", sets)
+    trainer = assembled_trainer(recipe)
+    assert trainer.task.options.labels == ["neg", "pos"] and trainer.task.options.pooling == "mean"
+    assert trainer.fit()["steps"] == 3
+
+
+def test_the_instruction_recipe_trains_from_a_gpt_directory(tmp_path):
+    """configs/finetune/instruct.yaml with a tiny GPT in place of the quickstart model."""
+    from llm.data.tokenizer import train_tokenizer
+    from llm.run.loader import save_pretrained
+    from llm.run.train import load_finetune_recipe
+    from llm.tasks import build_model
+    from tests.train.helpers import assembled_trainer
+
+    pairs = [{"prompt": f"def f{i}(x):\n    'Add {i}.'", "response": f"    return x + {i}"} for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "corpus.txt").write_text("\n".join(p["prompt"] + "\n" + p["response"] for p in pairs))
+    tok = train_tokenizer([str(tmp_path / "corpus.txt")], tmp_path / "tok", kind="bpe", vocab_size=300)
+    gpt = dict(family="gpt", vocab_size=300, max_seq_len=128, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+    save_pretrained(build_model(gpt, "causal_lm"), tmp_path / "gpt", tok)
+    sets = [f"init_from={tmp_path / 'gpt'}", f"data.train={tmp_path / 'pairs.jsonl'}", "data.val=null"]
+    sets += [f"run_dir={tmp_path / 'run'}", "train.max_steps=3", "checkpoint.save_final=false"]
+    recipe = load_finetune_recipe(ROOT / "configs" / "finetune" / "instruct.yaml", sets)
+    trainer = assembled_trainer(recipe)
+    assert trainer.task.name == "instruction" and recipe.data.tokenizer == str(tmp_path / "gpt" / "tokenizer.json")
+    assert trainer.fit()["steps"] == 3
