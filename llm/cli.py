@@ -55,7 +55,7 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--task", default=None, help="the head (default: causal_lm, masked_lm or image_classification)")
     p.add_argument("--ranks", type=int, default=8, help="data-parallel ranks for the ZeRO memory table (default 8)")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override fields")
     p.set_defaults(func=_cmd_model_info)
 
 
@@ -237,7 +237,9 @@ def _cmd_data_verify(args) -> int:
     if args.vocab_size is not None:
         check_vocab(args.dir, args.vocab_size)
     checked = "sha256, structure, counts" + (", token ids" if manifest["kind"] == "tokens" else "")
-    print(f"{args.dir}: {len(manifest['shards'])} {manifest['kind']} shards OK ({checked})")
+    n = len(manifest["shards"])
+    kind = {"tokens": "token", "images": "image"}.get(manifest["kind"], manifest["kind"])
+    print(f"{args.dir}: {n} {kind} shard{'' if n == 1 else 's'} OK ({checked})")
     return 0
 
 
@@ -281,7 +283,7 @@ llm data prepare web.jsonl --text-field body --tokenizer data/tok --out data/web
     p.add_argument("--val-fraction", type=float, default=0.0, help="documents sent to val/ by hash (default 0)")
     p.add_argument("--min-length", type=int, default=1, help="drop documents with fewer tokens (default 1)")
     p.add_argument("--no-dedup", action="store_true", help="keep exact-duplicate documents")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: one per core)")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     p.add_argument("--limit-bytes", type=int, default=None, help="cap on --stdlib bytes")
     p.set_defaults(func=_cmd_data_prepare)
@@ -348,17 +350,25 @@ llm data examples stdlib-instructions --out data/instructions   # stdlib docstri
 
 def _cmd_pretrain(args) -> int:
     from llm.config import load_recipe
-    from llm.run.train import train
+    from llm.run.train import dry_run, train
 
-    train(load_recipe(args.recipe, args.set), resume=args.resume, overwrite=args.overwrite)
+    recipe = load_recipe(args.recipe, args.set)
+    if args.dry_run:
+        print(dry_run(recipe, resume=args.resume, overwrite=args.overwrite), end="")
+        return 0
+    train(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
 def _cmd_finetune(args) -> int:
-    from llm.run.train import finetune, load_finetune_recipe
+    from llm.run.train import dry_run, finetune, load_finetune_recipe
 
     overrides = list(args.set) + ([f"init_from={args.init_from}"] if args.init_from else [])
-    finetune(load_finetune_recipe(args.recipe, overrides), resume=args.resume, overwrite=args.overwrite)
+    recipe = load_finetune_recipe(args.recipe, overrides)  # raises without init_from
+    if args.dry_run:
+        print(dry_run(recipe, resume=args.resume, overwrite=args.overwrite), end="")
+        return 0
+    finetune(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -388,7 +398,19 @@ def _cmd_eval(args) -> int:
 
 def _add_recipe_args(p) -> None:
     p.add_argument("recipe", help="a recipe YAML (configs/recipes/*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override recipe fields (several pairs per flag, and the flag repeated: --set a.b=1 c.d=2)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every check, print the resolved recipe and the DeepSpeed JSON, and exit",
+    )
     p.add_argument(
         "--resume",
         default="auto",
@@ -505,9 +527,14 @@ def _cmd_compress_report(args) -> int:
 
 def _cmd_distill(args) -> int:
     from llm.config import load_recipe
-    from llm.run.train import distill
+    from llm.run.train import distill, dry_run, require_teacher
 
-    distill(load_recipe(args.recipe, args.set), resume=args.resume)
+    recipe = load_recipe(args.recipe, args.set)
+    if args.dry_run:
+        require_teacher(recipe)
+        print(dry_run(recipe, resume=args.resume, overwrite=args.overwrite), end="")
+        return 0
+    distill(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -612,7 +639,8 @@ def _cmd_bench_train(args) -> int:
     from llm.bench.train import run
 
     run(models=args.models, stages=args.stages, ranks=args.ranks, precision=args.precision, seq_len=args.seq_len,
-        micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps, out_dir=args.out)  # fmt: skip
+        micro_batch=args.micro_batch, warmup=args.warmup, steps=args.steps, out_dir=args.out,
+        modes=tuple(args.modes))  # fmt: skip
     return 0
 
 
@@ -636,6 +664,13 @@ def _add_bench_train(bench) -> None:
     p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per step (default 2)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["eager", "compiled"],
+        default=["eager", "compiled"],
+        help="eager and/or train.compile, side by side (default: both; compiling takes minutes on a CPU)",
+    )
     p.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results/)")
     p.set_defaults(func=_cmd_bench_train)
 
@@ -668,7 +703,8 @@ def _add_bench_memory(bench) -> None:
 def _cmd_bench_data(args) -> int:
     from llm.bench.data import run
 
-    run(stdlib_bytes=args.stdlib_bytes, batches=args.batches, png=args.png, out_dir=args.out)
+    run(stdlib_bytes=args.stdlib_bytes, batches=args.batches, png=args.png, out_dir=args.out,
+        tokenize_rounds=args.tokenize_rounds)  # fmt: skip
     return 0
 
 
@@ -676,11 +712,15 @@ def _add_bench_data(bench) -> None:
     p = _parser(
         bench,
         "data",
-        "causal-LM batch assembly (32 x 2048) from shards vs a numpy-memmap loader, and prepare's MB/s",
+        "causal-LM batch assembly (32 x 2048) from shards vs a numpy-memmap loader, and prepare's MB/s vs "
+        "the tokenizer's own encode_batch",
         "llm bench data --png",
     )
     p.add_argument("--stdlib-bytes", type=int, default=20_000_000, help="stdlib text to tokenize (default 20 MB)")
     p.add_argument("--batches", type=int, default=200, help="batches timed per loader (default 200)")
+    p.add_argument(
+        "--tokenize-rounds", type=int, default=3, help="alternating prepare / encode_batch rounds (default 3)"
+    )
     p.add_argument("--png", action="store_true", help="also draw a PNG")
     p.add_argument("--out", default=None, help="results folder (default $OUT or benchmarks/results)")
     p.set_defaults(func=_cmd_bench_data)
@@ -735,8 +775,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from llm.log import setup_logging
+
     args = build_parser().parse_args(argv)
     try:
+        setup_logging(int(os.environ.get("RANK", "0") or 0))  # training sets it again once the rank is known
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"llm: error: {e}", file=sys.stderr)

@@ -60,7 +60,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             try:
                 return _coerce(arg, value, path)
             except ConfigError as e:
-                errors.append(e)
+                # the error of the member shaped like the value (a list, a mapping) says the most
+                shaped = (isinstance(value, list) and typing.get_origin(arg) is list) or (
+                    isinstance(value, dict) and (typing.get_origin(arg) is dict or dataclasses.is_dataclass(arg))
+                )
+                errors.insert(0, e) if shaped else errors.append(e)
         raise errors[0]
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -119,6 +123,10 @@ def build_config(cls, data: Any, path: str = ""):
     for key in data:
         if key not in fields:
             raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(fields)})")
+    for name, f in fields.items():
+        missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if missing and name not in data:
+            raise ConfigError(f"{prefix}{name}", "missing")
     kwargs = {k: _coerce(hints[k], v, f"{prefix}{k}") for k, v in data.items()}
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
@@ -433,12 +441,27 @@ class PrepareConfig:
 
 
 @dataclasses.dataclass
+class BlendEntry:
+    """One shard directory of a blended training split and its relative weight."""
+
+    path: str
+    weight: float = 1.0
+
+    def validate(self, path: str) -> None:
+        _check(self.weight >= 0, _join(path, "weight"), f"must be >= 0, got {self.weight}")
+
+
+@dataclasses.dataclass
 class DataConfig:
     """Where batches come from. `source: shards` reads Arrow shard dirs (llm data prepare);
-    `source: synthetic` draws reproducible random batches (benchmarks, tests)."""
+    `source: synthetic` draws reproducible random batches (benchmarks, tests).
+
+    `train` is one shard directory or example file, or a blend: a list of `{path, weight}` read as
+    one deterministic weighted mixture (`llm.data.Blend`)."""
 
     source: Literal["shards", "synthetic"] = "shards"
-    train: str | None = None  # shard dir of the training split, or a JSONL/CSV/Parquet file (fine-tuning)
+    # shard dir of the training split, a JSONL/CSV/Parquet file (fine-tuning), or a blend of shard dirs
+    train: str | list[BlendEntry] | None = None
     val: str | None = None  # shard dir or file of the validation split (None: no validation)
     tokenizer: str | None = None  # tokenizer.json (generation, preparation)
     text_field: str = "text"  # columns of example files (text_classification, instruction)
@@ -454,6 +477,17 @@ class DataConfig:
         _check(self.num_workers >= 0, _join(path, "num_workers"), f"must be >= 0, got {self.num_workers}")
         if self.source == "shards":
             _check(self.train is not None, _join(path, "train"), "source 'shards' needs a train shard directory")
+        if isinstance(self.train, list):
+            _check(bool(self.train), _join(path, "train"), "a blend needs at least one {path, weight}")
+            _check(sum(e.weight for e in self.train) > 0, _join(path, "train"), "a blend needs a positive total weight")
+            _check(self.prepare is None, _join(path, "prepare"), "cannot prepare a blend; prepare each part first")
+
+    @property
+    def train_paths(self) -> list[str]:
+        """The training shard directories (one, or each part of a blend)."""
+        if self.train is None:
+            return []
+        return [self.train] if isinstance(self.train, str) else [e.path for e in self.train]
 
 
 @dataclasses.dataclass
@@ -549,7 +583,15 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class LoggingConfig:
+    """Where metrics go besides RUN_DIR/metrics.jsonl: TensorBoard (on by default), and the optional
+    trackers Weights & Biases (`pip install llm[wandb]`) and MLflow (`pip install llm[mlflow]`)."""
+
     tensorboard: bool = True
+    wandb: bool = False  # a W&B run under RUN_DIR/wandb
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: nothing leaves the machine (`wandb sync` later)
+    mlflow: bool = False  # an MLflow run in mlflow_uri
+    mlflow_uri: str | None = None  # tracking URI; None: the local file store RUN_DIR/mlruns
+    experiment: str | None = None  # W&B project / MLflow experiment (None: "llm")
     progress: bool = True  # rank 0 progress bar
     sample_prompt: str | None = None  # after training, print a sample generated from this prompt (causal LM)
     sample_tokens: int = 48

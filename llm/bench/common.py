@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -80,22 +81,48 @@ def median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A plain-text table; floats get 4 significant digits."""
+def format_number(value: float) -> str:
+    """A float in fixed notation with about 4 significant digits and thousands separators, never an
+    exponent (tables give their units in the header: M tok/s, GB/s, ms)."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    magnitude = abs(value)
+    if magnitude == 0:
+        return "0"
+    if magnitude >= 1000:
+        return f"{value:,.0f}"
+    decimals = 3 - int(math.floor(math.log10(magnitude)))
+    return f"{value:.{min(decimals, 6)}f}"
+
+
+def format_table(
+    rows: list[dict],
+    columns: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+    notes: dict[str, str] | None = None,
+) -> str:
+    """A plain-text table of `rows` (dicts) over `columns`. `headers` renames columns (with their units,
+    e.g. {"time_ms": "time (ms)"}); `notes` gives a derived column a numbered footnote printed under
+    the table, saying how it is computed. Floats are fixed-point (`format_number`)."""
     if not rows:
         return "(no rows)"
     columns = columns or list(rows[0])
+    headers, notes = headers or {}, notes or {}
+    marks = {c: f" [{i}]" for i, c in enumerate((c for c in columns if c in notes), 1)}
+    titles = [headers.get(c, c) + marks.get(c, "") for c in columns]
 
     def cell(value) -> str:
         if isinstance(value, float):
-            return f"{value:.4g}"
+            return format_number(value)
         return "" if value is None else str(value)
 
     cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    widths = [max(len(t), *(len(row[i]) for row in cells)) for i, t in enumerate(titles)]
+    lines = ["  ".join(t.ljust(w) for t, w in zip(titles, widths))]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    for column, mark in marks.items():
+        lines.append(f"{mark.strip()} {headers.get(column, column)}: {notes[column]}")
     return "\n".join(lines)
 
 

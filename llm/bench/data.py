@@ -4,8 +4,11 @@ Loader: 32 x 2048 batches (input_ids + labels, int64) from a shard directory thr
 PackedTokens + StatefulLoader + collate_causal_lm, against nanoGPT's plain numpy-memmap
 random-window `get_batch` over the same tokens (a flat uint16 .bin), both in this process on
 one thread, measured in alternating rounds. Tokenization: `prepare` of the standard library on
-all cores, MB of UTF-8 text per second (after training a BPE tokenizer on part of it). Integrity:
-a fresh reader (open every shard, then the batches) with the read-time checks on and off.
+all cores, MB of UTF-8 text per second (after training a BPE tokenizer on part of it), side by
+side with the same tokenizer's own `encode_batch` alone on the same documents, in the same
+~1 MB batches, on the same cores (text already in memory, ids left as Encoding objects), in
+alternating rounds; the ratio prepare / encode_batch is what prepare's own work costs.
+Integrity: a fresh reader (open every shard, then the batches) with the read-time checks on and off.
 """
 
 from __future__ import annotations
@@ -43,6 +46,30 @@ def _endless(loader):
         yield from loader
 
 
+def _encode_batch_mb_per_s(tokenizer_path, stdlib_bytes: int) -> float:
+    """MB/s of the tokenizer's own encode_batch over prepare's documents and batches, all cores."""
+    from llm.data import Tokenizer
+    from llm.data.prepare import _chunks
+    from llm.data.sources import expand_sources
+
+    chunks = list(_chunks(expand_sources("stdlib", stdlib_bytes), "text"))
+    nbytes = sum(len(t.encode("utf-8")) for chunk in chunks for t in chunk)
+    tok = Tokenizer(tokenizer_path).tokenizer
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        start = time.perf_counter()
+        for chunk in chunks:
+            tok.encode_batch(chunk, add_special_tokens=False)
+        seconds = time.perf_counter() - start
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    return nbytes / 1e6 / seconds
+
+
 def _integrity_cost(train: Path, batches: int, rounds: int) -> dict[str, dict[bool, list[float]]]:
     """Tokens/s with the read-time integrity check (token ids against the manifest at open, each
     shard's sha256 in a background thread) on and off, in alternating rounds: "fresh" = open every
@@ -70,7 +97,14 @@ def _integrity_cost(train: Path, batches: int, rounds: int) -> dict[str, dict[bo
     return out
 
 
-def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, out_dir=None, rounds: int = 5) -> Path:
+def run(
+    stdlib_bytes: int = 20_000_000,
+    batches: int = 200,
+    png: bool = False,
+    out_dir=None,
+    rounds: int = 5,
+    tokenize_rounds: int = 3,
+) -> Path:
     from llm.data import PackedTokens, StatefulLoader, collate_causal_lm, prepare, train_tokenizer
     from llm.data.shards import load_manifest, shard_tokens
 
@@ -78,8 +112,13 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
     with tempfile.TemporaryDirectory(prefix="llm-bench-data-") as tmp:
         tmp = Path(tmp)
         tok = train_tokenizer("stdlib", tmp / "tok", vocab_size=8192, limit_bytes=min(stdlib_bytes, 5_000_000))
-        summary = prepare("stdlib", tok, tmp / "shards", limit_bytes=stdlib_bytes)
-        train = tmp / "shards" / "train"
+        prepare_mbs, encode_mbs = [], []
+        for i in range(tokenize_rounds):
+            encode_mbs.append(_encode_batch_mb_per_s(tok, stdlib_bytes))
+            start = time.perf_counter()
+            summary = prepare("stdlib", tok, tmp / f"shards{i}", limit_bytes=stdlib_bytes)
+            prepare_mbs.append(summary["text_bytes"] / 1e6 / (time.perf_counter() - start))
+        train = tmp / f"shards{tokenize_rounds - 1}" / "train"
 
         # the same tokens as one flat uint16 file for the baseline
         manifest = load_manifest(train)
@@ -105,17 +144,18 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
     rows = [
         {
             "measure": "causal-LM batches 32x2048, 1 thread",
-            "llm PackedTokens (tok/s)": ours_med,
-            "numpy memmap get_batch (tok/s)": plain_med,
+            "llm PackedTokens (M tok/s)": ours_med / 1e6,
+            "numpy memmap get_batch (M tok/s)": plain_med / 1e6,
             "ratio": ours_med / plain_med,
         },
     ]
+    ratios = [p / e for p, e in zip(prepare_mbs, encode_mbs)]
     integrity_rows = [
         {
             "measure": measure,
-            "integrity on (tok/s)": median(integrity[key][True]),
-            "integrity off (tok/s)": median(integrity[key][False]),
-            "cost": 1 - median(integrity[key][True]) / median(integrity[key][False]),
+            "integrity on (M tok/s)": median(integrity[key][True]) / 1e6,
+            "integrity off (M tok/s)": median(integrity[key][False]) / 1e6,
+            "cost (%)": 100 * (1 - median(integrity[key][True]) / median(integrity[key][False])),
         }
         for key, measure in (
             ("steady", f"loader throughput, {batches} batches"),
@@ -124,24 +164,42 @@ def run(stdlib_bytes: int = 20_000_000, batches: int = 200, png: bool = False, o
     ]
     token_rows = [
         {
-            "measure": "prepare tokenization, all cores",
-            "text MB": summary["text_bytes"] / 1e6,
-            "tokens": summary["train"]["tokens"],
-            "seconds": summary["seconds"],
-            "MB/s": summary["mb_per_s"],
+            "measure": "tokenization, all cores",
+            "text (MB)": summary["text_bytes"] / 1e6,
+            "tokens (M)": summary["train"]["tokens"] / 1e6,
+            "prepare (MB/s)": median(prepare_mbs),
+            "encode_batch (MB/s)": median(encode_mbs),
+            "prepare / encode_batch": median(ratios),
             "cores": environment()["cpu_count"],
         }
     ]
-    print(format_table(rows))
+    print(format_table(rows, notes={"ratio": "llm / numpy memmap (above 1: llm is faster)"}))
     print()
-    print(format_table(token_rows))
+    print(
+        format_table(
+            token_rows,
+            notes={
+                "prepare (MB/s)": "UTF-8 text bytes / wall time of the whole prepare (read, tokenize, dedup, split, "
+                "write shards and manifests), median of the rounds",
+                "encode_batch (MB/s)": "the same bytes / time of the tokenizer's encode_batch alone over the same "
+                "documents in the same batches, text already in memory, median of the rounds",
+                "prepare / encode_batch": "median over rounds of the per-round ratio (rounds alternate the two)",
+            },
+        )
+    )
     print()
-    print(format_table(integrity_rows))
+    print(
+        format_table(
+            integrity_rows,
+            notes={"cost (%)": "100 x (1 - on / off), medians of the alternating rounds"},
+        )
+    )
     path = write_results(
         "data",
         rows + token_rows + integrity_rows,
         out_dir,
         loader_tokens_per_s={"llm": ours_tps, "numpy_memmap": plain_tps},
+        tokenize_mb_per_s={"prepare": prepare_mbs, "encode_batch": encode_mbs, "ratio": ratios},
         integrity_tokens_per_s={k: {"on": v[True], "off": v[False]} for k, v in integrity.items()},
         tokens_in_shards=int(len(flat)),
         load_average_1_5_15min=list(os.getloadavg()),  # the machine may be shared

@@ -350,13 +350,34 @@ COLUMNS = [
 ]
 
 
+HEADERS = {
+    "time_ms": "time (ms)",
+    "pct_of_ceiling": "% of ceiling",
+    "vs_torch": "vs torch (x)",
+    "vs_peer": "vs peer (x)",
+    "peak_mem_mb": "peak mem (MB)",
+    "mem_vs_torch": "mem vs torch (x)",
+}
+NOTES = {
+    "rate": "norms: bytes the op must move (forward: read x, write y = 2 x size; backward adds 3 x size) / time, "
+    "in GB/s; attention and cross-entropy: model FLOPs / time, in TFLOP/s (the unit column)",
+    "pct_of_ceiling": "rate / this machine's ceiling measured at start: the copy bandwidth of a large tensor copy "
+    "for norms (GB/s), the matmul rate for attention and cross-entropy (TFLOP/s). Over 100 means the shape "
+    "fits in cache, which the copy ceiling (a 16 MiB copy on a CPU, 512 MiB on a GPU) does not: on a CPU the "
+    "small norm shapes run from L2/L3 and pass the DRAM copy rate",
+    "vs_torch": "time of the torch backend / time of this backend (above 1: faster than torch)",
+    "vs_peer": "time of the peer library (flash_attn, apex) / time of this backend",
+    "mem_vs_torch": "peak memory of this backend / peak memory of the torch backend (GPU only)",
+}
+
+
 def main(ops: list[str] | None = None, quick: bool = False, repeat: int = 10, out_dir: str | None = None) -> Path:
     rows, ceilings, not_run = run(ops, quick, repeat)
     print(
         f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, {ceilings['matmul_dtype']} matmul "
         f"{ceilings['matmul_tflops']:.2f} TFLOP/s"
     )
-    print(format_table(rows, COLUMNS))
+    print(format_table(rows, COLUMNS, HEADERS, NOTES))
     for op, reasons in not_run.items():
         for backend, reason in reasons.items():
             print(f"not run: {op} {backend}: {reason}")

@@ -169,6 +169,17 @@ COLUMNS = ["model", "zero", "ranks", "precision", "weights_mib", "weights_analyt
            "bytes_per_param"]  # fmt: skip
 
 
+NOTES = {
+    "weights_analytic_mib": "parameters x bytes per element (2 in bf16/fp16, 4 in fp32), divided by the ranks "
+    "under ZeRO-3",
+    "grads_analytic_mib": "parameters x gradient bytes, divided by the ranks under ZeRO-2 and -3",
+    "optimizer_analytic_mib": "parameters x 12 bytes (fp32 master copy + Adam's two moments; 8 in fp32 training), "
+    "divided by the ranks under ZeRO-1, -2, -3 (Rajbhandari et al. 2020, ZeRO, table 1)",
+    "total_analytic_mib": "the sum of the three analytic columns",
+    "bytes_per_param": "measured total MiB x 2**20 / parameters (16 bytes/param unsharded in mixed precision)",
+}
+
+
 def run(
     model: str,
     stages: list[int],
@@ -200,7 +211,7 @@ def run(
             row["total_mib_per_rank"] = [(x["weights"] + x["grads"] + x["optimizer"]) / mib for x in per_rank]
             rows.append(row)
             print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
-    print(format_table(rows, COLUMNS))
+    print(format_table(rows, COLUMNS, notes=NOTES))
     path = write_results("memory", rows, out_dir=out_dir)
     png = path.with_suffix(".png")
     plot(rows, png)

@@ -24,7 +24,7 @@ def bench_recipe(model: str, stage: int, cfg: dict, run_dir: str) -> dict:
         "data": {"source": "synthetic", "seq_len": cfg["seq_len"]},
         "run_dir": run_dir,
         "train": {"micro_batch_size": cfg["micro_batch"], "max_steps": 10**6, "precision": cfg["precision"],
-                  "log_every": 10**6},
+                  "log_every": 10**6, "compile": cfg.get("compile", False)},
         "deepspeed": {"preset": f"zero{stage}"},
         "checkpoint": {"save_final": False},
         "logging": {"tensorboard": False, "progress": False},
@@ -104,8 +104,10 @@ def run(
     warmup: int = 2,
     steps: int = 5,
     out_dir: str | None = None,
+    modes: tuple[str, ...] = ("eager", "compiled"),
 ) -> Path:
-    """Measure every (model preset, ZeRO stage) on `ranks` local processes; print and write the table."""
+    """Measure every (model preset, ZeRO stage) on `ranks` local processes, eagerly and/or compiled
+    (`train.compile`; the warm-up steps include the compilation); print and write the table."""
     import torch
 
     from llm.config import find_preset
@@ -115,23 +117,52 @@ def run(
     for model in models:
         find_preset("models", model, "--models")
         for stage in stages:
-            cfg = {"model": model, "stage": stage, "seq_len": seq_len, "micro_batch": micro_batch,
-                   "precision": precision, "warmup": warmup, "steps": steps}  # fmt: skip
-            r = run_on_ranks("llm.bench.train:measure", ranks, cfg)[0]
-            row = {"model": model, "params_m": r["params"] / 1e6, "zero": stage, "ranks": ranks,
-                   "precision": precision, "seq_len": seq_len, "micro_batch": micro_batch,
-                   "tokens_per_s": r["tokens_per_s"], "tflops": r["tflops"],
-                   "mfu_pct": 100 * r["mfu"] if r["mfu"] is not None else None, "step_s": r["step_s"],
-                   "peak_tflops_per_rank": r["peak_tflops_per_rank"], "peak_source": r["peak_source"],
-                   "device": device}  # fmt: skip
+            row = {}
+            for mode in modes:
+                cfg = {"model": model, "stage": stage, "seq_len": seq_len, "micro_batch": micro_batch,
+                       "precision": precision, "warmup": warmup, "steps": steps,
+                       "compile": mode == "compiled"}  # fmt: skip
+                r = run_on_ranks("llm.bench.train:measure", ranks, cfg)[0]
+                if not row:
+                    row = {"model": model, "params_m": r["params"] / 1e6, "zero": stage, "ranks": ranks,
+                           "precision": precision, "seq_len": seq_len, "micro_batch": micro_batch,
+                           "peak_tflops_per_rank": r["peak_tflops_per_rank"], "peak_source": r["peak_source"],
+                           "device": device}  # fmt: skip
+                row.update({f"tokens_per_s_{mode}": r["tokens_per_s"], f"tflops_{mode}": r["tflops"],
+                            f"mfu_pct_{mode}": 100 * r["mfu"] if r["mfu"] is not None else None,
+                            f"step_ms_{mode}": 1e3 * r["step_s"]})  # fmt: skip
+            if "eager" in modes and "compiled" in modes:
+                row["compiled_speedup"] = row["step_ms_eager"] / row["step_ms_compiled"]
+            # the first mode's figures under the plain names (the plot and older readers use them)
+            row.update(tokens_per_s=row[f"tokens_per_s_{modes[0]}"], mfu_pct=row[f"mfu_pct_{modes[0]}"])
             rows.append(row)
-            print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
-    print(format_table(rows, COLUMNS))
-    path = write_results("train", rows, out_dir=out_dir)
+            print(format_table([row], columns(modes), HEADERS).splitlines()[-1], flush=True)
+    print(format_table(rows, columns(modes), HEADERS, NOTES))
+    path = write_results("train", rows, out_dir=out_dir, modes=list(modes), warmup=warmup, steps=steps)
     png = path.with_suffix(".png")
     plot(rows, png)
     print(f"wrote {path} and {png}")
     return path
 
 
-COLUMNS = ["model", "params_m", "zero", "ranks", "tokens_per_s", "tflops", "mfu_pct", "step_s", "peak_tflops_per_rank"]
+def columns(modes) -> list[str]:
+    out = ["model", "params_m", "zero", "ranks"]
+    for mode in modes:
+        out += [f"step_ms_{mode}", f"tokens_per_s_{mode}", f"mfu_pct_{mode}"]
+    if "eager" in modes and "compiled" in modes:
+        out.append("compiled_speedup")
+    return out + ["peak_tflops_per_rank"]
+
+
+HEADERS = {"params_m": "params (M)", "peak_tflops_per_rank": "peak TFLOP/s per rank", "compiled_speedup": "speed-up"}
+for _mode in ("eager", "compiled"):
+    HEADERS.update({f"step_ms_{_mode}": f"step ms {_mode}", f"tokens_per_s_{_mode}": f"tok/s {_mode}",
+                    f"mfu_pct_{_mode}": f"MFU % {_mode}"})  # fmt: skip
+NOTES = {
+    "tokens_per_s_eager": "tokens of all ranks in one optimizer step / the median step time",
+    "mfu_pct_eager": "model FLOPs per token (6 per matmul parameter + attention) x tok/s / (ranks x peak)",
+    "tokens_per_s_compiled": "as for eager, with train.compile (DeepSpeedEngine.compile, inductor)",
+    "mfu_pct_compiled": "as for eager",
+    "compiled_speedup": "step ms eager / step ms compiled (compilation itself is in the warm-up steps, not timed)",
+    "peak_tflops_per_rank": "the device table's dense peak on a GPU; a measured fp32 matmul rate on a CPU",
+}

@@ -1,20 +1,24 @@
 """Turn text (or images) into shard directories, once, on all cores.
 
-Documents are read in order, tokenized in chunks by a process pool (results come back in
-order, so the output is the same for any number of workers), filtered (exact duplicates,
-a minimum length), split into train/val by a hash of the text, EOS-terminated and packed
-into shards of about `shard_tokens` tokens.
+Documents are read in order and tokenized in chunks of about 1 MB by the tokenizer's own
+`encode_batch` (Rust, one thread per core, the GIL released) in a helper thread, while this
+thread turns the previous chunk's ids into arrays, filters them (exact duplicates, a minimum
+length), splits them into train/val by a hash of the text, EOS-terminates them and packs them
+into shards of about `shard_tokens` tokens. Chunks come back in order, so the output is the
+same for any number of threads. No process pool: pickling ids between processes cost more
+than the tokenization it spread (`llm bench data` measures prepare against encode_batch alone).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import multiprocessing
 import os
 import re
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +28,25 @@ from llm.data.sources import expand_sources, read_documents
 from llm.data.tokenizer import Tokenizer
 from llm.errors import UserError
 
-CHUNK_BYTES = 1 << 18  # text per task sent to a worker (small enough to balance the pool)
-
-_worker_tokenizer: Tokenizer | None = None
+CHUNK_BYTES = 1 << 20  # text per encode_batch call: enough documents to keep every core busy
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
-    _worker_tokenizer = Tokenizer(tokenizer_path)
+@contextlib.contextmanager
+def _parallelism(workers: int | None):
+    """Let the tokenizer use its thread pool (or not, for workers=1) for the length of a prepare.
+    `workers` > 1 also sizes that pool when it has not started yet in this process (RAYON_NUM_THREADS)."""
+    saved = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+    os.environ["TOKENIZERS_PARALLELISM"] = "false" if workers == 1 else "true"
+    if workers and workers > 1 and saved["RAYON_NUM_THREADS"] is None:
+        os.environ["RAYON_NUM_THREADS"] = str(workers)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 PIECE_CHARS = 1 << 18  # a longer document is tokenized in pieces of about this many characters
@@ -58,27 +72,25 @@ def split_text(text: str, limit: int | None = None) -> list[str]:
     return pieces
 
 
-def _encode(texts: list[str]) -> list[np.ndarray]:
-    """Token ids of each text; a long one in bounded pieces, so memory stays bounded for any length
-    (a tokenizer holds per-character state of its whole input: ~200x the text, 7.5 GB for one 50 MB line;
-    with 256k-character pieces the peak is about 50 MB for any length)."""
+def _encode_next(chunks: Iterator[list[str]], tok: Tokenizer):
+    """(texts, ids) of the next chunk, or None at the end. Runs in a helper thread: the tokenizer's
+    Rust encode_batch releases the GIL and fans the documents out over its thread pool (one per core).
+    A text longer than PIECE_CHARS is encoded piece by piece (`split_text`) into a uint32 array, so
+    memory stays bounded for any length (a tokenizer holds per-character state of its whole input:
+    ~200x the text, 7.5 GB for one 50 MB line; with 256k-character pieces the peak is about 50 MB)."""
+    texts = next(chunks, None)
+    if texts is None:
+        return None
+    encode = getattr(tok.tokenizer, "encode_batch_fast", tok.tokenizer.encode_batch)  # no offsets: faster
     short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
-    out: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
-    for i, ids in zip(short, _worker_tokenizer.encode_batch([texts[i] for i in short])):
-        out[i] = np.asarray(ids, dtype=np.uint32)
+    ids: list = [None] * len(texts)
+    for i, encoding in zip(short, encode([texts[i] for i in short], add_special_tokens=False)):
+        ids[i] = encoding.ids
     for i, text in enumerate(texts):
-        if out[i] is None:
-            parts = [
-                np.asarray(_worker_tokenizer.encode_batch([piece])[0], dtype=np.uint32) for piece in split_text(text)
-            ]
-            out[i] = np.concatenate(parts)
-    return out
-
-
-def _tokenize_chunk(texts: list[str]) -> tuple[list[bytes], list[np.ndarray], int]:
-    """(text hashes, token arrays, utf-8 bytes) of a chunk of documents."""
-    hashes = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts]
-    return hashes, _encode(texts), sum(len(t.encode("utf-8")) for t in texts)
+        if ids[i] is None:
+            pieces = (encode([piece], add_special_tokens=False)[0].ids for piece in split_text(text))
+            ids[i] = np.concatenate([np.asarray(piece, dtype=np.uint32) for piece in pieces])
+    return texts, ids
 
 
 def _chunks(files: list[Path], text_field: str) -> Iterator[list[str]]:
@@ -156,8 +168,11 @@ def prepare(
 ) -> dict:
     """Tokenize `sources` into out_dir/train (and out_dir/val when val_fraction > 0).
 
-    Returns a summary: documents and tokens per split, documents dropped (duplicates, short),
-    text bytes read, seconds and MB/s of tokenization.
+    `workers`: tokenizer threads (None: one per core; 1: no threads, which the tokenizer also
+    falls back to in a process forked after it used its pool). Returns a summary: documents
+    and tokens per split, documents dropped (duplicates, short), text bytes read, seconds and
+    MB/s of tokenization. The new splits are built aside and replace the old ones only when
+    complete (`shards.staged`), so a failed or interrupted prepare leaves the old dataset as it was.
     """
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     if tok.eos_id is None:
@@ -168,7 +183,6 @@ def prepare(
         raise UserError(f"shard_tokens: expected 1 .. 2**31-1, got {shard_tokens}")
     if min_length < 0:
         raise UserError(f"min_length: expected >= 0, got {min_length}")
-    workers = max(1, workers or os.cpu_count() or 1)
     out = Path(out_dir)
     files = expand_sources(sources, limit_bytes)
     total_bytes = sum(p.stat().st_size for p in files)
@@ -198,7 +212,6 @@ def _prepare_into(
     dirs, files, total_bytes, tok, dtype, shard_tokens, val_fraction, min_length, dedup, workers, text_field
 ) -> dict:
     writers = {split: _TokenShardWriter(d, shard_tokens, dtype) for split, d in dirs.items()}
-    eos = np.array([tok.eos_id], dtype=np.uint32)
     seen: set[bytes] = set()
     stats = {"documents_read": 0, "dropped_duplicates": 0, "dropped_short": 0, "text_bytes": 0}
 
@@ -206,34 +219,34 @@ def _prepare_into(
 
     start = time.perf_counter()
     chunks = _chunks(files, text_field)
-    if workers == 1:
-        _init_worker(str(tok.path))
-        results = map(_tokenize_chunk, chunks)
-        pool = None
-    else:
-        context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-        pool = context.Pool(workers, initializer=_init_worker, initargs=(str(tok.path),))
-        results = pool.imap(_tokenize_chunk, chunks)
-    try:
+    with _parallelism(workers), ThreadPoolExecutor(1, thread_name_prefix="llm-encode") as helper:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=None) as bar:
-            for hashes, ids, nbytes in results:
-                bar.update(nbytes)
-                stats["text_bytes"] += nbytes
-                for h, doc in zip(hashes, ids):
+            pending = helper.submit(_encode_next, chunks, tok)
+            while (done := pending.result()) is not None:
+                pending = helper.submit(_encode_next, chunks, tok)  # encode the next chunk meanwhile
+                texts, token_ids = done
+                nbytes = 0
+                for text, ids in zip(texts, token_ids):
+                    raw = text.encode("utf-8")
+                    nbytes += len(raw)
+                    h = hashlib.blake2b(raw, digest_size=16).digest()
                     stats["documents_read"] += 1
                     if dedup:
                         if h in seen:
                             stats["dropped_duplicates"] += 1
                             continue
                         seen.add(h)
-                    if len(doc) < max(min_length, 1):
+                    if len(ids) < max(min_length, 1):
                         stats["dropped_short"] += 1
                         continue
                     split = "val" if val_fraction > 0 and is_validation(h, val_fraction) else "train"
-                    writers[split].add(np.concatenate([doc, eos]))
-    finally:
-        if pool is not None:
-            pool.terminate()
+                    if isinstance(ids, list):
+                        ids.append(tok.eos_id)
+                        writers[split].add(np.array(ids, dtype=np.uint32))
+                    else:  # a long text's array (see _encode_next)
+                        writers[split].add(np.append(ids, np.uint32(tok.eos_id)))
+                bar.update(nbytes)
+                stats["text_bytes"] += nbytes
     seconds = time.perf_counter() - start
     common = {
         "dtype": dtype,

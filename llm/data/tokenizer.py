@@ -4,10 +4,13 @@ special-token ids the pipeline needs."""
 from __future__ import annotations
 
 import hashlib
+import sys
+import time
 from pathlib import Path
 
 from llm.errors import UserError
 from llm.fileio import write_atomic
+from llm.log import logger
 
 # Names under which tokenizers commonly store each special token.
 SPECIAL_NAMES = {
@@ -132,12 +135,14 @@ def train_tokenizer(
 
     sources: files, directories, .jsonl (text_field), .parquet (column text_field) or "stdlib".
     The default special tokens are <|endoftext|> for BPE and [PAD] [UNK] [CLS] [SEP] [MASK] for
-    WordPiece; given ones are added after them.
+    WordPiece; given ones are added after them. Progress: log lines at the start, after reading
+    and at the end; on a terminal also a bar over the bytes read and the trainer's merge bar.
     """
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tqdm import tqdm
 
-    from llm.data.sources import iter_documents
+    from llm.data.sources import expand_sources, read_documents
 
     if kind not in ("bpe", "wordpiece"):
         raise UserError(f"tokenizer kind: expected 'bpe' or 'wordpiece', got {kind!r}")
@@ -154,25 +159,36 @@ def train_tokenizer(
             vocab_size=vocab_size,
             special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=sys.stderr.isatty(),
         )
     else:
         tok = HFTokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=False)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    documents = iter(iter_documents(sources, text_field, limit_bytes))
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=specials, show_progress=sys.stderr.isatty()
+        )
+    files = expand_sources(sources, limit_bytes)
+    total = sum(p.stat().st_size for p in files)
+    logger.info(f"tokenizer: training {kind} ({vocab_size} ids) on {len(files)} files, {total / 1e6:.1f} MB")
+    start = time.perf_counter()
     seen = []
 
     def texts():
-        for text in documents:
-            seen.append(1)
-            yield text
+        # the bar shows the reading and pair counting (most of the time); merges follow, with their own bar
+        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer: reading", disable=None) as bar:
+            for path in files:
+                for text in read_documents(path, text_field):
+                    seen.append(1)
+                    yield text
+                bar.update(path.stat().st_size)
+        logger.info(f"tokenizer: read {len(seen)} documents in {time.perf_counter() - start:.1f} s; merging")
 
     tok.train_from_iterator(texts(), trainer)
     if not seen:
         raise UserError(f"{sources}: no documents to train a tokenizer on")
+    logger.info(f"tokenizer: done in {time.perf_counter() - start:.1f} s")
     if kind == "wordpiece":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(

@@ -137,7 +137,9 @@ class Transformer(nn.Module):
                 raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
             if input_ids.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            # the range check reads values back (a graph break under torch.compile, where indexing checks instead)
+            checked = input_ids.numel() and not torch.compiler.is_compiling()
+            if checked and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
                 bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0].item()
                 raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size})")
             x = self.tok_embed(input_ids)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import random
 import time
 from dataclasses import dataclass
@@ -29,12 +30,12 @@ from llm.fileio import write_atomic
 from llm.log import logger, setup_logging
 from llm.models.base import Model, tied_aliases
 from llm.models.info import training_flops_per_token
-from llm.run import loader
+from llm.run import checks, loader
 from llm.run.prepare import prepare_if_missing
 from llm.tasks import Task, get_task
 from llm.train import checkpoint as ckpt
 from llm.train.distributed import DistInfo, distributed
-from llm.train.engine import build_engine, check_batch, deepspeed_config
+from llm.train.engine import build_engine, deepspeed_config
 from llm.train.metrics import device_peak_flops
 from llm.train.trainer import Trainer, Validation
 
@@ -63,11 +64,17 @@ def recipe_transforms(recipe: RecipeConfig) -> list[dict]:
     return [*recipe.transforms, {"name": method, **settings}]
 
 
-def check_recipe(recipe: RecipeConfig) -> Task:
-    """Everything about the recipe that needs no process group: the task (with the label map its
-    training data decides), its fit with the model, the transforms' names, the preset and the
-    batch arithmetic for one rank. Returns the task."""
-    task = get_task(recipe.task).with_data(recipe.data)
+def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
+    """Everything about the recipe that needs no process group: every path and vocabulary
+    (`llm.run.checks.check_paths`: data, tokenizer, init_from, distill.teacher), the task (with the
+    label map its training data decides), its fit with the model, the transforms' and adapt method's
+    names, the kernels, the trackers, the preset and the batch arithmetic for the launcher's world
+    size, pruning's engine needs. Returns the task.
+    `paths=False` leaves out the files (inside a started run, where rank 0 may be preparing them)."""
+    task = get_task(recipe.task)
+    if paths:
+        checks.check_paths(recipe, task)
+    task = task.with_data(recipe.data)
     task.check(recipe.model)
     for i, spec in enumerate(recipe_transforms(recipe)):
         name = spec.get("name") if isinstance(spec, dict) else None
@@ -79,8 +86,8 @@ def check_recipe(recipe: RecipeConfig) -> Task:
         kernels.check_names(recipe.kernels)
     except ValueError as e:
         raise ConfigError("kernels", str(e)) from None
-    check_batch(recipe, 1, task.min_micro_batch)
-    ds_json = deepspeed_config(recipe, 1, task.min_micro_batch)
+    checks.check_trackers(recipe)
+    ds_json = deepspeed_config(recipe, checks.launcher_world_size(), task.min_micro_batch)  # preset, batch
     if recipe.prune.sparsity:
         stage = ds_json.get("zero_optimization", {}).get("stage", 0)
         if stage != 0 or recipe.train.precision != "fp32":
@@ -90,6 +97,21 @@ def check_recipe(recipe: RecipeConfig) -> Task:
                 f"(this recipe: stage {stage}, {recipe.train.precision})",
             )
     return task
+
+
+def dry_run(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> str:
+    """`--dry-run`: every check of `train`, then the resolved recipe (YAML) and the DeepSpeed JSON for the
+    launcher's world size, as text; nothing is started or written."""
+    task = check_recipe(recipe)
+    step_dir = checks.check_resume(recipe, resume, task)
+    check_run_dir(recipe, resume, overwrite)
+    world = checks.launcher_world_size()
+    ds_json = deepspeed_config(recipe, world, task.min_micro_batch)
+    start = f"resume from {step_dir}" if step_dir else "a fresh start"
+    return (
+        f"# resolved recipe ({start})\n{yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)}"
+        f"# DeepSpeed config ({world} rank{'s' if world != 1 else ''})\n{json.dumps(ds_json, indent=2)}"
+    )
 
 
 def load_teacher(recipe: RecipeConfig) -> Model:
@@ -268,7 +290,7 @@ def clear_run_dir(run_dir: Path) -> None:
 
 def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool = False) -> Parts:
     """Build the parts of a run in a started process group; see the module docstring."""
-    task = check_recipe(recipe)
+    task = check_recipe(recipe, paths=False)  # train() checked the files before the process group
     recipe.task = task.to_dict()  # the label map the data decided is part of the run's record
     check_run_dir(recipe, resume, overwrite)
     if overwrite:
@@ -374,6 +396,8 @@ def train(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -
     `overwrite`: start afresh in a run directory that holds an earlier run (see `check_run_dir`)."""
     started = time.perf_counter()
     check_recipe(recipe)  # fail in milliseconds, before any process group
+    task = check_recipe(recipe)  # fail in milliseconds, before any process group
+    checks.check_resume(recipe, resume, task)
     check_run_dir(recipe, resume, overwrite)
     with distributed(recipe.faults.collective_timeout_s) as dist, kernels.use(recipe.kernels):
         setup_logging(dist.rank)
@@ -410,11 +434,16 @@ def _report(summary: dict, recipe: RecipeConfig) -> None:
         logger.info(f"checkpoint {latest}, model exported to {summary['export']}")
 
 
-def distill(recipe: RecipeConfig, resume: str = "auto") -> dict:
-    """`train` with a teacher: the recipe must name `distill.teacher` (see llm.compress.distill)."""
+def require_teacher(recipe: RecipeConfig) -> None:
+    """Distillation needs `distill.teacher`; a UserError otherwise."""
     if not recipe.distill.teacher:
         raise UserError("distill.teacher: distillation needs a teacher model (any model, run or checkpoint path)")
-    return train(recipe, resume)
+
+
+def distill(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:
+    """`train` with a teacher: the recipe must name `distill.teacher` (see llm.compress.distill)."""
+    require_teacher(recipe)
+    return train(recipe, resume, overwrite)
 
 
 def finetune(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:

@@ -91,13 +91,23 @@ class Task:
         path = data.train if split == "train" else data.val
         if path is None:
             return None
-        if not Path(path).exists():
-            raise UserError(f"data.{split}: {path}: not found (a shard directory from `llm data prepare`, or a file)")
-        if (Path(path) / "manifest.json").is_file():
-            stream, collate = self.shard_stream(cfg, data, Path(path), seed, rank, world_size)
+        if isinstance(path, list):  # a blend: each part read whole, the mixture split over ranks
+            from llm.data import Blend
+
+            parts = [self._stream(cfg, data, f"data.train[{i}].path", e.path, seed, 0, 1) for i, e in enumerate(path)]
+            stream = Blend([(s, e.weight) for (s, _), e in zip(parts, path)], seed, rank, world_size)
+            collate = parts[0][1]
         else:
-            stream, collate = self.file_stream(cfg, data, Path(path), seed, rank, world_size)
+            stream, collate = self._stream(cfg, data, f"data.{split}", path, seed, rank, world_size)
         return Batches(StatefulLoader(stream, micro_batch, collate, data.num_workers), wrap=split == "train")
+
+    def _stream(self, cfg, data, field: str, path: str, seed: int, rank: int, world_size: int):
+        """(stream, collate) of one shard directory (it has manifest.json) or one file."""
+        if not Path(path).exists():
+            raise UserError(f"{field}: {path}: not found (a shard directory from `llm data prepare`, or a file)")
+        if (Path(path) / "manifest.json").is_file():
+            return self.shard_stream(cfg, data, Path(path), seed, rank, world_size)
+        return self.file_stream(cfg, data, Path(path), seed, rank, world_size)
 
     def shard_stream(self, cfg: ModelConfig, data: DataConfig, path: Path, seed: int, rank: int, world_size: int):
         """(stream, collate) reading this rank's samples of the shard directory `path`."""

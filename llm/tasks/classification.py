@@ -52,11 +52,17 @@ class ClassificationTask(Task):
         """The task with num_labels and labels read from data.train when the recipe gives no labels."""
         if self.options.labels is not None or data.source != "shards" or data.train is None:
             return self
-        names = self.dataset_labels(data, data.train)
+        blend = isinstance(data.train, list)
+        fields = [f"data.train[{i}].path" for i in range(len(data.train))] if blend else ["data.train"]
+        found = [(f, p, self.dataset_labels(data, p)) for f, p in zip(fields, data.train_paths)]
+        names = found[0][2]
+        for field, path, other in found[1:]:  # a blend's parts must agree on the label set
+            if other != names:
+                raise ConfigError(field, f"{path}: labels {other} differ from {found[0][1]}'s {names}")
         if names is None:
             return self
         if len(names) < 2:
-            raise ConfigError("data.train", f"{data.train}: a classifier needs at least 2 labels, found {names}")
+            raise ConfigError(fields[0], f"{found[0][1]}: a classifier needs at least 2 labels, found {names}")
         options = dataclasses.replace(self.options, num_labels=len(names), labels=names)
         return type(self)(dataclasses.asdict(options))
 

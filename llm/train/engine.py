@@ -97,15 +97,19 @@ def deepspeed_config(recipe: RecipeConfig, world_size: int, min_micro_batch: int
 
 
 def build_engine(model: torch.nn.Module, recipe: RecipeConfig, ds_config: dict):
-    """The DeepSpeed engine training `model` (compiled first when train.compile) with AdamW
-    over its trainable parameters and the recipe's lr schedule."""
+    """The DeepSpeed engine training `model` with AdamW over its trainable parameters and the
+    recipe's lr schedule. With train.compile the engine compiles the module it wraps
+    (`DeepSpeedEngine.compile`: torch.compile with the accelerator's backend, inductor on CPU
+    and CUDA), after ZeRO has set up its hooks and partitions, so parameter names, checkpoints and
+    exports are those of the eager model; the first steps pay the compilation."""
     import deepspeed
 
-    engine_model = torch.compile(model) if recipe.train.compile else model
     engine, *_ = deepspeed.initialize(
-        model=engine_model,
+        model=model,
         model_parameters=param_groups(model, recipe.optim.weight_decay),
         config=ds_config,
         lr_scheduler=lr_scheduler(recipe.schedule, recipe.train.max_steps),
     )
+    if recipe.train.compile:
+        engine.compile()
     return engine

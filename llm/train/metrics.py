@@ -92,16 +92,19 @@ def memory_bytes(device: torch.device) -> int:
 
 
 class MetricsWriter:
-    """Rank 0 appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard.
+    """Rank 0 appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard
+    and to the other `trackers` (objects with write(record) and close(), see `llm.train.trackers`).
 
     A line is appended whole or not at all: one write(2) on an O_APPEND descriptor, and when it
     fails part-way (full disk, quota) the file is cut back to its previous length and a warning
     says what was lost. A half line left by a crash is cut off when the file is next opened."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    def __init__(self, run_dir: Path, tensorboard: bool, trackers: list | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._repair()
+        self.trackers = list(trackers or [])
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -140,11 +143,25 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tb.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.write(record)
 
     def close(self) -> None:
         os.close(self.fd)
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+
+    @classmethod
+    def for_recipe(cls, recipe) -> MetricsWriter:
+        """The writer of a run: metrics.jsonl, TensorBoard and the trackers `recipe.logging` turns on."""
+        import dataclasses
+
+        from llm.train.trackers import open_trackers
+
+        trackers = open_trackers(recipe, dataclasses.asdict(recipe))
+        return cls(Path(recipe.run_dir), recipe.logging.tensorboard, trackers)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

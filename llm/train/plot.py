@@ -1,6 +1,8 @@
-"""`llm plot RUN_DIR`: loss and throughput curves of a run, from its metrics.jsonl, to a PNG.
+"""`llm plot RUN_DIR`: a run's curves, from its metrics.jsonl, to a PNG: train and validation loss,
+learning rate, gradient norm, tokens/s, MFU and validation perplexity, each on its own labelled axes.
 
-Training records carry `loss` and `tokens_per_s` (and `mfu`); validation records carry `val_loss`.
+Training records carry `loss`, `lr`, `grad_norm`, `tokens_per_s` (and `mfu`); validation records
+carry `val_loss` (and `val_ppl` for language models).
 A resumed run appends to the same file, so a step can appear twice: the later record wins.
 """
 
@@ -45,46 +47,58 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [by_step[s] for s in steps]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw loss (train and validation) and throughput (tokens/s, MFU) against step; return the PNG path."""
+# (title, y label, [(metric, legend label, scale)]): one panel each, so no two units share an axis
+PANELS = [
+    ("loss", "loss (nats/token)", [("loss", "train", 1.0), ("val_loss", "validation", 1.0)]),
+    ("learning rate", "lr", [("lr", "lr", 1.0)]),
+    ("gradient norm", "global L2 norm", [("grad_norm", "grad norm", 1.0)]),
+    ("throughput", "tokens/s (all ranks)", [("tokens_per_s", "tokens/s", 1.0)]),
+    ("model FLOPs utilisation", "MFU (%)", [("mfu", "MFU", 100.0)]),
+    ("validation perplexity", "perplexity", [("val_ppl", "validation", 1.0)]),
+]
+
+
+def figure(records: list[dict], title: str):
+    """A matplotlib figure with one labelled panel per PANELS entry; a panel without data says so."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for ax, (name, ylabel, metrics) in zip(axes.flat, PANELS):
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        drawn = 0
+        for key, label, scale in metrics:
+            steps, values = series(records, key)
+            if values:
+                style = "o-" if key.startswith("val_") else "-"
+                ax.plot(steps, [v * scale for v in values], style, linewidth=1, markersize=3, label=label)
+                drawn += 1
+        if drawn:
+            ax.legend(loc="best", fontsize="small")
+        else:
+            ax.text(0.5, 0.5, f"no {metrics[0][0]} in metrics.jsonl", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")  # fmt: skip
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw loss (train and validation), learning rate, gradient norm, tokens/s, MFU and validation
+    perplexity against step, each on its own labelled axes; return the PNG path."""
+    import matplotlib.pyplot as plt
+
     records = load_metrics(run_dir)
     out = Path(out) if out else Path(run_dir) / "metrics.png"
-    train_steps, train_loss = series(records, "loss")
-    val_steps, val_loss = series(records, "val_loss")
-    tps_steps, tokens_per_s = series(records, "tokens_per_s")
-    mfu_steps, mfu = series(records, "mfu")
-    if not train_loss and not val_loss:
+    if not series(records, "loss")[1] and not series(records, "val_loss")[1]:
         raise UserError(f"{Path(run_dir) / 'metrics.jsonl'}: no 'loss' or 'val_loss' values to plot")
-
-    fig, (ax_loss, ax_tps) = plt.subplots(1, 2, figsize=(11, 4))
-    if train_loss:
-        ax_loss.plot(train_steps, train_loss, label="train loss", linewidth=1)
-    if val_loss:
-        ax_loss.plot(val_steps, val_loss, "o-", label="val loss")
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_title("loss")
-    ax_loss.grid(alpha=0.3)
-    ax_loss.legend()
-
-    ax_tps.set_title("throughput")
-    ax_tps.set_xlabel("step")
-    if tokens_per_s:
-        ax_tps.plot(tps_steps, tokens_per_s, color="tab:green", linewidth=1, label="tokens/s")
-        ax_tps.set_ylabel("tokens/s (all ranks)")
-    if mfu:
-        ax_mfu = ax_tps.twinx()
-        ax_mfu.plot(mfu_steps, [100 * m for m in mfu], color="tab:red", linewidth=1, label="MFU")
-        ax_mfu.set_ylabel("MFU (%)")
-    ax_tps.grid(alpha=0.3)
-    fig.suptitle(str(Path(run_dir).resolve().name))
-    fig.tight_layout()
+    fig = figure(records, str(Path(run_dir).resolve().name))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

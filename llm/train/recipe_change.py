@@ -73,3 +73,18 @@ def check(saved: dict, current: dict, where: str) -> dict[str, tuple]:
 def global_batch(recipe: dict, world_size: int) -> int:
     t = recipe["train"]
     return t["micro_batch_size"] * t["grad_accum"] * world_size
+
+
+def check_resume(saved: dict, current: dict, where: str, saved_world: int | None, world_size: int) -> dict:
+    """`check`, and the global batch: `world_size` ranks must train with the checkpoint's global batch
+    (`saved_world` ranks; None: not recorded). Returns the allowed changes; ConfigError otherwise."""
+    changed = check(saved, current, where)
+    if saved_world is not None:
+        before, now = global_batch(saved, saved_world), global_batch(current, world_size)
+        if before != now:
+            raise ConfigError(
+                "train.grad_accum",
+                f"global batch {now} (micro_batch_size x grad_accum x {world_size} ranks) differs from the "
+                f"checkpoint's {before} ({saved_world} ranks); set train.grad_accum or micro_batch_size to keep it",
+            )
+    return changed

@@ -10,6 +10,7 @@ validation metrics, averaged over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import signal
@@ -146,7 +147,6 @@ class Trainer:
         """Compare the checkpoint's recipe with ours (see `resume`); the checkpoint's world size."""
         import yaml
 
-        from llm.config import ConfigError
         from llm.train import recipe_change
 
         saved_path = step_dir / "recipe.yaml"
@@ -156,16 +156,7 @@ class Trainer:
             return saved_world
         saved = yaml.safe_load(saved_path.read_text())
         current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(self.recipe), sort_keys=False))
-        changed = recipe_change.check(saved, current, str(step_dir))
-        if saved_world is not None:
-            before = recipe_change.global_batch(saved, saved_world)
-            now = recipe_change.global_batch(current, self.world_size)
-            if before != now:
-                raise ConfigError(
-                    "train.grad_accum",
-                    f"global batch {now} (micro_batch_size x grad_accum x {self.world_size} ranks) differs from the "
-                    f"checkpoint's {before} ({saved_world} ranks); set train.grad_accum or micro_batch_size to keep it",
-                )
+        changed = recipe_change.check_resume(saved, current, str(step_dir), saved_world, self.world_size)
         for field, (old, new) in changed.items():
             if field != "run_dir":
                 logger.info(f"resume: {field} changed from {old!r} to {new!r} (takes effect from step {state['step']})")
@@ -272,6 +263,7 @@ class Trainer:
             "step_time_s": elapsed,
         }
 
+    @torch.no_grad()
     def _grad_norm(self) -> float | None:
         """The global L2 norm of the step's gradient before clipping, where DeepSpeed keeps none:
         ZeRO-0 leaves the averaged gradients in `.grad` after the last backward of a step, and
@@ -342,11 +334,16 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
         heartbeat = Heartbeat(self.run_dir, self.rank, self.world_size, recipe.faults.heartbeat_timeout_s).start()
         self.heartbeat = heartbeat
-        self.writer = MetricsWriter(self.run_dir, recipe.logging.tensorboard) if self.rank == 0 else None
+        self.writer = MetricsWriter.for_recipe(recipe) if self.rank == 0 else None
         bar = self._progress_bar()
         first_loss = last = None
         preempted = False
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), self.step
+        stack = contextlib.ExitStack()
+        if bar is not None:  # log lines (validation, checkpoints) go above the bar, never glued to it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            stack.enter_context(logging_redirect_tqdm(loggers=[logger]))
         try:
             while self.step < t.max_steps:
                 metrics = self.train_step()
@@ -362,7 +359,9 @@ class Trainer:
                 if self.writer is not None and (self.step % t.log_every == 0 or self.step in (1, t.max_steps)):
                     self.writer.write(metrics)
                     if bar is None:
-                        logger.info(self._log_line(metrics))
+                        elapsed = time.perf_counter() - started
+                        eta = elapsed / (self.step - first_step) * (t.max_steps - self.step)
+                        logger.info(self._log_line(metrics, t.max_steps, elapsed, eta))
                 for callback in self.callbacks:
                     callback.on_step_end(self, metrics)
                 every = recipe.checkpoint.every_steps
@@ -387,6 +386,7 @@ class Trainer:
                 f"rank {self.rank} on {heartbeat.host} ends the job"
             ) from None
         finally:
+            stack.close()
             if bar is not None:
                 bar.close()
             if self.writer is not None:
@@ -411,6 +411,19 @@ class Trainer:
         return tqdm(total=self.recipe.train.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
 
     @staticmethod
-    def _log_line(m: dict) -> str:
+    def _log_line(m: dict, max_steps: int, elapsed_s: float, eta_s: float) -> str:
+        """One step's line for logs without a progress bar (SLURM, files): the step of max_steps, loss, lr,
+        throughput, MFU, time since this run (or resume) started and the estimated time left."""
         mfu = f", mfu {m['mfu'] * 100:.2f}%" if m.get("mfu") is not None else ""
-        return f"step {m['step']}: loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['tokens_per_s']:.0f} tok/s{mfu}"
+        return (
+            f"step {m['step']}/{max_steps}: loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['tokens_per_s']:.0f} tok/s"
+            f"{mfu}, elapsed {_clock(elapsed_s)}, eta {_clock(eta_s)}"
+        )
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss (or m:ss under an hour)."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

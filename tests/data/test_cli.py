@@ -30,6 +30,7 @@ def test_data_commands(tmp_path, capsys, bpe):
     out = capsys.readouterr().out
     assert "MB/s" in out and "/train:" in out and "/val:" in out
     assert main(["data", "verify", str(tmp_path / "s" / "train"), "--vocab-size", "600"]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 's' / 'train'}: 1 token shard OK (sha256")
     assert main(["data", "inspect", str(tmp_path / "s" / "train")]) == 0
     assert "line" in capsys.readouterr().out  # decoded with the manifest's tokenizer
     assert main(["data", "verify", str(tmp_path / "s" / "train"), "--vocab-size", "100"]) == 2

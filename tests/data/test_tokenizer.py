@@ -32,3 +32,17 @@ def test_train_from_jsonl_field_with_extra_special(tmp_path):
     assert tok.pad_id == tok.tokenizer.token_to_id("<pad>") and len(tok.special_ids) == 2
     with pytest.raises(UserError, match="expected an object with a string field 'text'"):
         train_tokenizer([path], tmp_path / "tok2", vocab_size=300)
+
+
+def test_tokenizer_training_reports_progress(tmp_path, capsys):
+    from llm.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n" * 50)
+    assert main(["data", "tokenizer", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("llm: tokenizer: training bpe (300 ids) on 3 files, 0.0 MB")
+    assert any(line.startswith("llm: tokenizer: read 3 documents in ") for line in err)
+    assert err[-1].startswith("llm: tokenizer: done in ")

@@ -84,3 +84,26 @@ def test_bad_metrics_name_the_file(tmp_path, lines, message, capsys):
         plot_run(run)
     assert main(["plot", str(run)]) == 2
     assert message.split(":")[-1].strip().split()[0] in capsys.readouterr().err
+
+
+def test_every_metric_has_its_own_labelled_axes(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from llm.train.plot import figure
+
+    run = tmp_path / "run"
+    _synthetic(run)
+    fig = figure(load_metrics(run), "run")
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert {"loss", "learning rate", "gradient norm", "throughput", "model FLOPs utilisation"} <= set(panels)
+    assert len(fig.axes) == len(panels)  # no twin axes: two units never share a panel
+    for title, ax in panels.items():
+        assert ax.get_xlabel() == "step" and ax.get_ylabel(), title
+    loss_labels = [t.get_text() for t in panels["loss"].get_legend().get_texts()]
+    assert loss_labels == ["train", "validation"]
+    (mfu,) = panels["model FLOPs utilisation"].get_lines()
+    assert list(mfu.get_ydata())[0] == pytest.approx(20.0)  # percent, from the 0.2 in the file
+    (lr,) = panels["learning rate"].get_lines()
+    assert list(lr.get_xdata()) == list(range(1, 41))
+    assert not panels["gradient norm"].get_lines()  # absent from the file: an empty, labelled panel
+    plt.close(fig)

@@ -1,0 +1,113 @@
+"""Experiment trackers beyond metrics.jsonl and TensorBoard: Weights & Biases and MLflow.
+
+Both are optional extras (`pip install llm[wandb]`, `llm[mlflow]`), imported only when a
+recipe turns them on (`logging.wandb`, `logging.mlflow`). Each receives every record rank 0
+writes to metrics.jsonl (numeric fields, at the record's step), so the three series agree.
+
+- W&B runs offline by default (`logging.wandb_mode: offline`): the run is a local directory
+  RUN_DIR/wandb/offline-run-*, uploaded later with `wandb sync` if wanted; nothing is sent.
+- MLflow logs to `logging.mlflow_uri`, by default the local file store RUN_DIR/mlruns (MLflow 3
+  keeps it in maintenance mode behind MLFLOW_ALLOW_FILE_STORE=true, which is set for it; read it
+  with `mlflow ui --backend-store-uri RUN_DIR/mlruns`, or point mlflow_uri at a server or sqlite).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from llm.config import RecipeConfig
+from llm.errors import UserError
+
+
+def _numbers(record: dict) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
+    }
+
+
+def _missing(package: str, extra: str, field: str) -> UserError:
+    return UserError(f"{field}: true needs the {package} package (pip install 'llm[{extra}]' or pip install {package})")
+
+
+class WandbTracker:
+    """One W&B run (offline by default) in RUN_DIR/wandb, named after the run directory."""
+
+    def __init__(self, recipe: RecipeConfig, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise _missing("wandb", "wandb", "logging.wandb") from None
+        run_dir = Path(recipe.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=recipe.logging.experiment or "llm",
+            name=run_dir.resolve().name,
+            dir=str(run_dir),
+            mode=recipe.logging.wandb_mode,
+            config=config,
+            settings=wandb.Settings(silent=True, console="off"),
+            reinit="create_new",
+        )
+
+    def write(self, record: dict) -> None:
+        self.run.log(_numbers(record), step=int(record["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowTracker:
+    """One MLflow run in `logging.mlflow_uri` (default: the file store RUN_DIR/mlruns), through a client
+    object so no process-wide MLflow state is touched."""
+
+    def __init__(self, recipe: RecipeConfig, config: dict):
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise _missing("mlflow", "mlflow", "logging.mlflow") from None
+        uri = recipe.logging.mlflow_uri or (Path(recipe.run_dir).resolve() / "mlruns").as_uri()
+        if uri.startswith("file:"):  # MLflow 3 keeps the file store but asks for this opt-in
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        self.client = MlflowClient(tracking_uri=uri)
+        name = recipe.logging.experiment or "llm"
+        experiment = self.client.get_experiment_by_name(name)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
+        run = self.client.create_run(experiment_id, run_name=Path(recipe.run_dir).resolve().name)
+        self.run_id = run.info.run_id
+        flat = _flatten(config)
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:500]) for k, v in flat.items()])
+
+    def write(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), int(record["step"])
+        metrics = [Metric(k, v, now, step) for k, v in _numbers(record).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def open_trackers(recipe: RecipeConfig, config: dict) -> list:
+    """The trackers the recipe turns on, each with write(record) and close()."""
+    trackers = []
+    if recipe.logging.wandb:
+        trackers.append(WandbTracker(recipe, config))
+    if recipe.logging.mlflow:
+        trackers.append(MlflowTracker(recipe, config))
+    return trackers
