@@ -64,6 +64,9 @@ def init_distributed(timeout_s: float = 120.0) -> DistInfo:
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=launcher == "mpi",
+            # MPI discovery sets MASTER_PORT to this (DeepSpeed's default 29500 otherwise, whatever the
+            # environment says): two mpirun jobs whose rank 0 shares a host would meet on one port
+            distributed_port=int(os.environ.get("MASTER_PORT", "29500")),
             timeout=datetime.timedelta(seconds=timeout_s),
             verbose=False,
         )
