@@ -41,6 +41,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
+SlurmdParameters=config_overrides
 AuthType=auth/munge
 AuthInfo=socket={munge_socket},cred_expire=10
 CredType=cred/munge
@@ -69,7 +70,9 @@ MinJobAge=300
 PartitionName={partition} Nodes={node_names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
 # cred_expire=10: a requeued job waits this long before it starts again (Debian's default is 120 s).
-# SlurmdTimeout=30: a node whose slurmd is silent this long is DOWN and its jobs end (the default is 300 s).
+# config_overrides: a node offers the CPUs written here even where the machine has fewer (several small test
+# jobs share its cores). SlurmdTimeout=30: a node whose slurmd is silent this long is DOWN and its jobs end (the
+# default is 300 s).
 
 CGROUP_CONF = "CgroupPlugin=autodetect\nIgnoreSystemd=yes\nConstrainCores=no\nConstrainRAMSpace=no\n"
 

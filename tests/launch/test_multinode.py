@@ -197,12 +197,17 @@ def submit(cluster, recipe: Path, log: Path, *args: str) -> int:
 def stage_pairs(cluster, tmp_path_factory):
     """A launcher's ZeRO-2 and ZeRO-3 runs start together (the two share the cluster; on a small machine much of
     a run is waiting for processes to start, connect and exit). `pairs(launcher)` starts both on first use and
-    returns {stage: (processes, logs, run dir)}; for "sbatch" the processes are job ids."""
+    returns {stage: (processes, logs, run dir)}; for "sbatch" the processes are job ids, and "preempt" is the
+    preemption test's job."""
     started: dict[str, dict] = {}
 
     def pairs(launcher: str) -> dict:
         if launcher not in started:
             started[launcher] = {}
+            if launcher == "sbatch":  # the preemption test's job too: Slurm runs the three side by side
+                d = tmp_path_factory.mktemp("sbatch-preempted")
+                recipe, run_dir = recipe_for(d, **PREEMPT_RUN)
+                started[launcher]["preempt"] = ([submit(cluster, recipe, d / "job.out")], [d / "job.out"], run_dir)
             for stage in STAGES:
                 d = tmp_path_factory.mktemp(f"{launcher}-zero{stage}")
                 recipe, run_dir = recipe_for(d, deepspeed__zero_stage=stage)
@@ -252,12 +257,10 @@ def logged_step(run_dir: Path, at_least: int = 1) -> bool:
     return any('"loss"' in line and int(re.search(r'"step": (\d+)', line).group(1)) >= at_least for line in lines)
 
 
-def test_sbatch_two_nodes_preempted_requeues_and_resumes(reference, cluster, tmp_path):
+def test_sbatch_two_nodes_preempted_requeues_and_resumes(reference, cluster, stage_pairs):
     """USR1 to the batch shell (what --signal=B:USR1@120 sends): both ranks checkpoint, the job requeues and
     resumes on both nodes from that checkpoint; the losses are those of an uninterrupted run."""
-    recipe, run_dir = recipe_for(tmp_path, **PREEMPT_RUN)
-    log = tmp_path / "job.out"
-    job = submit(cluster, recipe, log)
+    (job,), (log,), run_dir = stage_pairs("sbatch")["preempt"]
     deadline = time.monotonic() + 240
     while not logged_step(run_dir):
         assert time.monotonic() < deadline, f"no training step logged\n{log.read_text()[-3000:]}"
@@ -295,6 +298,11 @@ KILL_RUN = dict(
 )
 RESUME_STEPS = 4
 KILLED = [*LAUNCHERS, "sbatch"]
+
+
+def kill_reference(steps: int) -> dict:
+    """The node-kill recipe for `steps` steps, without its checkpoints (saving does not change the losses)."""
+    return {**KILL_RUN, "train__max_steps": steps, "checkpoint__every_steps": 0}
 
 
 def rank_hosts(run_dir: Path) -> dict[int, str]:
@@ -413,7 +421,7 @@ def node_death(reference, cluster, tmp_path_factory):
         for job in jobs.values():
             job.resume()
             ref_steps = max(ref_steps, job.saved + RESUME_STEPS)
-        reference.start(**{**KILL_RUN, "train__max_steps": ref_steps})
+        reference.start(**kill_reference(ref_steps))
         yield jobs, ref_steps
     finally:
         for job in jobs.values():
@@ -443,7 +451,7 @@ def test_node_killed_ends_the_job_naming_it_and_the_run_resumes_on_one_node(node
     assert job.saved >= SAVE_EVERY and max(before) >= job.saved
     failure = job.resumed()
     assert not failure, failure
-    ref = reference(**{**KILL_RUN, "train__max_steps": ref_steps})
+    ref = reference(**kill_reference(ref_steps))
     got = read_losses(job.run_dir)  # steps after the last checkpoint are logged again by the resumed run
     assert max(got) >= job.saved + RESUME_STEPS
     assert "converting to DeepSpeed's universal format" in (job.dir / "resume.out").read_text()

@@ -5,8 +5,8 @@ Node i (1, 2) gets a network namespace `<prefix>n<i>` holding one end of a veth 
 `llm-n<i>` (UTS namespace), and a mount namespace in which /etc/hosts names both nodes and
 /etc/ssh/ssh_config points ssh at a key generated for this cluster. Each node runs sshd on its address.
 One munged (its key and socket in the cluster's directory, shared by both nodes as a shared filesystem
-would share them), slurmctld on node 1 and one slurmd per node make a Slurm cluster of the two (2 CPUs each, so
-two 2-node jobs run at once); slurm.conf, munged and the Slurm clients come from tests/launch/slurm_cluster.py.
+would share them), slurmctld on node 1 and one slurmd per node make a Slurm cluster of the two (3 CPUs each,
+so three 2-node jobs run at once); slurm.conf, munged and the Slurm clients come from tests/launch/slurm_cluster.py.
 
 The filesystem is this machine's, so the run directory and the checkout are on a "shared filesystem" as
 on a real cluster. Nothing under /etc is written; /run/sshd (sshd's privilege-separation directory) is
@@ -223,7 +223,7 @@ class TwoNodeCluster(SlurmClient):
     def _slurm(self, timeout: float) -> None:
         nodes = {self.hosts[n]: self.addrs[n] for n in (1, 2)}
         # fixed ports on the nodes' own addresses: nothing else listens there
-        slurm_conf(self.slurm_dir, nodes, 2, self.root / "munge" / "munge.socket", 6817, 6818, "llmtwo", "two")
+        slurm_conf(self.slurm_dir, nodes, 3, self.root / "munge" / "munge.socket", 6817, 6818, "llmtwo", "two")
         self.spawn(1, "slurmctld", [_tool("slurmctld"), "-D", "-i"])
         self._wait(lambda: "UP" in self.scontrol("ping").stdout, timeout, "slurmctld")
         for node in (1, 2):
