@@ -240,16 +240,6 @@ def test_launcher_across_two_nodes_matches_one_process(reference, cluster, stage
 # -- Slurm: sbatch --nodes=2 ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_sbatch_two_nodes_to_completion(reference, cluster, stage_pairs, stage):
-    (job,), (log,), run_dir = stage_pairs("sbatch")[stage]
-    state = cluster.wait_job(job, timeout=300)
-    output = log.read_text()
-    assert state == "COMPLETED", f"job {job} ended {state}\n{output[-4000:]}\n{cluster.logs()}"
-    assert f"2 node(s), 2 ranks, master {cluster.hosts[1]}" in output
-    assert_matches(run_dir, reference())
-
-
 def logged_step(run_dir: Path, at_least: int = 1) -> bool:
     """Whether metrics.jsonl holds a complete line with step >= at_least (rank 0 is writing it as we look)."""
     path = run_dir / "metrics.jsonl"
@@ -259,7 +249,8 @@ def logged_step(run_dir: Path, at_least: int = 1) -> bool:
 
 def test_sbatch_two_nodes_preempted_requeues_and_resumes(reference, cluster, stage_pairs):
     """USR1 to the batch shell (what --signal=B:USR1@120 sends): both ranks checkpoint, the job requeues and
-    resumes on both nodes from that checkpoint; the losses are those of an uninterrupted run."""
+    resumes on both nodes from that checkpoint; the losses are those of an uninterrupted run. (Before the
+    completion tests: its job starts with theirs and must be signalled while it trains.)"""
     (job,), (log,), run_dir = stage_pairs("sbatch")["preempt"]
     deadline = time.monotonic() + 240
     while not logged_step(run_dir):
@@ -279,6 +270,16 @@ def test_sbatch_two_nodes_preempted_requeues_and_resumes(reference, cluster, sta
     stopped_at = int(output.split("USR1 received: checkpoint at step")[1].split(",")[0])
     assert 1 <= stopped_at < PREEMPT_RUN["train__max_steps"]
     assert_matches(run_dir, reference(**PREEMPT_RUN))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_sbatch_two_nodes_to_completion(reference, cluster, stage_pairs, stage):
+    (job,), (log,), run_dir = stage_pairs("sbatch")[stage]
+    state = cluster.wait_job(job, timeout=300)
+    output = log.read_text()
+    assert state == "COMPLETED", f"job {job} ended {state}\n{output[-4000:]}\n{cluster.logs()}"
+    assert f"2 node(s), 2 ranks, master {cluster.hosts[1]}" in output
+    assert_matches(run_dir, reference())
 
 
 # -- a node dies: every process on node 2 SIGKILLed mid-run -----------------------------------------
