@@ -18,7 +18,6 @@ quickstart: $(STAMP)
 	$(BIN)/llm pretrain configs/recipes/quickstart.yaml
 
 test: $(STAMP)
-	scripts/install_slurm.sh
 	scripts/install_testcluster.sh
 	$(BIN)/pytest -q
 

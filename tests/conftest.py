@@ -1,8 +1,14 @@
 """Test-wide settings: CPU DeepSpeed, Triton interpreter without a GPU, one thread per process, seeds, GPU marker."""
 
 import os
+import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# One ninja for every test and every process it starts (this interpreter's venv first, as tests/launch gives its
+# ranks): DeepSpeed's JIT-built CPU op is rebuilt (minutes) whenever a different ninja version reads its build log.
+_bin = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
+    os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

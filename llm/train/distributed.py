@@ -64,10 +64,15 @@ def init_distributed(timeout_s: float = 120.0) -> DistInfo:
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=launcher == "mpi",
+            # MPI discovery sets MASTER_PORT to this (DeepSpeed's default 29500 otherwise, whatever the
+            # environment says): two mpirun jobs whose rank 0 shares a host would meet on one port
+            distributed_port=int(os.environ.get("MASTER_PORT", "29500")),
             timeout=datetime.timedelta(seconds=timeout_s),
             verbose=False,
         )
     rank, world = dist.get_rank(), dist.get_world_size()
+    if not cuda:
+        _release_shm_buffer(rank, world)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -75,6 +80,28 @@ def init_distributed(timeout_s: float = 120.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, device, backend, launcher)
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """Where DeepSpeed's CPU allreduce keeps this rank's shared buffer (ops/csrc/cpu/comm/shm.cpp names it after
+    the user id, MASTER_ADDR, MASTER_PORT and rank; 64 MiB of RAM in /dev/shm)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _release_shm_buffer(rank: int, world: int) -> None:
+    """DeepSpeed maps every local rank's buffer by name when all ranks share a host (LOCAL_SIZE == world size)
+    and never unlinks the names: each run left 64 MiB per rank in /dev/shm. Once every rank has mapped every
+    buffer (the barrier), the names are not needed; the memory goes when the last process exits, killed or not."""
+    from deepspeed.comm import comm as ds_comm
+
+    if getattr(getattr(ds_comm, "cdb", None), "shm_comm_op", None) is None or os.environ.get("LOCAL_SIZE") != str(
+        world
+    ):
+        return  # DeepSpeed's own condition for creating the buffers (shm_interface.cpp), the same on every rank
+    if world > 1:
+        torch.distributed.barrier()
+    shm_buffer_path(rank).unlink(missing_ok=True)
 
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR")

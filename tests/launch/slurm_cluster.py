@@ -1,7 +1,9 @@
-"""A real single-node Slurm for tests: munged, slurmctld and slurmd as root, all state in one tmp dir.
+"""Real Slurm for tests, as root: munged, slurmctld and slurmd with all their state in one directory.
 
-Nothing touches /etc: the daemons and clients find the config through $SLURM_CONF, munged has its own
-key and socket, and the ports are picked free so several of these can run on one machine.
+Nothing touches /etc: the daemons and clients find the configuration through $SLURM_CONF, munged has its own
+key and socket. `SlurmCluster` is a single node on this machine (ports picked free, so several can run at once);
+the two-node cluster (tests/launch/testcluster.py) writes its configuration and runs its daemons and clients
+with the same pieces here: `slurm_conf`, `munged_command`, `SlurmClient`, `wait_until`.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import subprocess
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
+SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
 
 
-def missing_tools() -> list[str]:
-    return [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
-
-
-def _tool(name: str) -> str:
+def tool(name: str) -> str:
+    """The tool's path (Debian puts the daemons in /usr/sbin, which a non-login PATH may lack)."""
     return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def missing_tools(tools=SLURM_TOOLS) -> list[str]:
+    return [t for t in tools if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
 
 
 def _free_port() -> int:
@@ -32,21 +35,22 @@ def _free_port() -> int:
 
 
 SLURM_CONF = """\
-ClusterName=llmtest
-SlurmctldHost={host}(127.0.0.1)
+ClusterName={cluster}
+SlurmctldHost={ctld_host}({ctld_addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
+SlurmdParameters=config_overrides
 AuthType=auth/munge
 AuthInfo=socket={munge_socket},cred_expire=10
 CredType=cred/munge
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
-SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool-%n
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd-%n.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -62,70 +66,175 @@ SlurmdTimeout=30
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+{nodes}
+PartitionName={partition} Nodes={node_names} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
+# cred_expire=10: a requeued job waits this long before it starts again (Debian's default is 120 s).
+# config_overrides: a node offers the CPUs written here even where the machine has fewer (several small test
+# jobs share its cores). SlurmdTimeout=30: a node whose slurmd is silent this long is DOWN and its jobs end (the
+# default is 300 s).
 
 CGROUP_CONF = "CgroupPlugin=autodetect\nIgnoreSystemd=yes\nConstrainCores=no\nConstrainRAMSpace=no\n"
 
 
-class SlurmCluster:
-    """Start with `start()`, always `stop()` (a context manager does both)."""
+def slurm_conf(
+    dir: Path,
+    nodes: dict[str, str],
+    cpus: int,
+    munge_socket: Path,
+    ctld_port: int,
+    slurmd_port: int,
+    cluster: str = "llmtest",
+    partition: str = "debug",
+) -> Path:
+    """Write slurm.conf and cgroup.conf into `dir` for `nodes` (name -> address, slurmctld on the first, `cpus`
+    CPUs each) and create the state directory; returns slurm.conf's path (for $SLURM_CONF)."""
+    (dir / "state").mkdir(parents=True, exist_ok=True)
+    ctld_host, ctld_addr = next(iter(nodes.items()))
+    conf = SLURM_CONF.format(
+        cluster=cluster,
+        ctld_host=ctld_host,
+        ctld_addr=ctld_addr,
+        ctld_port=ctld_port,
+        slurmd_port=slurmd_port,
+        munge_socket=munge_socket,
+        dir=dir,
+        nodes="\n".join(f"NodeName={n} NodeAddr={a} CPUs={cpus} State=UNKNOWN" for n, a in nodes.items()),
+        partition=partition,
+        node_names=",".join(nodes),
+    )
+    (dir / "slurm.conf").write_text(conf)
+    (dir / "cgroup.conf").write_text(CGROUP_CONF)
+    return dir / "slurm.conf"
+
+
+def munged_command(dir: Path) -> list[str]:
+    """munged in the foreground with a fresh key, its socket and files in `dir` (socket: dir/munge.socket)."""
+    dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(dir, 0o700)
+    key = dir / "munge.key"
+    if not key.exists():
+        key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o400)
+    return [
+        tool("munged"),
+        "--foreground",
+        "--force",
+        f"--key-file={key}",
+        f"--socket={dir / 'munge.socket'}",
+        f"--pid-file={dir / 'munged.pid'}",
+        f"--log-file={dir / 'munged.log'}",
+        f"--seed-file={dir / 'munged.seed'}",
+    ]
+
+
+def slurm_env(conf: Path) -> dict[str, str]:
+    """This environment with SLURM_CONF set and an outer Slurm job's variables removed (a job inherits the
+    submitter's environment)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env["SLURM_CONF"] = str(conf)
+    return env
+
+
+def wait_until(ready, timeout: float, what: str, failed=lambda: None, logs=lambda: "") -> None:
+    """Poll `ready()` every 0.3 s; raise when `failed()` returns a reason (a daemon died) or after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        why = failed()
+        if why:
+            raise RuntimeError(f"{why} while waiting for {what}\n{logs()}")
+        if ready():
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s\n{logs()}")
+
+
+class SlurmClient:
+    """sbatch/scontrol/scancel against a test cluster; `client(cmd, ...)` runs a client command where the
+    cluster's clients run (this machine, or a node), `slurm_dir` holds the logs."""
+
+    slurm_dir: Path
+    env: dict[str, str]
+
+    def client(self, cmd: list[str], cwd=None, env=None, timeout: float = 30) -> subprocess.CompletedProcess:
+        raise NotImplementedError
+
+    def scontrol(self, *args: str) -> subprocess.CompletedProcess:
+        return self.client([tool("scontrol"), *args], timeout=20)
+
+    def sbatch(self, *args: str, cwd: str | Path, env: dict | None = None) -> int:
+        out = self.client([tool("sbatch"), "--parsable", *args], cwd=cwd, env={**self.env, **(env or {})})
+        if out.returncode != 0:
+            raise RuntimeError(f"sbatch failed: {out.stderr.strip()}\n{self.logs()}")
+        return int(out.stdout.strip().split(";")[0])
+
+    def scancel(self, *args: str) -> subprocess.CompletedProcess:
+        return self.client([tool("scancel"), *args], timeout=20)
+
+    def job_field(self, job_id: int, name: str) -> str:
+        for field in self.scontrol("show", "job", str(job_id)).stdout.split():
+            if field.startswith(f"{name}="):
+                return field.split("=", 1)[1]
+        return "UNKNOWN"
+
+    def node_state(self, node: str) -> str:
+        for field in self.scontrol("show", "node", node).stdout.split():
+            if field.startswith("State="):
+                return field.split("=", 1)[1].split("+")[0]
+        return "UNKNOWN"
+
+    def wait_job(self, job_id: int, timeout: float) -> str:
+        """Wait until the job leaves PENDING/RUNNING; return its final state (cancel it on timeout)."""
+        deadline = time.monotonic() + timeout
+        state = "UNKNOWN"
+        while time.monotonic() < deadline:
+            state = self.job_field(job_id, "JobState")
+            if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "UNKNOWN"):
+                return state
+            time.sleep(0.3)
+        self.scancel(str(job_id))
+        raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s\n{self.logs()}")
+
+    def logs(self) -> str:
+        parts = []
+        for path in [self.slurm_dir / "slurmctld.log", *sorted(self.slurm_dir.glob("slurmd-*.log"))]:
+            if path.exists():
+                parts.append(f"--- {path.name} (tail)\n" + "\n".join(path.read_text().splitlines()[-15:]))
+        return "\n".join(parts)
+
+
+class SlurmCluster(SlurmClient):
+    """One node on this machine (its hostname, 127.0.0.1). Start with `start()`, always `stop()` (a context
+    manager does both)."""
 
     def __init__(self, root: Path, cpus: int = 2):
-        self.root = Path(root)
+        self.root = self.slurm_dir = Path(root)
         self.cpus = cpus
         self.host = socket.gethostname().split(".")[0]
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = dict(os.environ, SLURM_CONF=str(self.root / "slurm.conf"))
-        # A job inherits the submitter's environment: keep any outer Slurm job's variables out.
-        for key in list(self.env):
-            if key.startswith(("SLURM_", "SBATCH_", "SRUN_")) and key != "SLURM_CONF":
-                del self.env[key]
+        self.env = slurm_env(self.root / "slurm.conf")
+
+    def client(self, cmd, cwd=None, env=None, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env or self.env, timeout=timeout)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 60.0) -> SlurmCluster:
-        for sub in ("state", "spool", "munge"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root / "munge", 0o700)
-        key = self.root / "munge" / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        os.chmod(key, 0o400)
-        self.munge_socket = self.root / "munge" / "munge.socket"
-        (self.root / "slurm.conf").write_text(
-            SLURM_CONF.format(
-                host=self.host,
-                root=self.root,
-                cpus=self.cpus,
-                ctld_port=_free_port(),
-                slurmd_port=_free_port(),
-                munge_socket=self.munge_socket,
-            )
+        munge = self.root / "munge"
+        slurm_conf(
+            self.root,
+            {self.host: "127.0.0.1"},
+            self.cpus,
+            munge / "munge.socket",
+            ctld_port=_free_port(),
+            slurmd_port=_free_port(),
         )
-        (self.root / "cgroup.conf").write_text(CGROUP_CONF)
-        self._spawn(
-            "munged",
-            [
-                _tool("munged"),
-                "--foreground",
-                "--force",
-                f"--key-file={key}",
-                f"--socket={self.munge_socket}",
-                f"--pid-file={self.root / 'munge' / 'munged.pid'}",
-                f"--log-file={self.root / 'munge' / 'munged.log'}",
-                f"--seed-file={self.root / 'munge' / 'munged.seed'}",
-            ],
-        )
-        self._wait(lambda: self.munge_socket.exists(), timeout, "munged socket")
-        self._spawn("slurmctld", [_tool("slurmctld"), "-D", "-i"])
-        self._wait(
-            lambda: self._scontrol("ping").returncode == 0 and "UP" in self._scontrol("ping").stdout,
-            timeout,
-            "slurmctld",
-        )
-        self._spawn("slurmd", [_tool("slurmd"), "-D", "-N", self.host])
-        self._wait(self._node_idle, timeout, "slurmd (node idle)")
+        self._spawn("munged", munged_command(munge))
+        self._wait(lambda: (munge / "munge.socket").exists(), timeout, "munged socket")
+        self._spawn("slurmctld", [tool("slurmctld"), "-D", "-i"])
+        self._wait(lambda: "UP" in self.scontrol("ping").stdout, timeout, "slurmctld")
+        self._spawn("slurmd", [tool("slurmd"), "-D", "-N", self.host])
+        self._wait(lambda: self.node_state(self.host) == "IDLE", timeout, "slurmd (node idle)")
         return self
 
     def stop(self) -> None:
@@ -150,64 +259,17 @@ class SlurmCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # -- clients -----------------------------------------------------------------------------
-
-    def sbatch(self, *args: str, cwd: str | Path | None = None, env: dict | None = None) -> int:
-        out = subprocess.run(
-            [_tool("sbatch"), "--parsable", *args],
-            capture_output=True,
-            text=True,
-            cwd=cwd,
-            env={**self.env, **(env or {})},
-            timeout=30,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"sbatch failed: {out.stderr.strip()}\n{self.logs()}")
-        return int(out.stdout.strip().split(";")[0])
-
-    def job_state(self, job_id: int) -> str:
-        out = self._scontrol("show", "job", str(job_id))
-        for field in out.stdout.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-        return "UNKNOWN"
-
-    def wait_job(self, job_id: int, timeout: float) -> str:
-        """Wait until the job leaves PENDING/RUNNING; return its final state."""
-        deadline = time.monotonic() + timeout
-        state = "UNKNOWN"
-        while time.monotonic() < deadline:
-            state = self.job_state(job_id)
-            if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "UNKNOWN"):
-                return state
-            time.sleep(1)
-        self._scontrol("cancel", str(job_id))
-        subprocess.run([_tool("scancel"), str(job_id)], env=self.env, capture_output=True)
-        raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s\n{self.logs()}")
-
     def signal_batch(self, job_id: int, signal_name: str) -> None:
         """Signal the job's batch shell, as `--signal=B:SIG@T` does near the time limit."""
-        subprocess.run(
-            [_tool("scancel"), "--batch", f"--signal={signal_name}", str(job_id)],
-            env=self.env,
-            check=True,
-            capture_output=True,
-            timeout=20,
-        )
+        out = self.scancel("--batch", f"--signal={signal_name}", str(job_id))
+        assert out.returncode == 0, out.stderr
 
     def restarts(self, job_id: int) -> int:
-        for field in self._scontrol("show", "job", str(job_id)).stdout.split():
-            if field.startswith("Restarts="):
-                return int(field.split("=", 1)[1])
-        return 0
+        value = self.job_field(job_id, "Restarts")
+        return int(value) if value.isdigit() else 0
 
-    def logs(self) -> str:
-        parts = []
-        for name in ("slurmctld.log", "slurmd.log", "munge/munged.log"):
-            path = self.root / name
-            if path.exists():
-                parts.append(f"--- {name} (tail)\n" + "\n".join(path.read_text().splitlines()[-20:]))
-        return "\n".join(parts)
+    def job_state(self, job_id: int) -> str:
+        return self.job_field(job_id, "JobState")
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -215,20 +277,9 @@ class SlurmCluster:
         log = open(self.root / f"{name}.stdout", "w")
         self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
-    def _scontrol(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([_tool("scontrol"), *args], capture_output=True, text=True, env=self.env, timeout=20)
-
-    def _node_idle(self) -> bool:
-        out = self._scontrol("show", "node", self.host).stdout
-        return "State=IDLE" in out
-
     def _wait(self, ready, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode} while waiting for {what}\n{self.logs()}")
-            if ready():
-                return
-            time.sleep(0.3)
-        raise TimeoutError(f"{what} not ready after {timeout:.0f} s\n{self.logs()}")
+        def failed():
+            dead = [f"{n} exited with {p.returncode}" for n, p in self.procs.items() if p.poll() is not None]
+            return ", ".join(dead)
+
+        wait_until(ready, timeout, what, failed, self.logs)

@@ -23,7 +23,7 @@ def slurm(tmp_path_factory):
     missing = missing_tools()
     if missing:
         can_install = os.geteuid() == 0 and shutil.which("apt-get")
-        message = f"Slurm tools missing: {', '.join(missing)} (scripts/install_slurm.sh installs them)"
+        message = f"Slurm tools missing: {', '.join(missing)} (scripts/install_testcluster.sh installs them)"
         if can_install:
             pytest.fail(message)  # `make test` installs them here, so their absence is a failure
         pytest.skip(message)

@@ -5,7 +5,8 @@ Node i (1, 2) gets a network namespace `<prefix>n<i>` holding one end of a veth 
 `llm-n<i>` (UTS namespace), and a mount namespace in which /etc/hosts names both nodes and
 /etc/ssh/ssh_config points ssh at a key generated for this cluster. Each node runs sshd on its address.
 One munged (its key and socket in the cluster's directory, shared by both nodes as a shared filesystem
-would share them), slurmctld on node 1 and one slurmd per node make a Slurm cluster of the two.
+would share them), slurmctld on node 1 and one slurmd per node make a Slurm cluster of the two (3 CPUs each,
+so three 2-node jobs run at once); slurm.conf, munged and the Slurm clients come from tests/launch/slurm_cluster.py.
 
 The filesystem is this machine's, so the run directory and the checkout are on a "shared filesystem" as
 on a real cluster. Nothing under /etc is written; /run/sshd (sshd's privilege-separation directory) is
@@ -29,17 +30,17 @@ import time
 import uuid
 from pathlib import Path
 
+from tests.launch import slurm_cluster
+from tests.launch.slurm_cluster import SLURM_TOOLS, SlurmClient, munged_command, slurm_conf, slurm_env, wait_until
+from tests.launch.slurm_cluster import tool as _tool
+
 SUBNET = "10.213.47"
 IFNAME = "llm0"
-TOOLS = ("ip", "unshare", "nsenter", "sshd", "ssh", "ssh-keygen", "pdsh", "munged", "slurmctld", "slurmd", "sbatch")
+TOOLS = ("ip", "unshare", "nsenter", "sshd", "ssh", "ssh-keygen", "pdsh", *SLURM_TOOLS)
 
 
 def missing_tools() -> list[str]:
-    return [t for t in TOOLS if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
-
-
-def _tool(name: str) -> str:
-    return shutil.which(name) or f"/usr/sbin/{name}"
+    return slurm_cluster.missing_tools(TOOLS)
 
 
 def cannot_create_namespaces() -> str | None:
@@ -80,41 +81,6 @@ Host *
     ConnectTimeout 10
 """
 
-SLURM_CONF = """\
-ClusterName=llmtwo
-SlurmctldHost={host1}({addr1})
-SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
-CredType=cred/munge
-StateSaveLocation={root}/slurm/state
-SlurmdSpoolDir={root}/slurm/spool-%n
-SlurmctldPidFile={root}/slurm/slurmctld.pid
-SlurmdPidFile={root}/slurm/slurmd-%n.pid
-SlurmctldLogFile={root}/slurm/slurmctld.log
-SlurmdLogFile={root}/slurm/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-MpiDefault=none
-ReturnToService=2
-SchedulerType=sched/backfill
-SlurmdTimeout=30
-InactiveLimit=0
-KillWait=5
-MinJobAge=300
-NodeName={host1} NodeAddr={addr1} CPUs=1 State=UNKNOWN
-NodeName={host2} NodeAddr={addr2} CPUs=1 State=UNKNOWN
-PartitionName=two Nodes={host1},{host2} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
-"""
 
 # The node's init: a new UTS and mount namespace inside the network namespace; it names the node, binds
 # the node's /etc/hosts and ssh client config, then sleeps so other commands can join its namespaces.
@@ -129,7 +95,7 @@ exec sleep infinity
 """
 
 
-class TwoNodeCluster:
+class TwoNodeCluster(SlurmClient):
     """`up()` builds it, `down()` removes everything (also after a partial `up`); a context manager does both."""
 
     def __init__(self, root: Path, prefix: str | None = None):
@@ -139,10 +105,8 @@ class TwoNodeCluster:
         self.addrs = {1: f"{SUBNET}.1", 2: f"{SUBNET}.2"}
         self.init_pids: dict[int, int] = {}
         self.daemons: dict[str, int] = {}  # name -> pid (process group leader)
-        self.env = dict(os.environ, SLURM_CONF=str(self.root / "slurm" / "slurm.conf"))
-        for key in list(self.env):  # an outer Slurm job's variables would leak into ours
-            if key.startswith(("SLURM_", "SBATCH_", "SRUN_")) and key != "SLURM_CONF":
-                del self.env[key]
+        self.slurm_dir = self.root / "slurm"
+        self.env = slurm_env(self.slurm_dir / "slurm.conf")
 
     def netns(self, node: int) -> str:
         return f"{self.prefix}n{node}"
@@ -158,7 +122,7 @@ class TwoNodeCluster:
         return self
 
     def _up(self, timeout: float) -> None:
-        for sub in ("ssh", "munge", "slurm/state", "slurm/spool-llm-n1", "slurm/spool-llm-n2", "logs"):
+        for sub in ("ssh", "slurm", "logs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._save()
         self._network()
@@ -252,45 +216,23 @@ class TwoNodeCluster:
         )
 
     def _munge(self, timeout: float) -> None:
-        munge = self.root / "munge"
-        os.chmod(munge, 0o700)
-        key = munge / "munge.key"
-        if not key.exists():
-            key.write_bytes(os.urandom(1024))
-            os.chmod(key, 0o400)
-        self.spawn(
-            1,
-            "munged",
-            [
-                _tool("munged"),
-                "--foreground",
-                "--force",
-                f"--key-file={key}",
-                f"--socket={munge / 'munge.socket'}",
-                f"--pid-file={munge / 'munged.pid'}",
-                f"--log-file={munge / 'munged.log'}",
-                f"--seed-file={munge / 'munged.seed'}",
-            ],
-        )
-        self._wait(lambda: (munge / "munge.socket").exists(), timeout, "munged socket")
+        """One munged for both nodes (its key and socket on the "shared filesystem"), on node 1."""
+        self.spawn(1, "munged", munged_command(self.root / "munge"))
+        self._wait(lambda: (self.root / "munge" / "munge.socket").exists(), timeout, "munged socket")
 
     def _slurm(self, timeout: float) -> None:
-        conf = SLURM_CONF.format(
-            root=self.root,
-            host1=self.hosts[1],
-            host2=self.hosts[2],
-            addr1=self.addrs[1],
-            addr2=self.addrs[2],
-            ctld_port=6817,
-            slurmd_port=6818,
-        )  # (ports on the nodes' own addresses: nothing else listens there)
-        (self.root / "slurm" / "slurm.conf").write_text(conf)
-        (self.root / "slurm" / "cgroup.conf").write_text("CgroupPlugin=autodetect\nIgnoreSystemd=yes\n")
+        nodes = {self.hosts[n]: self.addrs[n] for n in (1, 2)}
+        # fixed ports on the nodes' own addresses: nothing else listens there
+        slurm_conf(self.slurm_dir, nodes, 3, self.root / "munge" / "munge.socket", 6817, 6818, "llmtwo", "two")
         self.spawn(1, "slurmctld", [_tool("slurmctld"), "-D", "-i"])
         self._wait(lambda: "UP" in self.scontrol("ping").stdout, timeout, "slurmctld")
         for node in (1, 2):
             self.start_slurmd(node)
-        self._wait(lambda: all(self.node_state(n) == "IDLE" for n in (1, 2)), timeout, "both slurmd (nodes idle)")
+        self.wait_idle(timeout)
+
+    def wait_idle(self, timeout: float = 60.0, nodes=(1, 2)) -> None:
+        """Until slurmctld counts the nodes' slurmd as IDLE (after `up`, or once a killed node is back)."""
+        self._wait(lambda: all(self.node_state(self.hosts[n]) == "IDLE" for n in nodes), timeout, "slurmd idle")
 
     def start_slurmd(self, node: int) -> None:
         self.spawn(node, f"slurmd-n{node}", [_tool("slurmd"), "-D", "-N", self.hosts[node]])
@@ -371,45 +313,8 @@ class TwoNodeCluster:
 
     # -- Slurm clients (run on node 1, where slurmctld listens) -------------------------------
 
-    def scontrol(self, *args: str) -> subprocess.CompletedProcess:
-        return self.run(1, [_tool("scontrol"), *args], check=False, timeout=20)
-
-    def node_state(self, node: int) -> str:
-        for field in self.scontrol("show", "node", self.hosts[node]).stdout.split():
-            if field.startswith("State="):
-                return field.split("=", 1)[1].split("+")[0]
-        return "UNKNOWN"
-
-    def sbatch(self, *args: str, cwd: str | Path, env: dict | None = None) -> int:
-        out = self.run(1, [_tool("sbatch"), "--parsable", *args], check=False, cwd=cwd, env={**self.env, **(env or {})})
-        if out.returncode != 0:
-            raise RuntimeError(f"sbatch failed: {out.stderr.strip()}\n{self.logs()}")
-        return int(out.stdout.strip().split(";")[0])
-
-    def job_field(self, job_id: int, name: str) -> str:
-        for field in self.scontrol("show", "job", str(job_id)).stdout.split():
-            if field.startswith(f"{name}="):
-                return field.split("=", 1)[1]
-        return "UNKNOWN"
-
-    def wait_job(self, job_id: int, timeout: float) -> str:
-        """Wait until the job leaves PENDING/RUNNING; return its final state (cancel it on timeout)."""
-        deadline = time.monotonic() + timeout
-        state = "UNKNOWN"
-        while time.monotonic() < deadline:
-            state = self.job_field(job_id, "JobState")
-            if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "UNKNOWN"):
-                return state
-            time.sleep(0.5)
-        self.run(1, [_tool("scancel"), str(job_id)], check=False)
-        raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s\n{self.logs()}")
-
-    def logs(self) -> str:
-        parts = []
-        for path in [self.root / "slurm" / "slurmctld.log", *sorted((self.root / "slurm").glob("slurmd-*.log"))]:
-            if path.exists():
-                parts.append(f"--- {path.name} (tail)\n" + "\n".join(path.read_text().splitlines()[-15:]))
-        return "\n".join(parts)
+    def client(self, cmd, cwd=None, env=None, timeout: float = 30) -> subprocess.CompletedProcess:
+        return self.run(1, cmd, check=False, timeout=timeout, cwd=cwd, env=env or self.env)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -427,16 +332,13 @@ class TwoNodeCluster:
         return cluster
 
     def _wait(self, ready, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def failed():
             for name, pid in self.daemons.items():
                 if not _alive(pid):
-                    log = self.root / "logs" / f"{name}.log"
-                    raise RuntimeError(f"{name} exited while waiting for {what}:\n{_tail(log)}\n{self.logs()}")
-            if ready():
-                return
-            time.sleep(0.3)
-        raise TimeoutError(f"{what} not ready after {timeout:.0f} s\n{self.logs()}")
+                    return f"{name} exited:\n{_tail(self.root / 'logs' / f'{name}.log')}"
+            return None
+
+        wait_until(ready, timeout, what, failed, self.logs)
 
 
 def _sh(*cmd: str) -> None:
