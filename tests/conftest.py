@@ -1,5 +1,6 @@
 """Test-wide settings: CPU DeepSpeed, Triton interpreter without a GPU, one thread per process, seeds, GPU marker."""
 
+import logging
 import os
 import sys
 
@@ -51,6 +52,16 @@ def _restore_dist_env():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _llm_log_reaches_caplog():
+    """An in-process run sets the `llm` logger not to propagate (llm.log.setup_logging); caplog reads records
+    at the root logger, so every test starts with them propagating at INFO."""
+    from llm.log import logger
+
+    logger.propagate = True
+    logger.setLevel(logging.INFO)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

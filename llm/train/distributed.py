@@ -19,6 +19,9 @@ from llm.errors import UserError
 from llm.log import logger
 
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
+# DeepSpeed JIT-builds its CPU allreduce op on first use (1-4 minutes on 2 cores); a lock older than this
+# was left by a build that was killed, and torch's build lock waits for it forever.
+STALE_BUILD_LOCK_S = 900.0
 
 
 @dataclass
@@ -60,6 +63,8 @@ def init_distributed(timeout_s: float = 120.0) -> DistInfo:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if cuda else "gloo"
+    if not cuda:
+        check_build_lock("deepspeed_shm_comm")
     if not dist.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,
@@ -80,6 +85,28 @@ def init_distributed(timeout_s: float = 120.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, device, backend, launcher)
+
+
+def check_build_lock(op: str, stale_after_s: float = STALE_BUILD_LOCK_S) -> None:
+    """Refuse to wait on the JIT build lock of `op` (a torch cpp extension) that a killed build left.
+
+    torch.utils.cpp_extension takes `<build dir>/lock` while it builds and waits, silently and
+    without end, while another holds it; a process killed mid-build never removes it, so every later
+    start hung. A young lock is someone building now: say so and wait. Raises UserError naming the
+    lock file when it is older than `stale_after_s` seconds."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(op, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > stale_after_s:
+        raise UserError(
+            f"{lock}: a build lock {age / 60:.0f} minutes old, left by a killed build of {op} "
+            "(a build takes a few minutes); delete it and start again"
+        )
+    logger.info(f"waiting for another process to finish building {op} (lock {lock}, {age:.0f} s old)")
 
 
 def shm_buffer_path(rank: int) -> Path:

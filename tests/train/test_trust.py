@@ -51,11 +51,7 @@ def finished(tmp_path_factory):
 
 @pytest.fixture
 def log(caplog):
-    """The `llm` logger's records (an in-process `train` sets it not to propagate)."""
-    from llm.log import logger
-
-    logger.propagate = True
-    logger.setLevel(logging.INFO)
+    """The `llm` logger's records (tests/conftest.py lets them reach caplog)."""
     caplog.set_level(logging.INFO, logger="llm")
     return caplog
 
