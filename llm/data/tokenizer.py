@@ -40,6 +40,10 @@ class Tokenizer:
             self.tokenizer = HFTokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise UserError(f"{path}: not a valid tokenizer.json ({e})") from None
+        # llm pads, packs and cuts sequences itself: a tokenizer.json's own padding (MiniLM's pads every
+        # text to 128 tokens) would put pad ids into documents, and its truncation would cut them silently
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
         self.path = path
         self.sha256 = hashlib.sha256(raw).hexdigest()
 

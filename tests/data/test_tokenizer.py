@@ -46,3 +46,23 @@ def test_tokenizer_training_reports_progress(tmp_path, capsys):
     assert err[0].startswith("llm: tokenizer: training bpe (300 ids) on 3 files, 0.0 MB")
     assert any(line.startswith("llm: tokenizer: read 3 documents in ") for line in err)
     assert err[-1].startswith("llm: tokenizer: done in ")
+
+
+def test_padding_and_truncation_saved_in_tokenizer_json_are_not_applied(wordpiece, tmp_path):
+    """A tokenizer.json that pads to a fixed length and truncates (as MiniLM's does) encodes each text
+    to exactly the ids of the same tokenizer with both turned off."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    plain = HFTokenizer.from_file(str(wordpiece))
+    padded = HFTokenizer.from_file(str(wordpiece))
+    padded.enable_padding(length=64, pad_id=0, pad_token="[PAD]")
+    padded.enable_truncation(max_length=8)
+    path = tmp_path / "tokenizer.json"
+    padded.save(str(path))
+    texts = ["def main(argv):", "return a list of every module imported by the file, in the order of first use"]
+    saved = HFTokenizer.from_file(str(path)).encode(texts[1])
+    assert len(saved.ids) == 64 and sum(saved.attention_mask) == 8  # the file does pad and cut
+
+    tok = Tokenizer(path)
+    assert tok.encode_batch(texts) == [plain.encode(t, add_special_tokens=False).ids for t in texts]
+    assert tok.tokenizer.encode(texts[1]).ids == plain.encode(texts[1]).ids  # with [CLS] ... [SEP], uncut
