@@ -10,7 +10,7 @@ with bit-identical outputs. Every variant is made by the `llm compress` function
 `llm compress report` (accuracy, size, parameters, CPU examples/s; table, JSON, PNG).
 
     PYTHONPATH=. python benchmarks/compress_classifier.py MODEL --train TRAIN.jsonl --val VAL.jsonl \\
-        [--val-limit N] [--recovery-steps 150] [--distill-steps 150] [--work DIR]
+        [--val-limit N] [--recovery-steps 150] [--distill-steps 150] [--work DIR] [--reuse]
 
 Writes the variants and runs under --work (default runs/compress_classifier), the report under
 benchmarks/results/compress_classifier/ and one JSON of every figure and check under
@@ -41,6 +41,11 @@ from llm.run.compress import calibration_batches, compress_report, prune_model, 
 from llm.run.loader import find_tokenizer, load_model  # noqa: E402
 
 QUANTIZED = {"int8": "int8", "int8-dynamic": "int8-dynamic", "int4 g32": "int4"}
+REUSE = False  # --reuse: keep variants and runs already under --work (after an interrupted run)
+
+
+def made(out: Path) -> bool:
+    return REUSE and (out / "model.safetensors").is_file()
 
 
 def held_out(val: Path, limit: int | None, work: Path) -> Path:
@@ -60,6 +65,12 @@ def run_llm(command: str, recipe: dict, path: Path, *sets: str) -> Path:
 
     Each run gets its own MASTER_PORT, and DeepSpeed's CPU shared-memory allreduce buffer of that port
     (/dev/shm/deepspeed_allreduce_buffer_*_PORT_*, 66 MiB, which it leaves behind) is removed after."""
+    run_dir = Path(recipe["run_dir"])
+    for s in sets:
+        if s.startswith("run_dir="):
+            run_dir = Path(s.partition("=")[2])
+    if REUSE and (run_dir / "export" / "model.safetensors").is_file():
+        return run_dir / "export"
     write_atomic(path, yaml.safe_dump(recipe, sort_keys=False))
     port = 29500 + os.getpid() % 2000 + len(list(path.parent.glob("*.yaml")))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(port)}
@@ -69,10 +80,6 @@ def run_llm(command: str, recipe: dict, path: Path, *sets: str) -> Path:
     finally:
         for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
             leftover.unlink(missing_ok=True)
-    run_dir = Path(recipe["run_dir"])
-    for s in sets:
-        if s.startswith("run_dir="):
-            run_dir = Path(s.partition("=")[2])
     return run_dir / "export"
 
 
@@ -194,7 +201,11 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
+    p.add_argument("--eval-batch", type=int, default=8, help="evaluation batch, also the timed batch (default 8)")
+    p.add_argument("--reuse", action="store_true", help="keep variants and runs already made under --work")
     args = p.parse_args()
+    global REUSE
+    REUSE = args.reuse
     args.model, args.train, args.val, args.work = (x.resolve() for x in (args.model, args.train, args.val, args.work))
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y%m%dT%H%M%S")
@@ -204,12 +215,15 @@ def main() -> int:
 
     variants: dict[str, Path] = {}
     for name, method in QUANTIZED.items():
-        variants[name] = quantize_model(str(args.model), str(args.work / method), method=method, group_size=32)
+        variants[name] = args.work / method
+        if not made(variants[name]):
+            quantize_model(str(args.model), str(variants[name]), method=method, group_size=32)
     for method in ("magnitude", "wanda"):
-        out = args.work / f"{method}50"
-        prune_model(str(args.model), str(out), method=method, sparsity=0.5, data=str(args.train))
-        variants[f"{method} 50%"] = out
-    prune_model(str(args.model), str(args.work / "struct25"), structured=args.structured)
+        out = variants[f"{method} 50%"] = args.work / f"{method}50"
+        if not made(out):
+            prune_model(str(args.model), str(out), method=method, sparsity=0.5, data=str(args.train))
+    if not made(args.work / "struct25"):
+        prune_model(str(args.model), str(args.work / "struct25"), structured=args.structured)
     variants["heads+neurons -25%"] = args.work / "struct25"
     checks = reload_checks(args, val, variants)
     variants[f"-25% + {args.recovery_steps} steps"] = recover(args.work / "struct25", args)
@@ -220,7 +234,7 @@ def main() -> int:
     names = ["fp32 original", *variants]
     result = compress_report(
         str(args.model), [str(v) for v in variants.values()], str(val), str(args.out / "compress_classifier"),
-        rounds=args.rounds, batch_size=32, names=names, seq_len=args.seq_len,
+        rounds=args.rounds, batch_size=args.eval_batch, names=names, seq_len=args.seq_len,
     )  # fmt: skip
     rows = {r["name"]: r for r in result["rows"]}
     base = rows["fp32 original"]
