@@ -520,6 +520,8 @@ def _cmd_compress_report(args) -> int:
         rounds=args.rounds,
         eval_batches=args.max_batches,
         names=args.names,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
     )
     print(f"wrote {result['table']}, {result['json']}, {result['png']}")
     return 0
@@ -575,7 +577,7 @@ llm compress prune runs/quickstart/export runs/quickstart/pruned --structured he
     p = _parser(
         compress,
         "report",
-        "size on disk, parameters, CPU tokens/s and held-out quality of variants against the original",
+        "size on disk, parameters, CPU speed and held-out quality of variants against the original",
         "llm compress report runs/quickstart/export runs/quickstart/int8 --data data/quickstart/val "
         "--out runs/quickstart/report",
     )
@@ -587,6 +589,8 @@ llm compress prune runs/quickstart/export runs/quickstart/pruned --structured he
     p.add_argument("--new-tokens", type=int, default=64, help="generated tokens per speed run (default 64)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds (default 5)")
     p.add_argument("--max-batches", type=int, default=None, help="evaluation batches (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="evaluation batch (classifiers: also the timed batch)")
+    p.add_argument("--seq-len", type=int, default=None, help="cut windows or texts to this (default: max_seq_len)")
     p.set_defaults(func=_cmd_compress_report)
     p = _parser(
         sub,

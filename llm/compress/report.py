@@ -1,9 +1,11 @@
-"""What `llm compress report` measures and writes: size on disk, parameters, CPU generation speed
-and quality of compressed variants against their original; a table, JSON and a PNG.
+"""What `llm compress report` measures and writes: size on disk, parameters, CPU speed and quality
+of compressed variants against their original; a table, JSON and a PNG.
 
-Speed is greedy generation of the same prompt for the same number of new tokens (KV cache on, batch
-1, this process's CPU threads), the variants' runs interleaved round by round so that machine noise
-falls on all of them alike; the median over rounds is reported.
+Speed of a language model is greedy generation of the same prompt for the same number of new tokens
+(KV cache on, batch 1), in tokens/s; of any other model (a classifier) the forward pass over the same
+batch of held-out examples, in examples/s. Both use this process's CPU threads, and the variants'
+runs are interleaved round by round so that machine noise falls on all of them alike; the median over
+rounds is reported.
 """
 
 from __future__ import annotations
@@ -45,6 +47,35 @@ def generation_speed(models: dict[str, torch.nn.Module], prompt: torch.Tensor, n
     return {name: new_tokens / statistics.median(t) for name, t in times.items()}
 
 
+@torch.no_grad()
+def forward_speed(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], rounds: int) -> dict:
+    """{name: median examples per second} of one forward pass over `batch` (the model's keyword
+    inputs, leading dim = examples; "labels" is ignored), the models run in turn within each of `rounds`
+    rounds (after one warm-up round)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    n = next(iter(inputs.values())).shape[0]
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds + 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.eval()(**inputs)
+            if r:
+                times[name].append(time.perf_counter() - start)
+    return {name: n / statistics.median(t) for name, t in times.items()}
+
+
+SPEED = (("tokens_per_s", "tok/s", "CPU generation (tokens/s)"), ("examples_per_s", "ex/s", "CPU forward (examples/s)"))
+
+
+def speed_key(row: dict) -> tuple[str, str, str]:
+    """(row key, short label, long label) of a row's speed: generation tokens/s for language models,
+    forward examples/s otherwise; a row with neither reports tokens/s (NaN)."""
+    for key, short, long in SPEED:
+        if key in row and row[key] == row[key]:  # present and not NaN
+            return key, short, long
+    return SPEED[0]
+
+
 def environment() -> dict:
     import torch as t
 
@@ -77,7 +108,8 @@ def table(rows: list[dict]) -> str:
     """A fixed-width text table of the report rows; the first row is the original."""
     base = rows[0]
     key, label, _ = quality_key(base)
-    head = f"{'variant':<28} {'size MB':>9} {'x smaller':>9} {'params':>11} {'tok/s':>8} {label:>11} {'vs orig':>8}"
+    speed, speed_label, _ = speed_key(base)
+    head = f"{'variant':<28} {'size MB':>9} {'x smaller':>9} {'params':>11} {speed_label:>8} {label:>11} {'vs orig':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         q, q0 = r["metrics"].get(key), base["metrics"].get(key)
@@ -86,7 +118,8 @@ def table(rows: list[dict]) -> str:
             rel = f"{(q - q0) * 100:+.2f}pt"
         lines.append(
             f"{r['name']:<28} {r['size_bytes'] / 1e6:>9.3f} {base['size_bytes'] / r['size_bytes']:>9.2f} "
-            f"{r['parameters']:>11,} {r['tokens_per_s']:>8.1f} {q if q is not None else float('nan'):>11.4f} {rel:>8}"
+            f"{r['parameters']:>11,} {r.get(speed, float('nan')):>8.1f} "
+            f"{q if q is not None else float('nan'):>11.4f} {rel:>8}"
         )
     return "\n".join(lines)
 
@@ -99,10 +132,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     key, label, _ = quality_key(rows[0])
+    speed, _, speed_label = speed_key(rows[0])
     names = [r["name"] for r in rows]
     values = [
         ("size on disk (MB)", [r["size_bytes"] / 1e6 for r in rows]),
-        ("CPU generation (tokens/s)", [r["tokens_per_s"] for r in rows]),
+        (speed_label, [r.get(speed, float("nan")) for r in rows]),
         (label, [r["metrics"].get(key, float("nan")) for r in rows]),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.5 * len(rows) + 2.5))

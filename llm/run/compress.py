@@ -98,9 +98,12 @@ def compress_report(
     eval_batches: int | None = None,
     batch_size: int = 8,
     names: list[str] | None = None,
+    seq_len: int | None = None,
 ) -> dict:
-    """Size, parameters, CPU generation tokens/s (causal LMs) and held-out quality (the task's
-    metrics on `data`: perplexity, or accuracy for classifiers) of `model` and each variant."""
+    """Size, parameters, CPU speed (causal LMs: generation tokens/s; other tasks: forward examples/s
+    over the first batch of `data`) and held-out quality (the task's metrics on `data`: perplexity, or
+    accuracy for classifiers, whose confusion matrices go to OUT/confusion-<i>) of `model` and each
+    variant. `seq_len` caps the evaluation windows or texts (default: the model's max_seq_len)."""
     paths = [model, *variants]
     labels = names or [Path(p).name or str(p) for p in paths]
     if len(labels) != len(paths):
@@ -110,15 +113,29 @@ def compress_report(
     for label, p in zip(labels[1:], paths[1:]):
         if models[label].task != base.task:
             raise UserError(f"{p}: a {models[label].task!r} model, the original is a {base.task!r} model")
-    speed = {}
+    speed, speed_key = {}, "tokens_per_s"
     if base.task == "causal_lm":
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, base.config.vocab_size, (1, prompt_tokens), generator=g)
         speed = report.generation_speed(models, prompt, new_tokens, rounds)
+        speed_meta = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds, "batch": 1}
+    else:
+        batch = calibration_batches(base, data, model, batch_size, seq_len).next_batch()
+        if batch is None:
+            raise UserError(f"{data}: no examples to time")
+        speed, speed_key = report.forward_speed(models, batch, rounds), "examples_per_s"
+        speed_meta = {
+            "rounds": rounds,
+            "batch": int(batch["input_ids"].shape[0]),
+            "shape": list(batch["input_ids"].shape),
+        }
     rows = []
-    for label, p in zip(labels, paths):
+    out_dir = Path(out)
+    for i, (label, p) in enumerate(zip(labels, paths)):
         started = time.perf_counter()
-        metrics = evaluate_model(p, data, batch_size=batch_size, max_batches=eval_batches)
+        metrics = evaluate_model(
+            p, data, seq_len=seq_len, batch_size=batch_size, max_batches=eval_batches, out=out_dir / f"confusion-{i}"
+        )
         rows.append(
             {
                 "name": label,
@@ -126,7 +143,7 @@ def compress_report(
                 "size_bytes": report.size_on_disk(p),
                 "parameters": models[label].num_parameters(),
                 "transforms": models[label].transforms,
-                "tokens_per_s": speed.get(label, float("nan")),
+                speed_key: speed.get(label, float("nan")),
                 "metrics": metrics,
                 "eval_s": time.perf_counter() - started,
             }
@@ -134,7 +151,7 @@ def compress_report(
     meta = {
         "command": shlex.join(["llm", *sys.argv[1:]]) if sys.argv and "llm" in sys.argv[0] else None,
         "data": str(data),
-        "speed": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds, "batch": 1},
+        "speed": speed_meta,
     }
     written = report.write(rows, out, meta)
     print(report.table(rows))
