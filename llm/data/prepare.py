@@ -81,6 +81,7 @@ def _encode_next(chunks: Iterator[list[str]], tok: Tokenizer):
     texts = next(chunks, None)
     if texts is None:
         return None
+    tok.tokenizer.encode_special_tokens = True  # a document spelling "<|endoftext|>" is text: only prepare adds EOS
     encode = getattr(tok.tokenizer, "encode_batch_fast", tok.tokenizer.encode_batch)  # no offsets: faster
     short = [i for i, t in enumerate(texts) if len(t) <= PIECE_CHARS]
     ids: list = [None] * len(texts)
