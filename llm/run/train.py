@@ -30,6 +30,7 @@ from llm.log import logger, setup_logging
 from llm.models.base import Model, tied_aliases
 from llm.models.info import training_flops_per_token
 from llm.run import loader
+from llm.run.export import export_artifacts
 from llm.run.prepare import prepare_if_missing
 from llm.tasks import Task, get_task
 from llm.train import checkpoint as ckpt
@@ -326,9 +327,11 @@ def gathered_copy(model: Model, zero_stage: int) -> Model:
 
 
 def export(model: Model, recipe: RecipeConfig) -> Path:
-    """RUN_DIR/export: the model as an llm model directory, with the run's tokenizer.json."""
+    """RUN_DIR/export with the run's tokenizer.json (see `llm.run.export.export_artifacts`): a Hugging
+    Face directory of the merged model, plus adapter/ for LoRA (PEFT's layout) or prefix and prompt
+    tuning (llm's), where Hugging Face can hold the model; else an llm model directory."""
     tokenizer = recipe.data.tokenizer if recipe.data.tokenizer and Path(recipe.data.tokenizer).is_file() else None
-    return loader.save_pretrained(model, Path(recipe.run_dir) / "export", tokenizer)
+    return Path(export_artifacts(model, Path(recipe.run_dir) / "export", tokenizer, recipe.init_from)["export"])
 
 
 def sample(model: Model, recipe: RecipeConfig) -> str:
