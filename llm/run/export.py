@@ -34,7 +34,7 @@ def hf_form(model: Model) -> str | None:
         return None
     task_class, _, implied = architectures()[arch]  # the task from_hf will read the export as
     read_back = task_class({**implied, **task_class({}, "task").hf_options(task.hf_config(cfg))})
-    return arch if read_back.to_dict() == task.to_dict() else None
+    return arch if read_back.resolved(cfg) == task.resolved(cfg) else None
 
 
 def export_artifacts(model: Model, out_dir: str | Path, tokenizer=None, base_model: str | None = None) -> dict:

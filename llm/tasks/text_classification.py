@@ -95,9 +95,12 @@ class TextClassificationTask(ClassificationTask):
         samples = [{"input_ids": as_tensor(i), "label": y} for i, y in zip(ids, labels)]
         return Examples(samples, seed, rank, world_size, name=str(path)), PadCollator(pad_id(tok, cfg))
 
+    def resolved(self, cfg):
+        return {**self.to_dict(), "pooling": self.options.pooling or ("last" if cfg.causal else "first")}
+
     def hf_architecture(self, cfg):
         """As the base class, but only for the pooling transformers uses (BERT's through a pooler)."""
-        pooling = self.options.pooling or ("last" if cfg.causal else "first")
+        pooling = self.resolved(cfg)["pooling"]
         if pooling != self.HF_POOLING.get(cfg.family) or (cfg.family == "bert" and not cfg.pooler):
             return None
         return super().hf_architecture(cfg)

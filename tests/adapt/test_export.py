@@ -134,3 +134,20 @@ def test_a_model_hugging_face_cannot_hold_exports_as_an_llm_directory(task, tran
     assert loaded.transforms == ours.transforms and loaded.options == ours.options
     x = torch.randint(1, 97, (2, 9))
     assert torch.equal(loaded(x).logits, ours(x).logits)
+
+
+def test_hf_form_is_an_architecture_only_where_transformers_computes_the_same():
+    """Pooling decides: [CLS] for BERT and the last token for causal bodies, given or by default."""
+    from llm.run.export import hf_form
+    from tests.conftest import build
+
+    gpt = dict(family="gpt", vocab_size=97, max_seq_len=40, d_model=32, n_layers=2, n_heads=4, d_ff=64)
+    bert = dict(gpt, family="bert", causal=False, norm_position="post", type_vocab_size=2, pooler=True)
+    bert.update(mlp="gelu")
+    assert hf_form(build(gpt, task="text_classification")) == "GPT2ForSequenceClassification"
+    assert hf_form(build(gpt, task="text_classification", pooling="last")) == "GPT2ForSequenceClassification"
+    assert hf_form(build(gpt, task="text_classification", pooling="first")) is None
+    assert hf_form(build(bert, task="text_classification", pooling="first")) == "BertForSequenceClassification"
+    assert hf_form(build(bert, task="text_classification", pooling="mean")) is None
+    assert hf_form(build(gpt, task="instruction")) is None  # its template has no place in config.json
+    assert hf_form(build(gpt)) == "GPT2LMHeadModel"
