@@ -120,7 +120,11 @@ def test_label_map_and_head_are_restored_on_reload(world, from_llm_dir, tmp_path
     trained = load_checkpoint_model(run_dir / "checkpoints")
     assert torch.equal(model.classifier.weight, trained.classifier.weight)  # the head, not a fresh one
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["task"]["labels"] == ["neg", "pos"]
-    # exported as id2label; transformers reads the same classifier back
+    # exported as id2label; transformers reads the same classifier back (it pools [CLS]: mean pooling
+    # has no transformers architecture, and to_hf refuses it)
+    with pytest.raises(UserError, match="has no Hugging Face architecture"):
+        to_hf(model, tmp_path / "hf")
+    model.options.pooling = model.pooling = "first"
     to_hf(model, tmp_path / "hf")
     ref = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert ref.config.id2label == {0: "neg", 1: "pos"}
