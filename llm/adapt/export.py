@@ -207,6 +207,17 @@ def write_adapter(path: str | Path, config: dict, tensors: dict[str, torch.Tenso
     return path
 
 
+def is_virtual_adapter(path: str | Path) -> bool:
+    """Whether directory `path` holds an adapter in llm's layout (a prefix or soft prompt), not PEFT's.
+    Raises UserError naming the file when its adapter_config.json cannot be read."""
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{file}: cannot read ({e})") from None
+    return isinstance(config, dict) and config.get("format") == "llm-adapter"
+
+
 def load_virtual_adapter(model: Model, path: str | Path) -> Model:
     """Put the prefix or soft prompt saved in llm's layout at `path` on `model` (its plain base).
 

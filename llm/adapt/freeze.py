@@ -59,6 +59,21 @@ def is_adapter(name: str) -> bool:
     return name.startswith(ADAPTER_PREFIXES) or ".lora_" in name
 
 
+def trainable_params(model: Model, names: list[str], path: str) -> list:
+    """The parameters that `names` selects (a module or parameter name, or a suffix of one, e.g.
+    "classifier"), for an adapter method's `trainable` setting: modules that train in full beside
+    the adapters, such as a new classification head (PEFT's modules_to_save). Raises ConfigError
+    naming `path.trainable[i]` for a name that matches nothing."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = []
+    for i, item in enumerate(names):
+        hits = [p for n, p in params.items() if n == item or n.startswith(item + ".") or ("." + item + ".") in n]
+        if not hits:
+            raise ConfigError(f"{path}.trainable[{i}]", f"{item!r} matches no parameter of this {model.task} model")
+        out += hits
+    return out
+
+
 def freeze_base(model: Model) -> None:
     """Freeze every parameter except those of adapters added before (so adapters combine)."""
     for name, p in model.named_parameters():

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm import kernels
-from llm.adapt.freeze import freeze_base
+from llm.adapt.freeze import freeze_base, trainable_params
 from llm.config import ConfigError, build_config
 from llm.models.base import Model, tied_aliases
 from llm.models.layers import LMHead, dropout
@@ -188,17 +188,6 @@ def _resolve(model: Model, target: str, where: str) -> dict[str, list[str]]:
     return hits
 
 
-def _trainable(model: Model, names: list[str], path: str) -> list[nn.Parameter]:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    out = []
-    for i, item in enumerate(names):
-        hits = [p for n, p in params.items() if n == item or n.startswith(item + ".") or ("." + item + ".") in n]
-        if not hits:
-            raise ConfigError(f"{path}.trainable[{i}]", f"{item!r} matches no parameter of this {model.task} model")
-        out += hits
-    return out
-
-
 def apply(model: Model, settings: dict, path: str = "lora") -> Model:
     """Add adapters to the layers `targets` names and freeze the rest; see the module docstring.
 
@@ -212,7 +201,7 @@ def apply(model: Model, settings: dict, path: str = "lora") -> Model:
             if "" in have + pieces and have:
                 raise ConfigError(f"{path}.targets[{i}]", f"{target!r} overlaps another target on {name}")
             have += [p for p in pieces if p not in have]
-    extra = _trainable(model, s.trainable, path)
+    extra = trainable_params(model, s.trainable, path)
     tied = tied_aliases(model)
     freeze_base(model)
     for name, pieces in chosen.items():

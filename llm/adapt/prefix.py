@@ -17,7 +17,9 @@ Settings (recipe `transforms: [{name: prefix, ...}]`):
 - `init` ("vocab"): start from the keys and values that n random vocabulary
   tokens produce in the frozen model (the paper's initialisation from real
   activations), or "random" (normal, std init_std). With `reparameterize` the
-  start is random.
+  start is random;
+- `trainable` ([]): modules that train in full beside the prefix (a new
+  classification head: `[classifier]`, as PEFT's modules_to_save).
 
 The prefix lives in `model.transformer.prefix` (a `Prefix` module; its forward
 gives the per-layer (k, v)); its state-dict names are `transformer.prefix.*`.
@@ -31,7 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from llm.adapt.freeze import freeze_base
+from llm.adapt.freeze import freeze_base, trainable_params
 from llm.config import ConfigError, build_config
 from llm.models.base import Model
 from llm.models.transformer import KVCache
@@ -43,6 +45,7 @@ class PrefixSettings:
     reparameterize: bool = False
     hidden_size: int | None = None
     init: Literal["vocab", "random"] = "vocab"
+    trainable: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self, path: str) -> None:
         if self.num_virtual_tokens < 1:
@@ -119,7 +122,10 @@ def apply(model: Model, settings: dict, path: str = "prefix") -> Model:
         )
     if s.init == "vocab" and cfg.is_image and not s.reparameterize:
         raise ConfigError(f"{path}.init", "'vocab' needs a text model; use init: random")
+    extra = trainable_params(model, s.trainable, path)
     freeze_base(model)
+    for p in extra:
+        p.requires_grad_(True)
     w = next(model.parameters())
     prefix = Prefix(cfg, s.num_virtual_tokens, (s.hidden_size or cfg.d_model) if s.reparameterize else None)
     prefix.to(device=w.device, dtype=w.dtype)

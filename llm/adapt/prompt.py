@@ -15,7 +15,9 @@ Settings (recipe `transforms: [{name: prompt, ...}]`):
   once at apply time; the ids are then recorded in `init_ids`, so reloading needs
   no tokenizer;
 - without either, the prompt starts from the embeddings of n random vocabulary
-  tokens (the paper's "sampled vocabulary" initialisation).
+  tokens (the paper's "sampled vocabulary" initialisation);
+- `trainable` ([]): modules that train in full beside the prompt (a new
+  classification head: `[classifier]`, as PEFT's modules_to_save).
 
 The prompt lives in `model.transformer.prompt` (a `SoftPrompt`); its state-dict
 name is `transformer.prompt.embedding.weight`.
@@ -28,7 +30,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from llm.adapt.freeze import freeze_base
+from llm.adapt.freeze import freeze_base, trainable_params
 from llm.config import ConfigError, build_config
 from llm.models.base import Model
 
@@ -39,6 +41,7 @@ class PromptSettings:
     init_ids: list[int] | None = None
     init_text: str | None = None
     tokenizer: str | None = None
+    trainable: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self, path: str) -> None:
         if self.num_virtual_tokens < 1:
@@ -104,7 +107,10 @@ def apply(model: Model, settings: dict, path: str = "prompt") -> Model:
     bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
     if bad:
         raise ConfigError(f"{path}.init_ids", f"id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+    extra = trainable_params(model, s.trainable, path)
     freeze_base(model)
+    for p in extra:
+        p.requires_grad_(True)
     table = model.transformer.tok_embed.weight
     prompt = SoftPrompt(n, cfg.d_model).to(device=table.device, dtype=table.dtype)
     index = torch.tensor([ids[i % len(ids)] for i in range(n)], device=table.device)

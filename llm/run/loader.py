@@ -3,7 +3,9 @@
 `load_model(path)` reads:
 - an llm model directory: config.yaml (the model's description: `model`
   architecture, `task` with its options, `transforms` in order) + model.safetensors;
-- a Hugging Face directory (config.json);
+- a Hugging Face directory (config.json), with the prefix or soft prompt of an
+  `adapter/` in llm's layout put back on it (`llm.run.export` writes that beside
+  the frozen base; a PEFT LoRA adapter there is already merged into the weights);
 - a training checkpoint: a run directory, its checkpoints/ folder, or one step
   folder, of any ZeRO stage (weights consolidated to fp32).
 Every form is rebuilt the same way: build the task's model from the
@@ -181,9 +183,13 @@ def load_model(path: str | Path, tag: str | None = None, dtype: str | torch.dtyp
     dtype = parse_dtype(dtype)
     kind = model_kind(path)
     if kind == "hf":
+        from llm.adapt.export import ADAPTER_CONFIG, is_virtual_adapter, load_virtual_adapter
         from llm.tasks.hf import from_hf
 
-        return from_hf(path, dtype=dtype)
+        model, adapter = from_hf(path, dtype=dtype), Path(path) / "adapter"
+        if (adapter / ADAPTER_CONFIG).is_file() and is_virtual_adapter(adapter):
+            model = load_virtual_adapter(model, adapter)
+        return model
     model = load_pretrained(path) if kind == "llm" else load_checkpoint_model(path, tag)
     return model.to(dtype) if dtype is not None else model
 

@@ -31,6 +31,7 @@ from llm.log import logger, setup_logging
 from llm.models.base import Model, tied_aliases
 from llm.models.info import training_flops_per_token
 from llm.run import checks, loader
+from llm.run.export import export_artifacts
 from llm.run.prepare import prepare_if_missing
 from llm.tasks import Task, get_task
 from llm.train import checkpoint as ckpt
@@ -349,23 +350,11 @@ def gathered_copy(model: Model, zero_stage: int) -> Model:
 
 
 def export(model: Model, recipe: RecipeConfig) -> Path:
-    """RUN_DIR/export: a Hugging Face directory (config.json, generation_config.json, model.safetensors,
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json) that transformers' Auto classes
-    and every llm command read as it is. A model Hugging Face cannot express (a transform, a task or
-    field without an equivalent) is written as an llm model directory instead, saying why. One
-    format per directory: the other format's config file is removed, so readers never disagree."""
-    from llm.tasks.hf import hf_architecture, to_hf
-
-    out = Path(recipe.run_dir) / "export"
+    """RUN_DIR/export with the run's tokenizer.json (see `llm.run.export.export_artifacts`): a Hugging
+    Face directory of the merged model, plus adapter/ for LoRA (PEFT's layout) or prefix and prompt
+    tuning (llm's), where Hugging Face can hold the model; else an llm model directory."""
     tokenizer = recipe.data.tokenizer if recipe.data.tokenizer and Path(recipe.data.tokenizer).is_file() else None
-    try:
-        hf_architecture(model)
-    except UserError as e:
-        logger.info(f"export: no Hugging Face equivalent ({e}); writing an llm model directory")
-        (out / "config.json").unlink(missing_ok=True)
-        return loader.save_pretrained(model, out, tokenizer)
-    (out / loader.CONFIG).unlink(missing_ok=True)
-    return to_hf(model, out, tokenizer)
+    return Path(export_artifacts(model, Path(recipe.run_dir) / "export", tokenizer, recipe.init_from)["export"])
 
 
 def keep_tokenizer(recipe: RecipeConfig) -> None:

@@ -173,6 +173,11 @@ class Task:
                 return arch
         return None
 
+    def resolved(self, cfg: ModelConfig) -> dict:
+        """`to_dict()` with the defaults that depend on the model of `cfg` filled in: two tasks whose
+        resolved forms are equal build models that compute the same."""
+        return self.to_dict()
+
     def hf_head_rules(self, cfg: ModelConfig) -> list[Rule]:
         """The head's tensors and their Hugging Face names (outside the trunk prefix)."""
         return []

@@ -5,6 +5,13 @@ al., 2019); causal bodies pool the last real token, as GPT-2 and LLaMA
 classifiers do in Hugging Face transformers; `pooling: mean` averages the real
 tokens.
 
+Hugging Face: BertForSequenceClassification ([CLS] through the pooler, `classifier`
+with bias), GPT2ForSequenceClassification and LlamaForSequenceClassification (the
+last non-padding token, `score` without bias; a causal body's classifier has no bias
+here either). transformers finds that token through `pad_token_id`, so an export
+writes the id its batches were padded with (the model's pad, else EOS). Mean pooling
+has no Hugging Face architecture.
+
 Data: a JSONL, CSV or Parquet file with a text column (`data.text_field`) and a label
 column (`data.label_field`, strings or integers); texts are cut to `data.seq_len` tokens
 (the tokenizer's own special tokens, e.g. [CLS] ... [SEP], kept) and padded per batch.
@@ -41,7 +48,7 @@ class TextClassifier(Model):
         self.pooling = options.pooling or ("last" if cfg.causal else "first")
         self.pooler = Pooler(cfg.d_model) if cfg.pooler else None
         self.dropout = dropout(cfg.dropout)
-        self.classifier = nn.Linear(cfg.d_model, options.num_labels)
+        self.classifier = nn.Linear(cfg.d_model, options.num_labels, bias=not cfg.causal)
         self.post_init()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> ModelOutput:
@@ -58,7 +65,12 @@ class TextClassificationTask(ClassificationTask):
     model_class = TextClassifier
     Options = TextClassificationOptions
     families = ("gpt", "llama", "bert")
-    hf_architectures = {"BertForSequenceClassification": ("bert", {})}
+    hf_architectures = {
+        "BertForSequenceClassification": ("bert", {}),
+        "GPT2ForSequenceClassification": ("gpt", {}),
+        "LlamaForSequenceClassification": ("llama", {}),
+    }
+    HF_POOLING = {"bert": "first", "gpt": "last", "llama": "last"}  # how transformers pools each family
 
     def check(self, cfg, path="model"):
         super().check(cfg, path)
@@ -83,8 +95,28 @@ class TextClassificationTask(ClassificationTask):
         samples = [{"input_ids": as_tensor(i), "label": y} for i, y in zip(ids, labels)]
         return Examples(samples, seed, rank, world_size, name=str(path)), PadCollator(pad_id(tok, cfg))
 
+    def resolved(self, cfg):
+        return {**self.to_dict(), "pooling": self.options.pooling or ("last" if cfg.causal else "first")}
+
+    def hf_architecture(self, cfg):
+        """As the base class, but only for the pooling transformers uses (BERT's through a pooler)."""
+        pooling = self.resolved(cfg)["pooling"]
+        if pooling != self.HF_POOLING.get(cfg.family) or (cfg.family == "bert" and not cfg.pooler):
+            return None
+        return super().hf_architecture(cfg)
+
     def hf_head_rules(self, cfg):
-        return linear_rules("classifier", "classifier", base=False)
+        if cfg.family == "bert":
+            return linear_rules("classifier", "classifier", base=False)
+        return linear_rules("classifier", "score", bias=False, base=False)
+
+    def hf_config(self, cfg):
+        out = super().hf_config(cfg)
+        if cfg.causal:  # transformers pools the last token that is not pad_token_id
+            pad = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+            if pad is not None:
+                out["pad_token_id"] = pad
+        return out
 
 
 def encode_texts(tok, texts: list[str], max_tokens: int, vocab_size: int, path) -> list[list[int]]:

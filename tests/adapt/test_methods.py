@@ -275,3 +275,18 @@ def test_methods_combine_without_freezing_each_other():
         "transformer.blocks.1.attn.qkv.lora_A_v",
         "transformer.blocks.1.attn.qkv.lora_B_v",
     ]
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_virtual_tokens_train_a_new_head_beside_them(method, tmp_path):
+    """`trainable: [classifier]` keeps the new head training (PEFT's modules_to_save); the rest stays
+    frozen, and the setting survives a reload; a name that matches nothing is one clear error."""
+    model = MODELS["bert-classifier"]()
+    spec = {"name": method, "num_virtual_tokens": 3, "trainable": ["classifier"]}
+    apply_transforms(model, [spec])
+    train = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert train == {f"transformer.{method}.embedding.weight", "classifier.weight", "classifier.bias"}
+    save_pretrained(model, tmp_path / "m")
+    assert {n for n, p in load_model(tmp_path / "m").named_parameters() if p.requires_grad} == train
+    with pytest.raises(ConfigError, match=r"^transforms\[0\]\.trainable\[0\]: 'score' matches no parameter"):
+        apply_transforms(MODELS["bert-classifier"](), [{**spec, "trainable": ["score"]}])

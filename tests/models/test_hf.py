@@ -35,6 +35,13 @@ CASES = {
         "LlamaConfig",
         {**LLAMA, "num_key_value_heads": 1, "attention_bias": True, "mlp_bias": True},
     ),
+    "gpt2-cls": ("GPT2ForSequenceClassification", "GPT2Config", {**GPT2, "num_labels": 3, "pad_token_id": 100}),
+    "llama-gqa-cls": (
+        "LlamaForSequenceClassification",
+        "LlamaConfig",
+        {**LLAMA, "num_key_value_heads": 2, "num_labels": 3, "pad_token_id": 0},
+    ),
+    "bert-cls": ("BertForSequenceClassification", "BertConfig", {**BERT, "num_labels": 3}),
     "bert-pretraining": ("BertForPreTraining", "BertConfig", BERT),
     "bert-mlm": ("BertForMaskedLM", "BertConfig", BERT),
     "bert-base": ("BertModel", "BertConfig", BERT),
@@ -53,11 +60,15 @@ def hf_model(arch: str, config_class: str, kwargs: dict):
     return model
 
 
-def inputs(arch: str):
+def inputs(arch: str, pad_token_id: int | None = None):
     if arch.startswith("ViT"):
         return dict(pixel_values=torch.randn(2, 3, 12, 12))
-    ids = torch.randint(1, 101, (2, 13))
+    ids = torch.randint(1, 100, (2, 13))
     mask = torch.ones_like(ids)
+    if arch.endswith("ForSequenceClassification") and not arch.startswith("Bert"):
+        ids[1, 9:] = pad_token_id  # right padding: transformers pools the last non-pad token
+        mask[1, 9:] = 0
+        return dict(input_ids=ids, attention_mask=mask)
     if arch.startswith("Bert"):
         mask[1, 9:] = 0  # right padding
         types = torch.zeros_like(ids)
@@ -83,7 +94,7 @@ def compare(arch: str, ref, ours, x) -> None:
     if arch == "BertForPreTraining":
         assert rel_err(real(mine.logits), real(out.prediction_logits)) < 1e-5
         assert rel_err(mine.nsp_logits, out.seq_relationship_logits) < 1e-5
-    if arch == "ViTForImageClassification":
+    if arch in ("ViTForImageClassification",) or arch.endswith("ForSequenceClassification"):
         assert rel_err(mine.logits, out.logits) < 1e-5
     if arch == "ViTModel":
         assert mine.pooled is not None
@@ -95,7 +106,7 @@ def test_hf_parity_and_exact_round_trip(case, tmp_path):
     ref = hf_model(arch, config_class, kwargs)
     ref.save_pretrained(tmp_path / "hf")
     ours = from_hf(tmp_path / "hf").eval()
-    compare(arch, ref, ours, inputs(arch))
+    compare(arch, ref, ours, inputs(arch, kwargs.get("pad_token_id")))
 
     to_hf(ours, tmp_path / "back")
     back, info = getattr(transformers, arch).from_pretrained(tmp_path / "back", output_loading_info=True)

@@ -81,7 +81,6 @@ def test_run_checkpoints_generate_with_the_runs_own_tokenizer(trained):
 
 
 def test_a_model_without_hugging_face_equivalent_exports_as_an_llm_directory(tmp_path):
-    from llm import adapt
     from llm.config import resolve_recipe
     from llm.run.loader import load_model, model_kind
     from llm.run.train import export
@@ -90,11 +89,10 @@ def test_a_model_without_hugging_face_equivalent_exports_as_an_llm_directory(tmp
 
     recipe = resolve_recipe({**TINY, "run_dir": str(tmp_path)})
     plain = build_model(recipe.model, "causal_lm")
-    freeze = [{"name": "freeze", "layers": ["embeddings"]}]
-    frozen = adapt.apply_transforms(build_model(recipe.model, "causal_lm"), freeze)
-    out = export(frozen, recipe)
+    mean_pooled = build_model(recipe.model, {"name": "text_classification", "num_labels": 3, "pooling": "mean"})
+    out = export(mean_pooled, recipe)  # transformers' GPT-2 classifier pools the last token
     assert model_kind(out) == "llm" and not (out / "config.json").exists()
-    assert load_model(out).transforms == frozen.transforms
+    assert load_model(out).options == mean_pooled.options
     out = export(plain, recipe)  # the same directory, now a Hugging Face one: one format at a time
     assert model_kind(out) == "hf" and not (out / "config.yaml").exists()
     assert transformers.AutoModelForCausalLM.from_pretrained(out).config.model_type == "gpt2"

@@ -15,6 +15,7 @@ import yaml
 
 from llm.config import ConfigError
 from llm.errors import UserError
+from tests.conftest import rel_err
 from tests.train.helpers import PYTHON, ROOT, env
 
 transformers = pytest.importorskip("transformers")
@@ -119,7 +120,11 @@ def test_label_map_and_head_are_restored_on_reload(world, from_llm_dir, tmp_path
     trained = load_checkpoint_model(run_dir / "checkpoints")
     assert torch.equal(model.classifier.weight, trained.classifier.weight)  # the head, not a fresh one
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["task"]["labels"] == ["neg", "pos"]
-    # exported as id2label; transformers reads the same classifier back
+    # exported as id2label; transformers reads the same classifier back (it pools [CLS]: mean pooling
+    # has no transformers architecture, and to_hf refuses it)
+    with pytest.raises(UserError, match="has no Hugging Face architecture"):
+        to_hf(model, tmp_path / "hf")
+    model.options.pooling = model.pooling = "first"
     to_hf(model, tmp_path / "hf")
     ref = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     assert ref.config.id2label == {0: "neg", 1: "pos"}
@@ -181,13 +186,55 @@ def test_finetune_from_a_hugging_face_directory_with_a_frozen_body(world):
     proc = finetune(world, "from-hf", r)
     assert "init_from" in proc.stderr and "(encoder)" in proc.stderr
     assert "parameters: 66 trainable of " in proc.stderr  # the new head only: 32 x 2 weights + 2 biases
-    tuned, base = load_model(world["root"] / "from-hf" / "export"), from_hf(world["root"] / "hf-bert")
-    assert tuned.transforms == [{"name": "freeze", "layers": ["trunk"]}]
+    export = world["root"] / "from-hf" / "export"
+    assert (export / "config.json").is_file() and not (export / "adapter").exists()  # Hugging Face; no adapter
+    tuned, base = load_model(export), from_hf(world["root"] / "hf-bert")
+    assert yaml.safe_load((world["root"] / "from-hf" / "recipe.yaml").read_text())["adapt"]["method"] == "freeze"
     body = {k: v for k, v in base.state_dict().items()}
     for key, value in tuned.state_dict().items():
         if key.startswith(("transformer.", "pooler.")):
             assert torch.equal(value, body[key]), key
     assert tuned.options.labels == ["neg", "pos"]
+
+
+def test_a_lora_run_exports_the_merged_model_and_a_peft_adapter_for_the_untouched_base(world):
+    """RUN_DIR/export of `llm finetune` with LoRA: transformers loads the merged classifier, and
+    peft puts export/adapter on the untouched Hugging Face base with the same logits; both equal
+    the trained, unmerged model of the final checkpoint."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    from llm.run.loader import load_checkpoint_model, load_model
+
+    peft = pytest.importorskip("peft")
+    lora = {"method": "lora", "rank": 4, "targets": ["q", "v", "fc_out"], "trainable": ["classifier"]}
+    r = recipe(world, "lora", world["root"] / "hf-bert", adapt=lora)
+    r["task"] = "text_classification"  # [CLS] through the pooler, as BertForSequenceClassification
+    r["train"]["max_steps"] = 10
+    finetune(world, "lora", r)
+    run_dir = world["root"] / "lora"
+    export = run_dir / "export"
+    merged = transformers.BertForSequenceClassification.from_pretrained(export).eval()
+    assert merged.config.id2label == {0: "neg", 1: "pos"}
+    base = transformers.BertForSequenceClassification.from_pretrained(world["root"] / "hf-bert", num_labels=2)
+    adapted = peft.PeftModel.from_pretrained(base, export / "adapter").eval()
+    trained = load_checkpoint_model(run_dir / "checkpoints").eval()  # the adapters, not merged
+    assert trained.transforms[0]["name"] == "lora"
+    tok = Tokenizer.from_file(str(export / "tokenizer.json"))
+    texts = [torch.tensor([tok.encode(row["text"]).ids]) for row in world["val_rows"][:8]]
+    exported = load_model(export).eval()
+
+    def logits(model, **kw):  # one text at a time: no padding to line up
+        with torch.no_grad():
+            return torch.cat([model(input_ids=ids, **kw).logits for ids in texts])
+
+    want = logits(merged)
+    assert rel_err(logits(adapted), want) < 1e-5
+    assert rel_err(logits(trained), want) < 1e-5
+    assert rel_err(logits(exported), want) < 1e-5
+    tensors = load_file(str(export / "adapter" / "adapter_model.safetensors"))
+    trained_b = [k for k, v in tensors.items() if "lora_B" in k and v.abs().max() > 0]
+    assert len(trained_b) == 2 * 3  # q, v and fc_out of both layers moved from B = 0
 
 
 # ---------------------------------------------------------------------------------------------
