@@ -25,7 +25,7 @@ BAD = {
     "unknown_preset": (["deepspeed.preset=zero9"], "deepspeed.preset", "neither a file nor a preset"),
     "bad_stage": (["deepspeed.zero_stage=4"], "deepspeed.zero_stage", "must be 0-3"),
     "seq_beyond_model": (["data.seq_len=4096"], "data.seq_len", "exceeds model.max_seq_len"),
-    "missing_shards": (["data.source=shards", "data.train=/nonexistent/train"], "data.train", "not found"),
+    "missing_shards": (["data.source=shards", "data.train=/nonexistent/train"], "data.train", "no such directory"),
     "bad_betas": (["optim.betas=[0.9]"], "optim.betas", "expected two numbers"),
     "unknown_kernel_backend": (["kernels.attention=nonexistent"], "kernels", "unknown backend 'nonexistent'"),
 }
