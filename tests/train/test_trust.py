@@ -194,6 +194,9 @@ def limit_file_size(limit):
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing_partial(tmp_path):
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)  # JIT-built here, if at all: a build under the limit would fail
     recipe = write_recipe(tmp_path / "recipe.yaml", TINY)
     run_dir = tmp_path / "run"
     sets = [f"run_dir={run_dir}", "train.max_steps=3", "train.micro_batch_size=2", "checkpoint.every_steps=1"]
