@@ -116,26 +116,10 @@ def dry_run(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False)
 
 
 def load_teacher(recipe: RecipeConfig) -> Model:
-    """The `distill.teacher` model, checked to share the student's vocabulary and tokenizer."""
-    from llm.data.tokenizer import Tokenizer
-
-    path = recipe.distill.teacher
-    teacher = loader.load_model(path).eval()
-    if teacher.config.vocab_size != recipe.model.vocab_size:
-        raise ConfigError(
-            "distill.teacher",
-            f"{path}: the teacher's vocabulary has {teacher.config.vocab_size} tokens, the student's "
-            f"{recipe.model.vocab_size}; teacher and student must share the tokenizer",
-        )
-    own = recipe.data.tokenizer if recipe.data.tokenizer and Path(recipe.data.tokenizer).is_file() else None
-    theirs = loader.find_tokenizer(path)
-    if (own is None) != (theirs is None) or (own and Tokenizer(own).sha256 != Tokenizer(theirs).sha256):
-        raise ConfigError(
-            "distill.teacher",
-            f"{path}: the teacher's tokenizer ({theirs or 'none found beside it'}) is not the student's "
-            f"data.tokenizer ({own or 'none'}); teacher and student must share the tokenizer",
-        )
-    return teacher
+    """The `distill.teacher` model, checked (`checks.check_teacher`) to share the student's vocabulary
+    and tokenizer."""
+    checks.check_teacher(recipe)
+    return loader.load_model(recipe.distill.teacher).eval()
 
 
 def build_model(recipe: RecipeConfig, task: Task) -> Model:
