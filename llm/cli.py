@@ -349,7 +349,7 @@ llm data examples stdlib-instructions --out data/instructions   # stdlib docstri
 
 
 def _cmd_pretrain(args) -> int:
-    from llm.config import load_recipe
+    from llm.run.recipe import load_recipe
     from llm.run.train import dry_run, train
 
     recipe = load_recipe(args.recipe, args.set)
@@ -361,7 +361,8 @@ def _cmd_pretrain(args) -> int:
 
 
 def _cmd_finetune(args) -> int:
-    from llm.run.train import dry_run, finetune, load_finetune_recipe
+    from llm.run.recipe import load_finetune_recipe
+    from llm.run.train import dry_run, finetune
 
     overrides = list(args.set) + ([f"init_from={args.init_from}"] if args.init_from else [])
     recipe = load_finetune_recipe(args.recipe, overrides)  # raises without init_from
@@ -528,7 +529,7 @@ def _cmd_compress_report(args) -> int:
 
 
 def _cmd_distill(args) -> int:
-    from llm.config import load_recipe
+    from llm.run.recipe import load_recipe
     from llm.run.train import distill, dry_run, require_teacher
 
     recipe = load_recipe(args.recipe, args.set)

@@ -9,14 +9,16 @@ PACKAGE = ROOT / "llm"
 
 # layer -> the llm packages it must never import
 FORBIDDEN = {
-    "llm.kernels": ["llm.models", "llm.data", "llm.tasks", "llm.adapt", "llm.compress", "llm.train"],
-    "llm.models": ["llm.data", "llm.tasks", "llm.adapt", "llm.compress", "llm.train"],
-    "llm.data": ["llm.models", "llm.tasks", "llm.adapt", "llm.compress", "llm.train"],
-    "llm.tasks": ["llm.train", "llm.adapt", "llm.compress"],
-    "llm.adapt": ["llm.train", "llm.tasks", "llm.data", "llm.compress"],
-    # compress uses models, data, kernels, tasks and adapt (it registers its transforms there), never the loop
-    "llm.compress": ["llm.train"],
-    "llm.train": ["llm.tasks", "llm.adapt", "llm.compress", "llm.data"],
+    "llm.kernels": ["llm.models", "llm.data", "llm.tasks", "llm.adapt", "llm.compress", "llm.transforms", "llm.train"],
+    "llm.models": ["llm.data", "llm.tasks", "llm.adapt", "llm.compress", "llm.transforms", "llm.train"],
+    "llm.data": ["llm.models", "llm.tasks", "llm.adapt", "llm.compress", "llm.transforms", "llm.train"],
+    "llm.tasks": ["llm.train", "llm.adapt", "llm.compress", "llm.transforms"],
+    "llm.adapt": ["llm.train", "llm.tasks", "llm.data", "llm.compress", "llm.transforms"],
+    # compress uses models, data, kernels, tasks and adapt (a transform's interface), never the loop
+    "llm.compress": ["llm.train", "llm.transforms"],
+    # the list of every transform: adapt's and compress's
+    "llm.transforms": ["llm.train"],
+    "llm.train": ["llm.tasks", "llm.adapt", "llm.compress", "llm.transforms", "llm.data"],
 }
 COMMAND_LAYER = ("llm.cli", "llm.__main__", "llm.bench")  # may import anything
 BASE = ("llm.config", "llm.errors", "llm.log", "llm.fileio", "llm")  # import no other llm module
@@ -94,13 +96,15 @@ def test_no_import_cycle():
     assert not cycles, "\n".join(cycles)
 
 
-def test_compress_transforms_reach_the_loader_through_the_adapt_registry():
-    """adapt knows no compress; compress adds its transforms to adapt's registry, and the loader
-    imports compress, so a saved quantized or pruned model is rebuilt wherever models are loaded."""
+def test_transforms_are_listed_explicitly_and_the_loader_knows_none():
+    """adapt knows no compress and importing compress registers nothing; llm.transforms lists every
+    transform (it imports both), and the loader reaches them only through it."""
     edges = graph()
     assert not any(within(t, "llm.compress") for m, ts in edges.items() if within(m, "llm.adapt") for t in ts)
-    assert "llm.adapt" in edges["llm.compress"]
-    assert any(within(t, "llm.compress") for t in edges["llm.run.loader"])
+    assert edges["llm.compress"] == set()
+    assert {"llm.adapt", "llm.compress.prune", "llm.compress.quantize"} <= edges["llm.transforms"]
+    assert "llm.transforms" in edges["llm.run.loader"]
+    assert not any(within(t, "llm.compress") for t in edges["llm.run.loader"])
 
 
 def test_the_reader_sees_imports_inside_functions(tmp_path):

@@ -34,7 +34,7 @@ def bench_recipe(model: str, stage: int, cfg: dict, run_dir: str) -> dict:
 @contextlib.contextmanager
 def bench_trainer(cfg: dict):
     """A Trainer assembled on this rank for the bench recipe of `cfg` (in a temporary run directory)."""
-    from llm.config import resolve_recipe
+    from llm.run.recipe import resolve_recipe
     from llm.run.train import assemble
     from llm.train.distributed import distributed
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from llm.config import ModelConfig
 from llm.errors import UserError
+from llm.models.config import ModelConfig
 
 MODEL_TYPE = {"gpt": "gpt2", "llama": "llama", "bert": "bert", "vit": "vit"}
 # Hugging Face model types that are our "llama" trunk with a different spelling of the same config

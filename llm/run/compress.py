@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from llm import adapt
+from llm import transforms
 from llm.compress import prune, report
-from llm.config import DataConfig
+from llm.data.config import DataConfig
 from llm.errors import UserError
 from llm.log import logger
 from llm.run.evaluate import evaluate_model
@@ -32,7 +32,7 @@ def quantize_model(model: str, out: str, method: str = "int8", group_size: int =
     out_dir = _check_out(model, out)
     m = load_model(model).float().eval()
     try:
-        adapt.apply_transform(m, {"name": "quantize", "method": method, "group_size": group_size}, "quantize")
+        transforms.apply_transform(m, {"name": "quantize", "method": method, "group_size": group_size}, "quantize")
     except Exception as e:
         if isinstance(e, UserError):
             raise UserError(f"{model}: {e}") from None
@@ -49,7 +49,7 @@ def calibration_batches(model, data: str | Path, model_path: str, batch_size: in
     config = DataConfig(
         source="shards", val=str(data), seq_len=seq_len or cfg.max_seq_len, tokenizer=tokenizer and str(tokenizer)
     )
-    return task_of(model).batches(cfg, config, "val", seed=0, micro_batch=batch_size, rank=0, world_size=1)
+    return task_of(model).batches(cfg, config, "val", seed=0, micro_batch_size=batch_size, rank=0, world_size=1)
 
 
 def prune_model(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from llm.config import DataConfig
+from llm.data.config import DataConfig
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.run.loader import find_tokenizer, load_model
@@ -51,7 +51,7 @@ def evaluate_model(
         label_field=label_field,
     )
     try:
-        batches = task.batches(cfg, config, "val", seed=0, micro_batch=batch_size, rank=0, world_size=1)
+        batches = task.batches(cfg, config, "val", seed=0, micro_batch_size=batch_size, rank=0, world_size=1)
     except UserError as e:
         raise UserError(f"{model_path}: {e}") from None
     sums: dict[str, float] = {}

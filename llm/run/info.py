@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from llm.config import load_model_config
+from llm.models.config import load_model_config
 from llm.models.info import format_model_info
 from llm.tasks import build_model
 

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 import yaml
 
-from llm import adapt, kernels
+from llm import kernels, transforms
 from llm.compress.distill import Distiller
 from llm.compress.prune import GradualPruner
-from llm.config import ConfigError, RecipeConfig
+from llm.config import ConfigError
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.log import logger, setup_logging
@@ -33,7 +33,8 @@ from llm.models.info import training_flops_per_token
 from llm.run import checks, loader
 from llm.run.export import export_artifacts
 from llm.run.prepare import prepare_if_missing
-from llm.tasks import Task, get_task
+from llm.run.recipe import RecipeConfig
+from llm.tasks import OPTIONS, Task, get_task
 from llm.train import checkpoint as ckpt
 from llm.train.distributed import DistInfo, distributed
 from llm.train.engine import build_engine, deepspeed_config
@@ -47,48 +48,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def recipe_transforms(recipe: RecipeConfig) -> list[dict]:
-    """The recipe's `transforms:` followed by its `adapt:` method as a transform ({name: method,
-    settings...}; method `full` adds none). Raises ConfigError when the method is not installed."""
-    if recipe.adapt is None:
-        return list(recipe.transforms)
-    settings = dict(recipe.adapt)
-    method = settings.pop("method")
-    if method == "full":
-        if settings:
-            raise ConfigError(f"adapt.{next(iter(settings))}", "method full takes no settings")
-        return list(recipe.transforms)
-    if method not in adapt.TRANSFORMS:
-        raise ConfigError(
-            "adapt.method", f"{method!r} is not available here (available: full, {', '.join(adapt.TRANSFORMS)})"
-        )
-    return [*recipe.transforms, {"name": method, **settings}]
-
-
 def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
-    """Everything about the recipe that needs no process group: every path and vocabulary
-    (`llm.run.checks.check_paths`: data, tokenizer, init_from, distill.teacher), the task (with the
-    label map its training data decides), its fit with the model, the transforms' and adapt method's
-    names, the kernels, the trackers, the preset and the batch arithmetic for the launcher's world
-    size, pruning's engine needs. Returns the task.
-    `paths=False` leaves out the files (inside a started run, where rank 0 may be preparing them)."""
+    """What the recipe's loading could not check, as it needs no process group either: every path
+    and vocabulary (`llm.run.checks.check_paths`: data, tokenizer, init_from, distill.teacher), the
+    label map the task's training data decides, the task's fit with the model, the trackers, the
+    preset and the batch arithmetic for the launcher's world size, pruning's engine needs. Returns
+    the task. `paths=False` leaves out the files (inside a started run, where rank 0 may be
+    preparing them)."""
     task = get_task(recipe.task)
     if paths:
         checks.check_paths(recipe, task)
     task = task.with_data(recipe.data)
     task.check(recipe.model)
-    for i, spec in enumerate(recipe_transforms(recipe)):
-        name = spec.get("name") if isinstance(spec, dict) else None
-        if name not in adapt.TRANSFORMS:
-            raise ConfigError(
-                f"transforms[{i}].name", f"unknown transform {name!r} (known: {', '.join(adapt.TRANSFORMS)})"
-            )
-    try:
-        kernels.check_names(recipe.kernels)
-    except ValueError as e:
-        raise ConfigError("kernels", str(e)) from None
     checks.check_trackers(recipe)
-    ds_json = deepspeed_config(recipe, checks.launcher_world_size(), task.min_micro_batch)  # preset, batch
+    ds_json = ds_config(recipe, checks.launcher_world_size(), task)  # preset, batch
     if recipe.prune.sparsity:
         stage = ds_json.get("zero_optimization", {}).get("stage", 0)
         if stage != 0 or recipe.train.precision != "fp32":
@@ -100,6 +73,11 @@ def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
     return task
 
 
+def ds_config(recipe: RecipeConfig, world_size: int, task: Task) -> dict:
+    """The run's DeepSpeed JSON for `world_size` ranks (see `llm.train.engine.deepspeed_config`)."""
+    return deepspeed_config(recipe.deepspeed, recipe.train, recipe.optim, world_size, task.min_micro_batch)
+
+
 def dry_run(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> str:
     """`--dry-run`: every check of `train`, then the resolved recipe (YAML) and the DeepSpeed JSON for the
     launcher's world size, as text; nothing is started or written."""
@@ -107,7 +85,7 @@ def dry_run(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False)
     step_dir = checks.check_resume(recipe, resume, task)
     check_run_dir(recipe, resume, overwrite)
     world = checks.launcher_world_size()
-    ds_json = deepspeed_config(recipe, world, task.min_micro_batch)
+    ds_json = ds_config(recipe, world, task)
     start = f"resume from {step_dir}" if step_dir else "a fresh start"
     return (
         f"# resolved recipe ({start})\n{yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)}"
@@ -140,7 +118,7 @@ def build_model(recipe: RecipeConfig, task: Task) -> Model:
             if spec["name"] == "quantize":
                 raise ConfigError("init_from", f"{recipe.init_from}: a quantized model cannot be trained further")
             if spec["name"] == "prune":
-                model = adapt.apply_transform(model, spec, "init_from")
+                model = transforms.apply_transform(model, spec, "init_from")
         own, state = model.state_dict(), init.state_dict()
         body = ("transformer.", "pooler.")
         loaded = {}
@@ -162,64 +140,11 @@ def build_model(recipe: RecipeConfig, task: Task) -> Model:
             f"init_from {recipe.init_from} ({init.task}): loaded {len(loaded)} tensors; "
             f"freshly initialised: {', '.join(fresh) if fresh else 'none'}"
         )
-    model = adapt.apply_transforms(model, recipe_transforms(recipe))
+    for path, settings in recipe.transform_settings():
+        model = transforms.apply_transform(model, settings, path)
     if recipe.train.activation_checkpointing:
         model.set_gradient_checkpointing(True)
     return model
-
-
-def load_finetune_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
-    """A fine-tuning recipe YAML (+ `--set` overrides); see `finetune_recipe`."""
-    from llm.config import apply_overrides, load_yaml
-
-    data = apply_overrides(load_yaml(path), overrides or [])
-    return finetune_recipe(data, base_dir=Path(path).parent)
-
-
-# model fields a fine-tuning recipe may change: regularisation, not the shape
-TUNABLE_MODEL_FIELDS = ("dropout", "attention_dropout")
-
-
-def finetune_recipe(data: dict, base_dir: Path | None = None) -> RecipeConfig:
-    """A recipe mapping whose model comes from `init_from`.
-
-    The model's fields are those of the model at `init_from`; a `model:` section may only
-    repeat them (or set dropout), anything else is a ConfigError naming the field. Without
-    `data.tokenizer`, the tokenizer.json beside `init_from` is used."""
-    from llm.config import find_preset, load_yaml, resolve_recipe
-
-    data = dict(data)
-    source = data.get("init_from")
-    if not source or not isinstance(source, str):
-        raise ConfigError(
-            "init_from",
-            "fine-tuning starts from a model: an llm model, run or checkpoint directory, or a Hugging Face directory",
-        )
-    try:
-        theirs = loader.load_model(source).description()["model"]
-    except UserError as e:
-        raise ConfigError("init_from", str(e)) from None
-    own = data.get("model") or {}
-    if not isinstance(own, dict):
-        raise ConfigError("model", f"expected a mapping, got {type(own).__name__} {own!r}")
-    own = dict(own)
-    base = own.pop("base", None)
-    if base is not None:
-        own = {**load_yaml(find_preset("models", str(base), "model.base", base_dir)), **own}
-    for key, value in own.items():
-        if key in theirs and value != theirs[key] and key not in TUNABLE_MODEL_FIELDS:
-            raise ConfigError(
-                f"model.{key}",
-                f"{value!r} contradicts init_from {source}, whose model has {key}: {theirs[key]!r} "
-                "(a fine-tuning recipe takes the model from init_from; leave model: out)",
-            )
-    data["model"] = {**theirs, **own}
-    section = data.get("data")
-    if isinstance(section, dict) and not section.get("tokenizer"):
-        found = loader.find_tokenizer(source)
-        if found is not None:
-            data["data"] = {**section, "tokenizer": str(found)}
-    return resolve_recipe(data, base_dir)
 
 
 @dataclass
@@ -276,7 +201,7 @@ def clear_run_dir(run_dir: Path) -> None:
 def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool = False) -> Parts:
     """Build the parts of a run in a started process group; see the module docstring."""
     task = check_recipe(recipe, paths=False)  # train() checked the files before the process group
-    recipe.task = task.to_dict()  # the label map the data decided is part of the run's record
+    recipe.task = OPTIONS.build(task.to_dict(), "task")  # the label map the data decided is part of the record
     check_run_dir(recipe, resume, overwrite)
     if overwrite:
         import torch.distributed as tdist
@@ -285,11 +210,11 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool 
             logger.info(f"--overwrite: deleting the earlier run's outputs in {recipe.run_dir}")
             clear_run_dir(Path(recipe.run_dir))
         tdist.barrier()
-    ds_json = deepspeed_config(recipe, dist.world_size, task.min_micro_batch)
+    ds_json = ds_config(recipe, dist.world_size, task)
     seed_everything(recipe.seed)
     prepare_if_missing(recipe, dist.rank)
     per_rank = dict(
-        seed=recipe.seed, micro_batch=recipe.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size
+        seed=recipe.seed, micro_batch_size=recipe.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size
     )
     train_batches = task.batches(recipe.model, recipe.data, "train", **per_rank)
     val_batches = task.batches(recipe.model, recipe.data, "val", **per_rank)
@@ -298,13 +223,12 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool 
     flops_per_token = training_flops_per_token(model, seq)
     callbacks = []
     if recipe.prune.sparsity:
-        p = recipe.prune
-        callbacks.append(GradualPruner(model, p.sparsity, p.start_step, p.end_step, p.every, p.scope))
+        callbacks.append(GradualPruner(model, recipe.prune))
     if recipe.distill.teacher:
         d = recipe.distill
         teacher = load_teacher(recipe).to(dist.device)
         model = Distiller(model, teacher, d.teacher, d.temperature, d.alpha, d.hidden_mse).to(dist.device)
-    engine = build_engine(model, recipe, ds_json)
+    engine = build_engine(model, ds_json, recipe.optim, recipe.schedule, recipe.train)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
     validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)

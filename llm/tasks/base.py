@@ -23,9 +23,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from llm.config import IGNORE_INDEX, ConfigError, DataConfig, ModelConfig, build_config
+from llm.config import ConfigError, build_config
+from llm.data.config import DataConfig
 from llm.errors import UserError
+from llm.kernels.reference import IGNORE_INDEX
 from llm.models.base import Model
+from llm.models.config import ModelConfig
 from llm.models.hf import Rule
 
 
@@ -77,7 +80,14 @@ class Task:
     # -- data ---------------------------------------------------------------------------
 
     def batches(
-        self, cfg: ModelConfig, data: DataConfig, split: str, seed: int, micro_batch: int, rank: int, world_size: int
+        self,
+        cfg: ModelConfig,
+        data: DataConfig,
+        split: str,
+        seed: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
     ):
         """This rank's micro-batches of `split` ("train" or "val"): an object with next_batch(),
         state_dict() and load_state_dict(); None when the recipe has no such split."""
@@ -87,7 +97,7 @@ class Task:
             sample_seed = seed + (0 if split == "train" else 1_000_003)
             corpus = SyntheticCorpus(cfg.vocab_size, sample_seed, seed, cfg.image_size, cfg.num_channels)
             make = lambda indices: self.synthetic_batch(corpus, indices, cfg, data.seq_len)
-            return SyntheticBatches(make, micro_batch, rank, world_size)
+            return SyntheticBatches(make, micro_batch_size, rank, world_size)
         path = data.train if split == "train" else data.val
         if path is None:
             return None
@@ -99,7 +109,7 @@ class Task:
             collate = parts[0][1]
         else:
             stream, collate = self._stream(cfg, data, f"data.{split}", path, seed, rank, world_size)
-        return Batches(StatefulLoader(stream, micro_batch, collate, data.num_workers), wrap=split == "train")
+        return Batches(StatefulLoader(stream, micro_batch_size, collate, data.num_workers), wrap=split == "train")
 
     def _stream(self, cfg, data, field: str, path: str, seed: int, rank: int, world_size: int):
         """(stream, collate) of one shard directory (it has manifest.json) or one file."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llm.config import ModelConfig
 from llm.models.base import Model
+from llm.models.config import ModelConfig
 from llm.models.hf import linear_rules
 from llm.models.layers import LMHead
 from llm.models.transformer import KVCache, ModelOutput, check_token_labels

@@ -6,8 +6,8 @@ tasks put a new head on; it has no loss, so it is not trained by itself.
 
 from __future__ import annotations
 
-from llm.config import ModelConfig
 from llm.models.base import Model, Pooler
+from llm.models.config import ModelConfig
 from llm.models.transformer import ModelOutput
 from llm.tasks.base import Task
 

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from llm.config import ConfigError, ModelConfig, build_config
+from llm.config import ConfigError, build_config
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.log import logger, short_list
 from llm.models import hf
 from llm.models.base import Model, tied_aliases
+from llm.models.config import ModelConfig
 from llm.tasks import TASKS, get_task, task_of
 from llm.tasks.base import Task
 

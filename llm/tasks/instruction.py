@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from llm.config import IGNORE_INDEX, ConfigError
+from llm.config import ConfigError
 from llm.errors import UserError
+from llm.kernels.reference import IGNORE_INDEX
 from llm.tasks.causal_lm import CausalLM, CausalLMTask
 
 DEFAULT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"

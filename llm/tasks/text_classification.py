@@ -24,8 +24,8 @@ from typing import Literal
 
 from torch import nn
 
-from llm.config import ModelConfig
 from llm.models.base import Model, Pooler, pool
+from llm.models.config import ModelConfig
 from llm.models.hf import linear_rules
 from llm.models.layers import dropout
 from llm.models.transformer import ModelOutput

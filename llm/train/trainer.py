@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from llm.config import RecipeConfig
 from llm.errors import UserError
 from llm.log import logger
 from llm.train import checkpoint as ckpt
+from llm.train.config import Recipe
 from llm.train.distributed import DistInfo, Heartbeat, RankFailure
 from llm.train.metrics import MetricsWriter, memory_bytes
 
@@ -84,7 +84,7 @@ class Trainer:
 
     def __init__(
         self,
-        recipe: RecipeConfig,
+        recipe: Recipe,
         dist: DistInfo,
         engine,
         model: torch.nn.Module,

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from llm import adapt, compress  # noqa: F401  (registers the quantize and prune transforms)
+from llm import transforms
 from llm.compress import prune, quantize, report
 from llm.compress.distill import Distiller
 from llm.run.compress import compress_report, prune_model, quantize_model
@@ -55,7 +55,7 @@ def test_removing_zero_heads_and_neurons_keeps_the_class_logits(pooling):
 
 @pytest.mark.parametrize("method", quantize.METHODS)
 def test_quantized_classifier_reloads_bit_identical(tmp_path, method):
-    model = adapt.apply_transform(classifier().eval(), {"name": "quantize", "method": method, "group_size": 32})
+    model = transforms.apply_transform(classifier().eval(), {"name": "quantize", "method": method, "group_size": 32})
     batch = padded_batch()
     before = model(**batch).logits
     save_pretrained(model, tmp_path)

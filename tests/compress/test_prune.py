@@ -169,7 +169,8 @@ def test_bad_requests_are_named():
 def test_gradual_pruning_during_training_reaches_its_sparsity(tmp_path):
     import copy
 
-    from llm.config import ConfigError, resolve_recipe
+    from llm.config import ConfigError
+    from llm.run.recipe import resolve_recipe
     from llm.run.train import check_recipe
     from tests.train.helpers import TINY, run, write_recipe
 
@@ -190,7 +191,7 @@ def test_finetuning_starts_from_the_pruned_shapes(tmp_path):
     pruned widths come from the model's record, and the weights are the pruned model's."""
     import copy
 
-    from llm.config import resolve_recipe
+    from llm.run.recipe import resolve_recipe
     from llm.run.train import build_model, check_recipe
     from tests.train.helpers import TINY
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llm.cli import main
-from llm.config import ModelConfig
+from llm.models.config import ModelConfig
 from llm.models.generation import filter_logits, generate
 from llm.run.generate import generate_text
 from llm.run.loader import save_pretrained

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llm.config import load_recipe
+from llm.run.recipe import load_recipe
 from tests.train.helpers import ROOT, assembled_trainer
 
 transformers = pytest.importorskip("transformers")
@@ -81,8 +81,8 @@ def test_run_checkpoints_generate_with_the_runs_own_tokenizer(trained):
 
 
 def test_a_model_without_hugging_face_equivalent_exports_as_an_llm_directory(tmp_path):
-    from llm.config import resolve_recipe
     from llm.run.loader import load_model, model_kind
+    from llm.run.recipe import resolve_recipe
     from llm.run.train import export
     from llm.tasks import build_model
     from tests.train.helpers import TINY

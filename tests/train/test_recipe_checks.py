@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from llm.cli import main
-from llm.config import ConfigError, resolve_recipe
+from llm.config import ConfigError
 from llm.run.checks import check_resume
+from llm.run.recipe import resolve_recipe
 from llm.run.train import check_recipe
 from tests.train.helpers import TINY, run, write_recipe
 

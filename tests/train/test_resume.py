@@ -75,7 +75,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
 
 GATHER = """
 import sys, torch, deepspeed
-from llm.config import load_recipe
+from llm.run.recipe import load_recipe
 from llm.run.train import assemble
 from llm.train.distributed import init_distributed
 recipe = load_recipe(sys.argv[1], sys.argv[2:])
