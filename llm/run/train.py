@@ -49,12 +49,12 @@ def seed_everything(seed: int) -> None:
 
 
 def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
-    """What the recipe's loading could not check, as it needs no process group either: every path
-    and vocabulary (`llm.run.checks.check_paths`: data, tokenizer, init_from, distill.teacher), the
-    label map the task's training data decides, the task's fit with the model, the trackers, the
-    preset and the batch arithmetic for the launcher's world size, pruning's engine needs. Returns
-    the task. `paths=False` leaves out the files (inside a started run, where rank 0 may be
-    preparing them)."""
+    """The checks that need no process group but more than the recipe's own fields (loading it
+    checked those): every path and vocabulary (`llm.run.checks.check_paths`: data, tokenizer,
+    init_from, distill.teacher), the label map the task's training data decides, the task's fit
+    with the model, the trackers, the preset and the batch arithmetic for the launcher's world
+    size, pruning's engine needs. Returns the task. `paths=False` leaves out the files (inside a
+    started run, where rank 0 may be preparing them)."""
     task = get_task(recipe.task)
     if paths:
         checks.check_paths(recipe, task)
