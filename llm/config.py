@@ -161,6 +161,7 @@ def _join(path: str, name: str) -> str:
 # ----------------------------------------------------------------------------
 
 Family = Literal["gpt", "llama", "bert", "vit"]
+PIXEL_FAMILIES = ("vit",)  # families whose trunk reads pixels (patch embeddings), not token ids
 
 
 @dataclasses.dataclass
@@ -228,7 +229,7 @@ class ModelConfig:
 
     @property
     def is_image(self) -> bool:
-        return self.family == "vit"
+        return self.family in PIXEL_FAMILIES
 
     @property
     def num_patches(self) -> int:
