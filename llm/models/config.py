@@ -24,6 +24,7 @@ from llm.config import (
 )
 
 Family = Literal["gpt", "llama", "bert", "vit"]
+PIXEL_FAMILIES = ("vit",)  # families whose trunk reads pixels (patch embeddings), not token ids
 
 
 @dataclasses.dataclass
@@ -91,7 +92,7 @@ class ModelConfig:
 
     @property
     def is_image(self) -> bool:
-        return self.family == "vit"
+        return self.family in PIXEL_FAMILIES
 
     @property
     def num_patches(self) -> int:

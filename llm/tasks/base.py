@@ -9,7 +9,8 @@ shared trunk plus the task's head and loss). The subclass holds, in one place:
 - `shard_stream(...)`: the reader and collator over prepared shards;
 - `synthetic_batch(...)`: a reproducible random batch (tests, benchmarks);
 - `eval_sums` / `eval_metrics`: validation metrics, summable across ranks;
-- `hf_architectures`, `hf_head_rules`, ...: its Hugging Face architectures.
+- `hf_head_rules`, `hf_options`, ...: its head in Hugging Face architectures (which
+  architectures answer to the task is each family's: `llm.models.hf`).
 
 A `Task` instance is a task with its options; `llm.tasks.get_task(spec)` makes one.
 """
@@ -29,7 +30,7 @@ from llm.errors import UserError
 from llm.kernels.reference import IGNORE_INDEX
 from llm.models.base import Model
 from llm.models.config import ModelConfig
-from llm.models.hf import Rule
+from llm.models.hf import Rule, family_adapter
 
 
 @dataclasses.dataclass
@@ -47,8 +48,6 @@ class Task:
     causal: ClassVar[bool | None] = None  # True/False: the trunk must (not) be causal; None: either
     language_model: ClassVar[bool] = False  # validation reports perplexity
     min_micro_batch: ClassVar[int] = 1
-    # Hugging Face architecture -> (family, options it implies); the first one of a family is exported
-    hf_architectures: ClassVar[dict[str, tuple[str, dict]]] = {}
     nested: ClassVar[bool] = True  # Hugging Face head models keep the trunk under a prefix ("bert.", ...)
 
     def __init__(self, options: Any = None, path: str = "task"):
@@ -177,11 +176,7 @@ class Task:
 
     def hf_architecture(self, cfg: ModelConfig) -> str | None:
         """The Hugging Face architecture this task's model of `cfg` exports as (None: none)."""
-        own = dataclasses.asdict(self.options)
-        for arch, (family, implied) in self.hf_architectures.items():
-            if family == cfg.family and all(own.get(k) == v for k, v in implied.items()):
-                return arch
-        return None
+        return family_adapter(cfg.family).architecture(cfg, self.name, dataclasses.asdict(self.options))
 
     def resolved(self, cfg: ModelConfig) -> dict:
         """`to_dict()` with the defaults that depend on the model of `cfg` filled in: two tasks whose

@@ -45,12 +45,3 @@ class EncoderTask(Task):
     name = "encoder"
     model_class = Encoder
     nested = False  # Hugging Face base models keep the trunk at the top level, not under a prefix
-    hf_architectures = {
-        "GPT2Model": ("gpt", {}),
-        "LlamaModel": ("llama", {}),
-        "MistralModel": ("llama", {}),
-        "Qwen2Model": ("llama", {}),
-        "Qwen3Model": ("llama", {}),
-        "BertModel": ("bert", {}),
-        "ViTModel": ("vit", {}),
-    }

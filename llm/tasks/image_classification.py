@@ -38,7 +38,6 @@ class ImageClassificationTask(ClassificationTask):
     model_class = ImageClassifier
     Options = LabelOptions
     families = ("vit",)
-    hf_architectures = {"ViTForImageClassification": ("vit", {})}
 
     def check(self, cfg, path="model"):
         super().check(cfg, path)

@@ -64,7 +64,6 @@ class MaskedImageModelingTask(Task):
     model_class = MaskedImageModel
     Options = MaskedImageOptions
     families = ("vit",)
-    hf_architectures = {"ViTForMaskedImageModeling": ("vit", {})}
 
     @property
     def mask_token(self) -> bool:

@@ -100,7 +100,6 @@ class MaskedLMTask(Task):
     families = ("gpt", "llama", "bert")
     causal = False
     language_model = True
-    hf_architectures = {"BertForPreTraining": ("bert", {"nsp": True}), "BertForMaskedLM": ("bert", {"nsp": False})}
 
     def check(self, cfg, path="model"):
         super().check(cfg, path)
