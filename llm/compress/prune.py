@@ -316,10 +316,19 @@ class PruneConfig:
 
 
 class GradualPruner:
-    """Trainer callback (on_step_end / on_fit_end): magnitude-prunes the model's block Linears to
-    `cubic_sparsity(step, ...)` every `prune.every` steps from `prune.start_step` to `prune.end_step`,
-    and keeps pruned weights at zero after every optimizer step. Works on the model's own parameters,
-    so it needs them whole and authoritative: ZeRO stage 0 with fp32 weights (checked by the assembly)."""
+    """Trainer callback (llm.train.trainer.Callback's members): magnitude-prunes the model's block
+    Linears to `cubic_sparsity(step, ...)` every `prune.every` steps from `prune.start_step` to
+    `prune.end_step`, and keeps pruned weights at zero after every optimizer step. Works on the
+    model's own parameters, so it needs them whole and authoritative: ZeRO stage 0 with fp32 weights
+    (checked by the assembly).
+
+    Its state is the masks ({Linear name: bool tensor of its weight's shape}), so that a resumed run
+    keeps the pruned weights at zero until the next pruning step (or to the end, after
+    `prune.end_step`); the schedule's position is the trainer's step. ZeRO-0 keeps the same weights,
+    hence the same masks, on every rank: the state is saved once."""
+
+    name = "gradual_pruner"
+    per_rank = False
 
     def __init__(self, model: nn.Module, prune: PruneConfig):
         self.model, self.prune = model, prune
@@ -340,3 +349,11 @@ class GradualPruner:
 
     def on_fit_end(self, trainer, preempted: bool) -> None:
         pass
+
+    def state_dict(self) -> dict:
+        return {"masks": self.masks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The saved masks, on the weights' devices (a resume keeps the model: `llm.train.recipe_change`)."""
+        layers = dict(prunable_linears(self.model))
+        self.masks = {name: mask.to(layers[name].weight.device) for name, mask in state["masks"].items()}

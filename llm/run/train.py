@@ -14,6 +14,7 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from llm.train import checkpoint as ckpt
 from llm.train.distributed import DistInfo, distributed
 from llm.train.engine import build_engine, deepspeed_config
 from llm.train.metrics import device_peak_flops
-from llm.train.trainer import Trainer, Validation
+from llm.train.trainer import Callback, Trainer, Validation
 
 
 def seed_everything(seed: int) -> None:
@@ -198,8 +199,11 @@ def clear_run_dir(run_dir: Path) -> None:
             path.unlink()
 
 
-def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool = False) -> Parts:
-    """Build the parts of a run in a started process group; see the module docstring."""
+def assemble(
+    recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool = False, callbacks: Sequence[Callback] = ()
+) -> Parts:
+    """Build the parts of a run in a started process group; see the module docstring. `callbacks`: the
+    caller's own, run after the recipe's (validation, gradual pruning) and resumed with them."""
     task = check_recipe(recipe, paths=False)  # train() checked the files before the process group
     recipe.task = OPTIONS.build(task.to_dict(), "task")  # the label map the data decided is part of the record
     check_run_dir(recipe, resume, overwrite)
@@ -221,9 +225,9 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool 
     model = build_model(recipe, task).to(dist.device)
     seq = recipe.model.seq_len if recipe.model.is_image else recipe.data.seq_len
     flops_per_token = training_flops_per_token(model, seq)
-    callbacks = []
+    pruning = []
     if recipe.prune.sparsity:
-        callbacks.append(GradualPruner(model, recipe.prune))
+        pruning.append(GradualPruner(model, recipe.prune))
     if recipe.distill.teacher:
         d = recipe.distill
         teacher = load_teacher(recipe).to(dist.device)
@@ -233,7 +237,8 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool 
     logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
     validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
     peak, _ = device_peak_flops(dist.device, recipe.train.precision)
-    trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation, *callbacks], flops_per_token, peak)
+    all_callbacks = [validation, *pruning, *callbacks]
+    trainer = Trainer(recipe, dist, engine, model, task, train_batches, all_callbacks, flops_per_token, peak)
     trainer.resume(resume)  # first: a recipe the checkpoint refuses must not be recorded as the run's
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)
