@@ -67,6 +67,7 @@ LAUNCHER_ARGS = ("--local_rank=", "--local-rank=")  # deepspeed's launcher and t
 
 @functools.cache
 def _module(module: str) -> ast.Module:
+    """The parsed source of llm/run/<module>.py (found without importing it)."""
     path = importlib.util.find_spec(f"llm.run.{module}").origin
     with open(path, encoding="utf-8") as f:
         return ast.parse(f.read(), path)
@@ -82,6 +83,7 @@ def function_node(target: str) -> ast.FunctionDef:
 
 
 def function(target: str):
+    """The function "module:function" of llm.run, imported."""
     module, name = target.split(":")
     return getattr(importlib.import_module(f"llm.run.{module}"), name)
 

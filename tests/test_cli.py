@@ -99,7 +99,8 @@ def test_flags_given_are_passed_converted_and_the_rest_left_to_the_function(monk
     argv = ["compress", "report", "m", "v1", "v2", "--data", "d", "--out", "o", "--max-batches", "3",
             "--names", "a", "b", "c"]  # fmt: skip
     assert cli.main(argv) == 0
-    assert calls == [((), dict(model="m", variants=["v1", "v2"], data="d", out="o", max_batches=3, names=["a", "b", "c"]))]
+    given = dict(model="m", variants=["v1", "v2"], data="d", out="o", max_batches=3, names=["a", "b", "c"])
+    assert calls == [((), given)]
 
     calls = record(monkeypatch, "generate:generate_text")
     assert cli.main(["generate", "--model", "m", "--prompt", "x", "--prompt", "y", "--temperature", "0"]) == 0
