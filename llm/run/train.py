@@ -34,7 +34,7 @@ from llm.models.info import training_flops_per_token
 from llm.run import checks, loader
 from llm.run.export import export_artifacts
 from llm.run.prepare import prepare_if_missing
-from llm.run.recipe import RecipeConfig
+from llm.run.recipe import RecipeConfig, load_finetune_recipe, load_recipe
 from llm.tasks import OPTIONS, Task, get_task
 from llm.train import checkpoint as ckpt
 from llm.train.distributed import DistInfo, distributed
@@ -79,7 +79,7 @@ def ds_config(recipe: RecipeConfig, world_size: int, task: Task) -> dict:
     return deepspeed_config(recipe.deepspeed, recipe.train, recipe.optim, world_size, task.min_micro_batch)
 
 
-def dry_run(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> str:
+def dry_run_report(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> str:
     """`--dry-run`: every check of `train`, then the resolved recipe (YAML) and the DeepSpeed JSON for the
     launcher's world size, as text; nothing is started or written."""
     task = check_recipe(recipe)
@@ -342,17 +342,101 @@ def require_teacher(recipe: RecipeConfig) -> None:
         raise UserError("distill.teacher: distillation needs a teacher model (any model, run or checkpoint path)")
 
 
-def distill(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:
-    """`train` with a teacher: the recipe must name `distill.teacher` (see llm.compress.distill)."""
-    require_teacher(recipe)
+def _start(recipe: RecipeConfig, dry_run: bool, resume: str, overwrite: bool) -> dict | None:
+    """`train` the recipe; with `dry_run` print its `dry_run_report` instead."""
+    if dry_run:
+        print(dry_run_report(recipe, resume=resume, overwrite=overwrite), end="")
+        return None
     return train(recipe, resume, overwrite)
 
 
-def finetune(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:
-    """`train` from pretrained weights: the recipe must name `init_from`."""
-    if not recipe.init_from:
-        raise UserError(
-            "init_from: fine-tuning starts from a model (an llm model, run or checkpoint directory, "
-            "or a Hugging Face directory)"
-        )
-    return train(recipe, resume, overwrite)
+def pretrain(
+    recipe: str,
+    *,
+    set: list[str] | None = None,
+    dry_run: bool = False,
+    resume: str = "auto",
+    overwrite: bool = False,
+) -> dict | None:
+    """Pretrain a model from a recipe on DeepSpeed.
+
+    Args:
+        recipe: a recipe YAML (configs/recipes/*.yaml)
+        set: override recipe fields, KEY=VALUE (several pairs per flag, and the flag repeated:
+            --set a.b=1 c.d=2)
+        dry_run: run every check, print the resolved recipe and the DeepSpeed JSON, and exit
+        resume: auto (the run's latest complete checkpoint, if any), none, or a checkpoint path
+        overwrite: start afresh in a run directory that holds an earlier run (deletes its checkpoints,
+            export, metrics)
+
+    Example:
+        llm pretrain configs/recipes/quickstart.yaml
+        llm pretrain configs/recipes/gpt.yaml --set deepspeed.zero_stage=3 --set train.max_steps=1000
+        torchrun --nproc_per_node 2 -m llm pretrain configs/recipes/gpt.yaml
+    """
+    return _start(load_recipe(recipe, set), dry_run, resume, overwrite)
+
+
+def finetune(
+    recipe: str,
+    *,
+    init_from: str | None = None,
+    set: list[str] | None = None,
+    dry_run: bool = False,
+    resume: str = "auto",
+    overwrite: bool = False,
+) -> dict | None:
+    """Fine-tune a pretrained model (a model directory or checkpoint) with a recipe.
+
+    Fine-tune the model at init_from (an llm model, run or checkpoint directory, or a Hugging Face
+    directory): its shape comes from there, the task's new head is freshly initialised, and adapt:
+    {method: full|lora|prefix|prompt|freeze} picks what trains. Same engine, checkpoints and resume as
+    llm pretrain. See docs/finetuning.md.
+
+    Args:
+        recipe: a recipe YAML (configs/finetune/*.yaml)
+        init_from: model, run or checkpoint directory (default: the recipe's init_from)
+        set: override recipe fields, KEY=VALUE (several pairs per flag, and the flag repeated:
+            --set a.b=1 c.d=2)
+        dry_run: run every check, print the resolved recipe and the DeepSpeed JSON, and exit
+        resume: auto (the run's latest complete checkpoint, if any), none, or a checkpoint path
+        overwrite: start afresh in a run directory that holds an earlier run (deletes its checkpoints,
+            export, metrics)
+
+    Example:
+        llm pretrain configs/recipes/quickstart.yaml                  # a small GPT in runs/quickstart/export
+        llm data examples stdlib-instructions --out data/instructions  # prompt/response pairs from the stdlib
+        llm finetune configs/finetune/instruct.yaml --set train.max_steps=50
+    """
+    overrides = list(set or []) + ([f"init_from={init_from}"] if init_from else [])
+    return _start(load_finetune_recipe(recipe, overrides), dry_run, resume, overwrite)
+
+
+def distill(
+    recipe: str,
+    *,
+    set: list[str] | None = None,
+    dry_run: bool = False,
+    resume: str = "auto",
+    overwrite: bool = False,
+) -> dict | None:
+    """Train a student from a teacher (KL on softened logits + hard labels); the recipe has a distill: section.
+
+    The recipe's distill.teacher names the teacher (any model, run or checkpoint path); see
+    llm.compress.distill for the objective.
+
+    Args:
+        recipe: a recipe YAML with a distill: section (configs/compress/*.yaml)
+        set: override recipe fields, KEY=VALUE (several pairs per flag, and the flag repeated:
+            --set a.b=1 c.d=2)
+        dry_run: run every check, print the resolved recipe and the DeepSpeed JSON, and exit
+        resume: auto (the run's latest complete checkpoint, if any), none, or a checkpoint path
+        overwrite: start afresh in a run directory that holds an earlier run (deletes its checkpoints,
+            export, metrics)
+
+    Example:
+        llm distill configs/compress/distill_quickstart.yaml
+    """
+    loaded = load_recipe(recipe, set)
+    require_teacher(loaded)
+    return _start(loaded, dry_run, resume, overwrite)

@@ -113,8 +113,8 @@ def test_report_compares_classifiers_by_accuracy_and_examples_per_second(tmp_pat
     quantize_model(orig, str(tmp_path / "int8"), method="int8")
     prune_model(orig, str(tmp_path / "wanda"), method="wanda", sparsity=0.5, data=str(sentiment / "val.jsonl"))
     result = compress_report(
-        orig, [str(tmp_path / "int8"), str(tmp_path / "wanda")], str(sentiment / "val.jsonl"), str(tmp_path / "r"),
-        rounds=1, batch_size=8, names=["orig", "int8", "wanda"],
+        orig, [str(tmp_path / "int8"), str(tmp_path / "wanda")], data=str(sentiment / "val.jsonl"),
+        out=str(tmp_path / "r"), rounds=1, batch_size=8, names=["orig", "int8", "wanda"],
     )  # fmt: skip
     rows = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["orig", "int8", "wanda"]

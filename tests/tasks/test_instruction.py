@@ -99,7 +99,7 @@ def test_generate_applies_the_saved_template(files, tmp_path):
     save_pretrained(model, tmp_path / "m", tok_path)
     reloaded = load_model(tmp_path / "m")
     assert reloaded.task == "instruction" and reloaded.options.template == TEMPLATE
-    text = generate_text(str(tmp_path / "m"), ["def sq(x):"], max_new_tokens=4, temperature=0.0)[0]
+    text = generate_text(model=str(tmp_path / "m"), prompt=["def sq(x):"], max_new_tokens=4, temperature=0.0)[0]
     tok = Tokenizer(tok_path)
     ids = tok.encode(TEMPLATE.replace("{prompt}", "def sq(x):"))
     want = generate(reloaded, torch.tensor([ids]), max_new_tokens=4, temperature=0.0)[0].tolist()

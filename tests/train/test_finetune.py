@@ -156,7 +156,7 @@ def test_eval_metrics_match_scikit_learn_on_predictions_from_transformers(world,
             ids = torch.tensor([tok.encode(row["text"]).ids])
             predicted.append(int(ref(input_ids=ids).logits.argmax(-1)))
             truth.append(["neg", "pos"].index(row["label"]))
-    result = evaluate_model(tmp_path / "cls", world["val"], seq_len=16, batch_size=5, out=tmp_path / "ev")
+    result = evaluate_model(model=tmp_path / "cls", data=world["val"], seq_len=16, batch_size=5, out=tmp_path / "ev")
     assert result["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(truth, predicted), abs=1e-12)
     assert result["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(truth, predicted, average="macro"), abs=1e-12)
     assert result["confusion"] == sklearn_metrics.confusion_matrix(truth, predicted, labels=[0, 1]).tolist()
