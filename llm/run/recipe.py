@@ -77,6 +77,16 @@ class RecipeConfig:
             except ValueError as e:
                 raise ConfigError(f"kernels.{op}", str(e)) from None
 
+    def as_recorded(self, saved: dict) -> dict:
+        """A recipe mapping saved by an earlier run (a checkpoint's recipe.yaml) in the form this
+        recipe is recorded in: every setting checked and every default filled in, so that a resume
+        compares settings, not spellings (a recipe saved before defaults were recorded resumes).
+        The saved mapping as it is where it no longer builds (the comparison then names the field)."""
+        try:
+            return dataclasses.asdict(resolve_recipe(saved))
+        except ConfigError:
+            return saved
+
     def transform_settings(self) -> list[tuple[str, Any]]:
         """(path as the user wrote it, settings) of each transform the run applies, in order: its
         `transforms:`, then its `adapt:` method as the transform of that name (full: none)."""

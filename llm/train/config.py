@@ -68,3 +68,6 @@ class Recipe(Protocol):
     checkpoint: CheckpointConfig
     logging: LoggingConfig
     faults: FaultConfig
+
+    def as_recorded(self, saved: dict) -> dict:
+        """An earlier run's recipe mapping with this recipe's defaults filled in (for the resume check)."""

@@ -274,3 +274,19 @@ def test_plugin_settings_are_typed_and_the_recorded_recipe_loads_again():
     assert resolve_recipe(recorded) == recipe
     # the model records each transform as the recipe gave it; adapt's method comes last, by name
     assert recipe_transforms(recipe) == [{"name": "quantize", "method": "int4"}, {"name": "lora", "rank": 4}]
+
+
+def test_a_recipe_recorded_without_its_defaults_resumes_unchanged():
+    """A checkpoint's recipe.yaml written before every default was recorded (adapt: {method: lora,
+    rank: 4} only) compares equal to the same recipe loaded now: the resume check sees settings,
+    not spellings; a setting that really changed is still named."""
+    from llm.train import recipe_change
+
+    data = {**TINY, "adapt": {"method": "lora", "rank": 4}}
+    recipe = resolve_recipe(data)
+    current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe)))
+    old_form = yaml.safe_load(yaml.safe_dump(data))
+    assert recipe_change.changes(old_form, current)  # the raw forms differ (alpha, dropout, targets...)
+    assert recipe_change.changes(recipe.as_recorded(old_form), current) == {}
+    changed = {**data, "adapt": {"method": "lora", "rank": 8}}
+    assert set(recipe_change.changes(recipe.as_recorded(changed), current)) == {"adapt.rank"}
