@@ -33,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm import adapt  # noqa: E402
+from llm import transforms  # noqa: E402
 from llm.compress import prune, report  # noqa: E402
 from llm.compress.distill import distillation_loss  # noqa: E402
 from llm.fileio import write_atomic  # noqa: E402
@@ -162,7 +162,7 @@ def reload_checks(args, val: Path, variants: dict[str, Path]) -> dict[str, bool]
     checks = {}
     for name, method in QUANTIZED.items():
         m = load_model(args.model).float().eval()
-        adapt.apply_transform(m, {"name": "quantize", "method": method, "group_size": 32}, "quantize")
+        transforms.apply_transform(m, {"name": "quantize", "method": method, "group_size": 32}, "quantize")
         checks[f"{name} reloads bit-identical"] = torch.equal(
             m(**inputs).logits, load_model(variants[name]).eval()(**inputs).logits
         )

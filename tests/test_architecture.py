@@ -9,14 +9,16 @@ PACKAGE = ROOT / "llm"
 
 # layer -> the llm packages it must never import
 FORBIDDEN = {
-    "llm.kernels": ["llm.models", "llm.data", "llm.tasks", "llm.adapt", "llm.compress", "llm.train"],
-    "llm.models": ["llm.data", "llm.tasks", "llm.adapt", "llm.compress", "llm.train"],
-    "llm.data": ["llm.models", "llm.tasks", "llm.adapt", "llm.compress", "llm.train"],
-    "llm.tasks": ["llm.train", "llm.adapt", "llm.compress"],
-    "llm.adapt": ["llm.train", "llm.tasks", "llm.data", "llm.compress"],
-    # compress uses models, data, kernels, tasks and adapt (it registers its transforms there), never the loop
-    "llm.compress": ["llm.train"],
-    "llm.train": ["llm.tasks", "llm.adapt", "llm.compress", "llm.data"],
+    "llm.kernels": ["llm.models", "llm.data", "llm.tasks", "llm.adapt", "llm.compress", "llm.transforms", "llm.train"],
+    "llm.models": ["llm.data", "llm.tasks", "llm.adapt", "llm.compress", "llm.transforms", "llm.train"],
+    "llm.data": ["llm.models", "llm.tasks", "llm.adapt", "llm.compress", "llm.transforms", "llm.train"],
+    "llm.tasks": ["llm.train", "llm.adapt", "llm.compress", "llm.transforms"],
+    "llm.adapt": ["llm.train", "llm.tasks", "llm.data", "llm.compress", "llm.transforms"],
+    # compress uses models, data, kernels, tasks and adapt (a transform's interface), never the loop
+    "llm.compress": ["llm.train", "llm.transforms"],
+    # the list of every transform: adapt's and compress's
+    "llm.transforms": ["llm.train"],
+    "llm.train": ["llm.tasks", "llm.adapt", "llm.compress", "llm.transforms", "llm.data"],
 }
 COMMAND_LAYER = ("llm.cli", "llm.__main__", "llm.bench")  # may import anything
 BASE = ("llm.config", "llm.errors", "llm.log", "llm.fileio", "llm")  # import no other llm module
@@ -94,17 +96,95 @@ def test_no_import_cycle():
     assert not cycles, "\n".join(cycles)
 
 
-def test_compress_transforms_reach_the_loader_through_the_adapt_registry():
-    """adapt knows no compress; compress adds its transforms to adapt's registry, and the loader
-    imports compress, so a saved quantized or pruned model is rebuilt wherever models are loaded."""
+def test_the_command_line_imports_only_the_assembly_and_base_modules():
+    """cli.py calls llm.run's functions (it imports each by name when its command runs), and reads no
+    other layer: no data, model or training code of its own."""
+    allowed = {"llm", "llm.config", "llm.errors", "llm.log"}
+    wrong = {m for m in graph()["llm.cli"] if m not in allowed and not within(m, "llm.run")}
+    assert not wrong, wrong
+
+
+def test_transforms_are_listed_explicitly_and_the_loader_knows_none():
+    """adapt knows no compress and importing compress registers nothing; llm.transforms lists every
+    transform (it imports both), and the loader reaches them only through it."""
     edges = graph()
     assert not any(within(t, "llm.compress") for m, ts in edges.items() if within(m, "llm.adapt") for t in ts)
-    assert "llm.adapt" in edges["llm.compress"]
-    assert any(within(t, "llm.compress") for t in edges["llm.run.loader"])
+    assert edges["llm.compress"] == set()
+    assert {"llm.adapt", "llm.compress.prune", "llm.compress.quantize"} <= edges["llm.transforms"]
+    assert "llm.transforms" in edges["llm.run.loader"]
+    assert not any(within(t, "llm.compress") for t in edges["llm.run.loader"])
 
 
 def test_the_reader_sees_imports_inside_functions(tmp_path):
     """The guard itself: an import hidden in a function body counts."""
     edges = graph()
-    assert "llm.run.loader" in edges["llm.cli"] or "llm.run.convert" in edges["llm.cli"]
+    assert "llm.bench.kernels" in edges["llm.run.bench"]  # imported inside kernels()
     assert "llm.tasks.hf" in edges["llm.run.loader"]  # imported inside load_model
+
+
+def family_names() -> dict[str, tuple[str, set[str]]]:
+    """family -> (the module of its Hugging Face adapter, the names that stand for the family:
+    its ModelConfig.family, its Hugging Face model types and architectures)."""
+    from llm.models.hf import ADAPTERS
+
+    return {f: (type(a).__module__, {f, *a.model_types, *a.architectures}) for f, a in ADAPTERS.items()}
+
+
+def branches_on(tree: ast.AST, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of each place in `tree` that tests a value against one of `names`: a comparison
+    (`==`, `!=`, `in`, `not in`, also against a literal tuple, list or set holding the name), a
+    `match` case, or a subscript by the name (`TABLE["gpt"]`)."""
+
+    def literals(node: ast.AST) -> list[ast.Constant]:
+        items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return [n for n in items if isinstance(n, ast.Constant) and n.value in names]
+
+    found = []
+    for node in ast.walk(tree):
+        hits = []
+        if isinstance(node, ast.Compare):
+            hits = [c for operand in (node.left, *node.comparators) for c in literals(operand)]
+        elif isinstance(node, ast.match_case):
+            hits = [p.value for p in ast.walk(node.pattern) if isinstance(p, ast.MatchValue)]
+            hits = [c for h in hits for c in literals(h)]
+        elif isinstance(node, ast.Subscript) and not (isinstance(node.value, ast.Name) and node.value.id == "Literal"):
+            hits = literals(node.slice)  # a type `Literal["gpt", ...]` declares, a lookup `TABLE["gpt"]` branches
+        found += [(c.lineno, c.value) for c in hits]
+    return found
+
+
+def test_no_module_outside_a_familys_adapter_branches_on_its_name():
+    """Adding a family is its adapter (llm/models/hf/<family>.py) and its tests: no other module may
+    branch on the family's name (its ModelConfig.family, Hugging Face model types or architectures;
+    see `branches_on`). A declaration is not a branch: a tuple, set or dict that names families,
+    bound once at module or class level (`families = ("gpt", "llama")` in a task, PIXEL_FAMILIES
+    beside ModelConfig, an adapter's `architectures`), states a property of those families, and
+    code asks for the property (`cfg.family in self.families`, `cfg.is_image`) instead of a name."""
+    families = family_names()
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module, tree = module_name(path), ast.parse(path.read_text(), str(path))
+        for family, (adapter, names) in families.items():
+            if module != adapter:
+                rel = path.relative_to(ROOT)
+                wrong += [f"{rel}:{line}: branches on {name!r} ({family})" for line, name in branches_on(tree, names)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_family_guard_sees_each_kind_of_branch():
+    """The guard itself: comparisons, membership in a literal, match cases and lookups by name count;
+    declarations and tests of a declared property do not."""
+    source = """
+Family = Literal["gpt", "llama"]
+FAMILIES = ("gpt", "llama")
+TABLE = {"bert": 1}
+if cfg.family == "gpt": pass
+if "llama" != cfg.family: pass
+if cfg.family in ("bert", "other"): pass
+x = TABLE["vit"]
+match cfg.family:
+    case "gpt2" | "other": pass
+if cfg.family in FAMILIES or cfg.is_image: pass
+"""
+    found = branches_on(ast.parse(source), {"gpt", "llama", "bert", "vit", "gpt2"})
+    assert [n for _, n in sorted(found)] == ["gpt", "llama", "bert", "vit", "gpt2"]  # one per branch, none else

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from llm.cli import main
-from llm.config import ConfigError, ModelConfig, apply_overrides, build_config, load_model_config
+from llm.config import ConfigError, apply_overrides, build_config
+from llm.models.config import ModelConfig, load_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted((ROOT / "llm" / "presets" / "models").glob("*.yaml"))

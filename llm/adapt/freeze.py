@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from llm.config import ConfigError, build_config
+from llm.adapt.base import Transform
+from llm.config import ConfigError
 from llm.models.base import Model
 
 EMBEDDINGS = ("tok_embed", "pos_embed", "type_embed", "patch_embed", "cls_token", "mask_token", "embed_norm")
@@ -81,9 +82,10 @@ def freeze_base(model: Model) -> None:
             p.requires_grad_(False)
 
 
-def apply(model: Model, settings: dict, path: str = "freeze") -> Model:
-    """Freeze the parameters that `settings["layers"]` names; see the module docstring."""
-    s = build_config(FreezeSettings, settings, path)
+def apply(model: Model, s: FreezeSettings, path: str = "freeze") -> Model:
+    """Freeze the parameters that `s.layers` names; see the module docstring.
+
+    Raises ConfigError naming `path.layers[i]` for a name that matches no parameter."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for i, item in enumerate(s.layers):
         where = f"{path}.layers[{i}]"
@@ -94,3 +96,6 @@ def apply(model: Model, settings: dict, path: str = "freeze") -> Model:
         for name in hits:
             params[name].requires_grad_(False)
     return model
+
+
+TRANSFORM = Transform("freeze", FreezeSettings, apply)

@@ -5,7 +5,7 @@ B (out x rank); it computes  y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T
 A starts as Kaiming-uniform and B as zeros, so training starts from the
 unchanged model. `merge` folds (alpha / rank) * B @ A into W for export.
 
-Settings (recipe `transforms: [{name: lora, ...}]`):
+Settings (`LoRASettings`; recipe `adapt: {method: lora, ...}` or `transforms: [{name: lora, ...}]`):
 - `rank` (8), `alpha` (16), `dropout` (0.0);
 - `targets` (["q", "v"]): module names. `q`, `k`, `v` are the rows of the fused
   `attn.qkv` projection (q: n_heads * head_dim rows; k and v: kv_heads * head_dim
@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm import kernels
+from llm.adapt.base import Transform
 from llm.adapt.freeze import freeze_base, trainable_params
-from llm.config import ConfigError, build_config
+from llm.config import ConfigError
 from llm.models.base import Model, tied_aliases
 from llm.models.layers import LMHead, dropout
 
@@ -188,12 +189,11 @@ def _resolve(model: Model, target: str, where: str) -> dict[str, list[str]]:
     return hits
 
 
-def apply(model: Model, settings: dict, path: str = "lora") -> Model:
+def apply(model: Model, s: LoRASettings, path: str = "lora") -> Model:
     """Add adapters to the layers `targets` names and freeze the rest; see the module docstring.
 
-    Raises ConfigError naming `path` for a bad setting, a target matching no layer, two targets
-    overlapping in one layer, or an output projection tied to the token embedding."""
-    s = build_config(LoRASettings, settings, path)
+    Raises ConfigError naming `path` for a target matching no layer, two targets overlapping in
+    one layer, or an output projection tied to the token embedding."""
     chosen: dict[str, list[str]] = {}
     for i, target in enumerate(s.targets):
         for name, pieces in _resolve(model, target, f"{path}.targets[{i}]").items():
@@ -221,6 +221,9 @@ def apply(model: Model, settings: dict, path: str = "lora") -> Model:
     for p in extra:
         p.requires_grad_(True)
     return model
+
+
+TRANSFORM = Transform("lora", LoRASettings, apply)
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, LoRAMixin]]:

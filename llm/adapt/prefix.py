@@ -8,7 +8,7 @@ They take no rotary angle and no position: the input's tokens keep positions
 masks cover the input only, and with a KV cache the prefix is written once, in
 front of the generated keys.
 
-Settings (recipe `transforms: [{name: prefix, ...}]`):
+Settings (`PrefixSettings`; recipe `adapt: {method: prefix, ...}` or `transforms: [{name: prefix, ...}]`):
 - `num_virtual_tokens` (required): prefix length n, below the model's max_seq_len;
 - `reparameterize` (false): learn the prefix through a two-layer tanh MLP of a
   small embedding (the paper's stabilised parameterisation); `export` folds the
@@ -33,8 +33,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from llm.adapt.base import Transform
 from llm.adapt.freeze import freeze_base, trainable_params
-from llm.config import ConfigError, build_config
+from llm.config import ConfigError
 from llm.models.base import Model
 from llm.models.transformer import KVCache
 
@@ -103,13 +104,12 @@ def _activations(model: Model, n: int) -> torch.Tensor:
     return kv.permute(3, 0, 1, 2, 4).reshape(n, -1)
 
 
-def apply(model: Model, settings: dict, path: str = "prefix") -> Model:
+def apply(model: Model, s: PrefixSettings, path: str = "prefix") -> Model:
     """Freeze the model and give its trunk a trainable prefix; see the module docstring.
 
-    Raises ConfigError naming `path` for a bad setting, a prefix that does not fit the model's
-    context (num_virtual_tokens >= max_seq_len), vocab init on an image model, or a trunk that
-    already carries virtual tokens."""
-    s = build_config(PrefixSettings, settings, path)
+    Raises ConfigError naming `path` for a prefix that does not fit the model's context
+    (num_virtual_tokens >= max_seq_len), vocab init on an image model, or a trunk that already
+    carries virtual tokens."""
     cfg, trunk = model.config, model.transformer
     if trunk.prompt is not None or trunk.prefix is not None:
         raise ConfigError(path, "the model already carries a prefix or soft prompt")
@@ -137,6 +137,9 @@ def apply(model: Model, settings: dict, path: str = "prefix") -> Model:
         nn.init.normal_(prefix.embedding.weight, std=cfg.init_std)
     trunk.prefix = prefix
     return model
+
+
+TRANSFORM = Transform("prefix", PrefixSettings, apply)
 
 
 @torch.no_grad()

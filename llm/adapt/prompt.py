@@ -8,7 +8,7 @@ tokens' hidden states only, so labels, attention masks and classification
 pooling ([CLS], mean or last token) see the input as without a prompt, and
 generation with a KV cache keeps the prompt in the cache.
 
-Settings (recipe `transforms: [{name: prompt, ...}]`):
+Settings (`PromptSettings`; recipe `adapt: {method: prompt, ...}` or `transforms: [{name: prompt, ...}]`):
 - `num_virtual_tokens` (required): n; n + the input length must fit max_seq_len;
 - `init_ids`: token ids whose embeddings start the prompt (repeated to length n);
 - `init_text` + `tokenizer` (a tokenizer.json): the same from a text, tokenized
@@ -30,8 +30,9 @@ import dataclasses
 import torch
 from torch import nn
 
+from llm.adapt.base import Transform
 from llm.adapt.freeze import freeze_base, trainable_params
-from llm.config import ConfigError, build_config
+from llm.config import ConfigError
 from llm.models.base import Model
 
 
@@ -77,14 +78,13 @@ def _encode(text: str, tokenizer: str, where: str) -> list[int]:
     return list(ids)
 
 
-def apply(model: Model, settings: dict, path: str = "prompt") -> Model:
+def apply(model: Model, s: PromptSettings, path: str = "prompt") -> Model:
     """Freeze the model and give its trunk a trainable soft prompt; see the module docstring.
 
-    When `init_text` is tokenized, `settings` gains `init_ids` (and loses `tokenizer`), so that
-    the recorded transform rebuilds without the file. Raises ConfigError naming `path` for a bad
-    setting, an image model, a prompt that does not fit max_seq_len, ids outside the vocabulary,
-    or a trunk that already carries virtual tokens."""
-    s = build_config(PromptSettings, settings, path)
+    When `init_text` is tokenized, `s` gains `init_ids` (and loses `tokenizer`), so that the
+    recorded transform rebuilds without the file. Raises ConfigError naming `path` for an image
+    model, a prompt that does not fit max_seq_len, ids outside the vocabulary, or a trunk that
+    already carries virtual tokens."""
     cfg, trunk = model.config, model.transformer
     if cfg.is_image:
         raise ConfigError(path, "prompt tuning needs a text model (gpt, llama, bert)")
@@ -98,9 +98,8 @@ def apply(model: Model, settings: dict, path: str = "prompt") -> Model:
         )
     ids = s.init_ids
     if ids is None and s.init_text is not None:
-        ids = _encode(s.init_text, s.tokenizer, f"{path}.init_text")
-        settings["init_ids"] = ids
-        settings.pop("tokenizer", None)
+        ids = s.init_ids = _encode(s.init_text, s.tokenizer, f"{path}.init_text")
+        s.tokenizer = None
     n = s.num_virtual_tokens
     if ids is None:
         ids = torch.randint(0, cfg.vocab_size, (n,)).tolist()
@@ -118,3 +117,6 @@ def apply(model: Model, settings: dict, path: str = "prompt") -> Model:
         prompt.embedding.weight.copy_(table[index])
     trunk.prompt = prompt
     return model
+
+
+TRANSFORM = Transform("prompt", PromptSettings, apply)

@@ -98,12 +98,7 @@ def _integrity_cost(train: Path, batches: int, rounds: int) -> dict[str, dict[bo
 
 
 def run(
-    stdlib_bytes: int = 20_000_000,
-    batches: int = 200,
-    png: bool = False,
-    out_dir=None,
-    rounds: int = 5,
-    tokenize_rounds: int = 3,
+    *, stdlib_bytes: int, batches: int, png: bool, out_dir: str | None, tokenize_rounds: int, rounds: int = 5
 ) -> Path:
     from llm.data import PackedTokens, StatefulLoader, collate_causal_lm, prepare, train_tokenizer
     from llm.data.shards import load_manifest, shard_tokens

@@ -371,7 +371,8 @@ NOTES = {
 }
 
 
-def main(ops: list[str] | None = None, quick: bool = False, repeat: int = 10, out_dir: str | None = None) -> Path:
+def main(*, ops: list[str] | None, quick: bool, repeat: int, out_dir: str | None) -> Path:
+    """Run, print and write the suite (`llm bench kernels`, llm.run.bench.kernels)."""
     rows, ceilings, not_run = run(ops, quick, repeat)
     print(
         f"ceilings: copy {ceilings['copy_gbps']:.1f} GB/s, {ceilings['matmul_dtype']} matmul "

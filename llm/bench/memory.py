@@ -181,12 +181,7 @@ NOTES = {
 
 
 def run(
-    model: str,
-    stages: list[int],
-    ranks_list: list[int],
-    precision: str = "bf16",
-    seq_len: int = 64,
-    out_dir: str | None = None,
+    *, model: str, stages: list[int], ranks_list: list[int], precision: str, seq_len: int, out_dir: str | None
 ) -> Path:
     """Measure every (rank count, ZeRO stage) for the model preset `model`; print and write the table."""
     mib = 2**20

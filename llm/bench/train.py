@@ -34,7 +34,7 @@ def bench_recipe(model: str, stage: int, cfg: dict, run_dir: str) -> dict:
 @contextlib.contextmanager
 def bench_trainer(cfg: dict):
     """A Trainer assembled on this rank for the bench recipe of `cfg` (in a temporary run directory)."""
-    from llm.config import resolve_recipe
+    from llm.run.recipe import resolve_recipe
     from llm.run.train import assemble
     from llm.train.distributed import distributed
 
@@ -95,16 +95,17 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run(
+    *,
     models: list[str],
     stages: list[int],
-    ranks: int = 2,
-    precision: str = "fp32",
-    seq_len: int = 256,
-    micro_batch: int = 2,
-    warmup: int = 2,
-    steps: int = 5,
-    out_dir: str | None = None,
-    modes: tuple[str, ...] = ("eager", "compiled"),
+    ranks: int,
+    precision: str,
+    seq_len: int,
+    micro_batch: int,
+    warmup: int,
+    steps: int,
+    modes: list[str],
+    out_dir: str | None,
 ) -> Path:
     """Measure every (model preset, ZeRO stage) on `ranks` local processes, eagerly and/or compiled
     (`train.compile`; the warm-up steps include the compilation); print and write the table."""

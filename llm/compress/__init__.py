@@ -5,14 +5,6 @@ One file per idea: `quantize.py` (torchao int8 / int4 / dynamic int8, saved as p
 (the teacher -> student objective), `report.py` (size, speed and quality measurements, table/PNG).
 
 Quantization and structured pruning change a model's modules, so they are model transforms
-(`apply(model, settings, path) -> model`, as in `llm.adapt`): importing this package adds
-"quantize" and "prune" to `llm.adapt.TRANSFORMS`, so a saved model's record rebuilds them on load.
+(`llm.adapt.base.Transform`: each file ends in its `TRANSFORM`); `llm.transforms` lists them
+with the fine-tuning ones, so a saved model's record rebuilds them on load.
 """
-
-from __future__ import annotations
-
-from llm import adapt
-from llm.compress import prune, quantize
-
-adapt.TRANSFORMS.setdefault("quantize", quantize.apply)
-adapt.TRANSFORMS.setdefault("prune", prune.apply)

@@ -20,12 +20,31 @@ partitions only the student, and the teacher costs its full size in memory on ea
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.config import IGNORE_INDEX
+from llm.config import check, join, positive
+from llm.kernels.reference import IGNORE_INDEX
 from llm.models.transformer import ModelOutput
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """A recipe's `distill:` section (`llm distill`): a teacher's softened logits (and optionally hidden
+    states) guide the recipe's model through `Distiller`."""
+
+    teacher: str | None = None  # any path the loader reads; must share the student's tokenizer
+    temperature: float = 2.0  # softens both distributions; the KL term is scaled by T^2 (Hinton et al. 2015)
+    alpha: float = 0.5  # weight of the KL term; (1 - alpha) weighs the hard-label loss
+    hidden_mse: float = 0.0  # weight of MSE(projection(student hidden), teacher hidden); 0 = off
+
+    def validate(self, path: str = "distill") -> None:
+        positive(self, path, "temperature")
+        check(0 <= self.alpha <= 1, join(path, "alpha"), f"must be in [0, 1], got {self.alpha}")
+        check(self.hidden_mse >= 0, join(path, "hidden_mse"), f"must be >= 0, got {self.hidden_mse}")
 
 
 def distillation_loss(

@@ -25,11 +25,13 @@ trainer callback (magnitude masks recomputed every `every` steps, re-applied aft
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import torch
 from torch import nn
 
-from llm.config import ConfigError, build_config
+from llm.adapt.base import Transform
+from llm.config import ConfigError, check, join, positive
 from llm.errors import UserError
 from llm.log import logger
 from llm.models.base import Model
@@ -188,6 +190,8 @@ def shrink(model: Model, keep_groups: list[torch.Tensor], keep_neurons: list[tor
 
 @dataclasses.dataclass
 class StructuredSettings:
+    """The `prune` transform's settings: the widths each block keeps (`prune_structured` records them)."""
+
     heads: list[int] = dataclasses.field(default_factory=list)  # kv groups kept, per block
     neurons: list[int] = dataclasses.field(default_factory=list)  # MLP width kept, per block
 
@@ -197,10 +201,11 @@ class StructuredSettings:
                 raise ConfigError(f"{path}.{field}", "every block keeps at least one unit")
 
 
-def apply(model: Model, settings: dict, path: str = "prune") -> Model:
+def apply(model: Model, s: StructuredSettings, path: str = "prune") -> Model:
     """The `prune` transform: shrink every block to the recorded widths, keeping the first units
-    (used when a pruned model is rebuilt; the kept weights are loaded afterwards)."""
-    s = build_config(StructuredSettings, settings, path)
+    (used when a pruned model is rebuilt; the kept weights are loaded afterwards).
+
+    Raises ConfigError naming `path.heads` or `path.neurons` when they do not fit the model."""
     blocks = _blocks(model)
     for field, have in (
         ("heads", [b.attn.kv_heads for b in blocks]),
@@ -212,6 +217,9 @@ def apply(model: Model, settings: dict, path: str = "prune") -> Model:
         if any(w > h for w, h in zip(want, have)):
             raise ConfigError(f"{path}.{field}", f"{want} exceeds the model's {have}")
     return shrink(model, [torch.arange(n) for n in s.heads], [torch.arange(n) for n in s.neurons])
+
+
+TRANSFORM = Transform("prune", StructuredSettings, apply)
 
 
 @torch.no_grad()
@@ -289,29 +297,49 @@ def cubic_sparsity(step: int, final: float, start: int, end: int, initial: float
     return final + (initial - final) * (1 - (step - start) / (end - start)) ** 3
 
 
-class GradualPruner:
-    """Trainer callback (on_step_end / on_fit_end): magnitude-prunes the model's block Linears to
-    `cubic_sparsity(step, ...)` every `every` steps from `start` to `end`, and keeps pruned weights
-    at zero after every optimizer step. Works on the model's own parameters, so it needs them whole
-    and authoritative: ZeRO stage 0 with fp32 weights (checked by the assembly)."""
+@dataclasses.dataclass
+class PruneConfig:
+    """A recipe's `prune:` section: gradual magnitude pruning during training (`GradualPruner`, Zhu &
+    Gupta 2017's cubic schedule); sparsity 0 = off."""
 
-    def __init__(self, model: nn.Module, sparsity: float, start: int, end: int, every: int, scope: str = "layer"):
-        self.model, self.sparsity, self.start, self.end, self.every, self.scope = (
-            model,
-            sparsity,
-            start,
-            end,
-            every,
-            scope,
-        )
+    sparsity: float = 0.0  # final fraction of zero weights in the blocks' Linear layers
+    start_step: int = 0
+    end_step: int = 0  # the schedule reaches `sparsity` here
+    every: int = 10  # steps between mask updates
+    scope: Literal["layer", "global"] = "layer"
+
+    def validate(self, path: str = "prune") -> None:
+        check(0 <= self.sparsity < 1, join(path, "sparsity"), f"must be in [0, 1), got {self.sparsity}")
+        if self.sparsity:
+            check(self.end_step > self.start_step, join(path, "end_step"), "must be after start_step")
+            positive(self, path, "every")
+
+
+class GradualPruner:
+    """Trainer callback (llm.train.trainer.Callback's members): magnitude-prunes the model's block
+    Linears to `cubic_sparsity(step, ...)` every `prune.every` steps from `prune.start_step` to
+    `prune.end_step`, and keeps pruned weights at zero after every optimizer step. Works on the
+    model's own parameters, so it needs them whole and authoritative: ZeRO stage 0 with fp32 weights
+    (checked by the assembly).
+
+    Its state is the masks ({Linear name: bool tensor of its weight's shape}), so that a resumed run
+    keeps the pruned weights at zero until the next pruning step (or to the end, after
+    `prune.end_step`); the schedule's position is the trainer's step. ZeRO-0 keeps the same weights,
+    hence the same masks, on every rank: the state is saved once."""
+
+    name = "gradual_pruner"
+    per_rank = False
+
+    def __init__(self, model: nn.Module, prune: PruneConfig):
+        self.model, self.prune = model, prune
         self.masks: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def on_step_end(self, trainer, metrics: dict) -> None:
-        step = metrics["step"]
-        if self.start <= step <= self.end and (step - self.start) % self.every == 0:
-            target = cubic_sparsity(step, self.sparsity, self.start, self.end)
-            prune_unstructured(self.model, target, "magnitude", self.scope)
+        step, p = metrics["step"], self.prune
+        if p.start_step <= step <= p.end_step and (step - p.start_step) % p.every == 0:
+            target = cubic_sparsity(step, p.sparsity, p.start_step, p.end_step)
+            prune_unstructured(self.model, target, "magnitude", p.scope)
             self.masks = {n: m.weight != 0 for n, m in prunable_linears(self.model)}
             metrics["sparsity"] = target
             logger.info(f"step {step}: pruned to sparsity {target:.3f}")
@@ -321,3 +349,11 @@ class GradualPruner:
 
     def on_fit_end(self, trainer, preempted: bool) -> None:
         pass
+
+    def state_dict(self) -> dict:
+        return {"masks": self.masks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The saved masks, on the weights' devices (a resume keeps the model: `llm.train.recipe_change`)."""
+        layers = dict(prunable_linears(self.model))
+        self.masks = {name: mask.to(layers[name].weight.device) for name, mask in state["masks"].items()}

@@ -15,11 +15,12 @@ activation quantization means nothing for a lookup). A head tied to the token em
 the head is quantized once and the embedding looks its rows up in the same quantized tensor, so the
 table is stored once. Biases and norms stay in floating point.
 
-Saving: torchao's tensor subclasses are not safetensors. `plain_state_dict` stores each quantized
-weight W as plain tensors `W.qdata` (int8; int4 packed two values per byte into uint8, low nibble
-first), `W.scale` and `W.zero_point`; the loader rebuilds the model, re-applies this transform (which
-builds the same quantized modules) and `load_quantized` copies those tensors back in, so outputs after
-a reload are bit-identical. References: Jacob et al. 2018 (integer quantization), torchao docs.
+Saving: torchao's tensor subclasses are not safetensors. `plain_tensors` (this transform's
+`save_state`) stores each quantized weight W as plain tensors `W.qdata` (int8; int4 packed two values
+per byte into uint8, low nibble first), `W.scale` and `W.zero_point`; the loader rebuilds the model,
+re-applies this transform (which builds the same quantized modules) and `load_quantized` (its
+`load_state`) copies those tensors back in, so outputs after a reload are bit-identical.
+References: Jacob et al. 2018 (integer quantization), torchao docs.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ import warnings
 import torch
 from torch import nn
 
-from llm.config import ConfigError, build_config
+from llm.adapt.base import Transform
+from llm.config import ConfigError
 from llm.errors import UserError
 from llm.models.base import Model
 from llm.models.layers import LMHead
@@ -41,6 +43,8 @@ PARTS = ("qdata", "scale", "zero_point")
 
 @dataclasses.dataclass
 class QuantizeSettings:
+    """The `quantize` transform's settings (`llm compress quantize` writes them)."""
+
     method: str = "int8"
     group_size: int = 32  # int4 only: input columns sharing one scale and zero point
 
@@ -88,11 +92,11 @@ def is_quantized(t: torch.Tensor) -> bool:
     return all(hasattr(t, p) for p in PARTS) and type(t).__module__.startswith("torchao")
 
 
-def apply(model: Model, settings: dict, path: str = "quantize") -> Model:
+def apply(model: Model, s: QuantizeSettings, path: str = "quantize") -> Model:
     """Quantize the model in place (see the module docstring); its weights stop training.
 
-    Raises ConfigError when a group size does not divide a layer's input width."""
-    s = build_config(QuantizeSettings, settings, path)
+    Raises ConfigError naming `path` when the model is quantized already or a group size does not
+    divide a layer's input width."""
     if any(is_quantized(p) for p in model.parameters()):
         raise ConfigError(path, "the model is already quantized")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, LMHead, nn.Embedding))]
@@ -143,19 +147,16 @@ def _is_int4(t: torch.Tensor) -> bool:
     return getattr(t, "target_dtype", None) == torch.int4
 
 
-def plain_state_dict(model: nn.Module, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """The model's state as plain CPU tensors: a quantized weight W becomes W.qdata (int4 packed),
-    W.scale and W.zero_point; everything else as it is. Names in `skip` (tied aliases) are left out."""
+def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (a state dict) with each quantized weight W replaced by the plain tensors W.qdata
+    (int4 packed), W.scale and W.zero_point; everything else as it is."""
     out = {}
-    for name, t in model.state_dict().items():
-        if name in skip:
-            continue
+    for name, t in state.items():
         if is_quantized(t):
             qdata = pack_int4(t.qdata) if _is_int4(t) else t.qdata
-            for part, value in zip(PARTS, (qdata, t.scale, t.zero_point)):
-                out[f"{name}.{part}"] = value.detach().cpu().contiguous()
+            out.update({f"{name}.{part}": v for part, v in zip(PARTS, (qdata, t.scale, t.zero_point))})
         else:
-            out[name] = t.detach().cpu().contiguous()
+            out[name] = t
     return out
 
 
@@ -163,10 +164,9 @@ def plain_state_dict(model: nn.Module, skip: set[str] = frozenset()) -> dict[str
 def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> tuple[dict, set[str]]:
     """Copy the W.qdata / W.scale / W.zero_point entries of `tensors` into the model's quantized weights.
 
-    Returns (the other tensors, the names of the weights loaded). Raises UserError naming `where`
-    when a part is missing or has another shape."""
+    Returns (the other tensors, the state-dict names of the quantized weights, tied aliases included).
+    Raises UserError naming `where` when a part is missing or has another shape."""
     tensors = dict(tensors)
-    loaded = set()
     for name, p in model.named_parameters():
         if not is_quantized(p):
             continue
@@ -183,10 +183,7 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], where: st
                     f"{where}: {key} has shape {tuple(value.shape)}, the quantized model needs {tuple(target.shape)}"
                 )
             target.copy_(value)
-        loaded.add(name)
-    return tensors, loaded
+    return tensors, {name for name, p in model.named_parameters(remove_duplicate=False) if is_quantized(p)}
 
 
-def quantized_names(model: nn.Module) -> set[str]:
-    """State-dict names (tied aliases included) of quantized weights."""
-    return {name for name, p in model.named_parameters(remove_duplicate=False) if is_quantized(p)}
+TRANSFORM = Transform("quantize", QuantizeSettings, apply, save_state=plain_tensors, load_state=load_quantized)

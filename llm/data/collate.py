@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from llm.config import IGNORE_INDEX
+from llm.kernels.reference import IGNORE_INDEX
 
 
 def collate_causal_lm(batch) -> dict[str, torch.Tensor]:

@@ -367,19 +367,19 @@ def _takes_generator(fn: Callable) -> bool:
 class _PassBatches(torch.utils.data.IterableDataset):
     """The batches of one pass of a stream; worker i builds batches i, i + W, ..."""
 
-    def __init__(self, stream: Stream, start: int, count: int, batch_size: int, collate_fn: Callable | None):
-        self.stream, self.start, self.count, self.batch_size, self.collate_fn = (
+    def __init__(self, stream: Stream, start: int, count: int, micro_batch_size: int, collate_fn: Callable | None):
+        self.stream, self.start, self.count, self.micro_batch_size, self.collate_fn = (
             stream,
             start,
             count,
-            batch_size,
+            micro_batch_size,
             collate_fn,
         )
         self.random = collate_fn is not None and _takes_generator(collate_fn)
 
     def batch(self, j: int):
-        first = j * self.batch_size
-        size = min(self.batch_size, self.count - first)
+        first = j * self.micro_batch_size
+        size = min(self.micro_batch_size, self.count - first)
         samples = self.stream.samples_at(self.stream.rank_positions(self.start, first, size))
         if self.collate_fn is None:
             return samples
@@ -391,7 +391,7 @@ class _PassBatches(torch.utils.data.IterableDataset):
         return self.collate_fn(samples)
 
     def __len__(self) -> int:
-        return -(-self.count // self.batch_size)
+        return -(-self.count // self.micro_batch_size)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -412,27 +412,27 @@ class StatefulLoader:
     def __init__(
         self,
         dataset: Stream,
-        batch_size: int,
+        micro_batch_size: int,
         collate_fn: Callable | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
         prefetch_factor: int = 4,
     ):
-        if batch_size < 1:
-            raise UserError(f"batch_size: expected >= 1, got {batch_size}")
+        if micro_batch_size < 1:
+            raise UserError(f"micro_batch_size: expected >= 1, got {micro_batch_size}")
         if num_workers < 0:
             raise UserError(f"num_workers: expected >= 0, got {num_workers}")
-        self.dataset, self.batch_size, self.collate_fn = dataset, batch_size, collate_fn
+        self.dataset, self.micro_batch_size, self.collate_fn = dataset, micro_batch_size, collate_fn
         self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
 
     def __len__(self) -> int:
         """Batches in the next pass."""
-        return -(-len(self.dataset) // self.batch_size)
+        return -(-len(self.dataset) // self.micro_batch_size)
 
     def __iter__(self):
         stream = self.dataset
         start, count = stream.position, stream.pass_length()
-        batches = _PassBatches(stream, start, count, self.batch_size, self.collate_fn)
+        batches = _PassBatches(stream, start, count, self.micro_batch_size, self.collate_fn)
         if self.num_workers == 0:
             source = (batches.batch(j) for j in range(len(batches)))
         else:
@@ -444,7 +444,7 @@ class StatefulLoader:
                 prefetch_factor=self.prefetch_factor,
             )
         for j, batch in enumerate(source):
-            stream.position = start + min((j + 1) * self.batch_size, count) * stream.world_size
+            stream.position = start + min((j + 1) * self.micro_batch_size, count) * stream.world_size
             yield batch
         stream.position = start + count * stream.world_size
 

@@ -58,8 +58,8 @@ class SyntheticCorpus:
 class SyntheticBatches:
     """This rank's micro-batches: `make_batch(global sample indices)` for each next position."""
 
-    def __init__(self, make_batch: Callable[[list[int]], dict], micro_batch: int, rank: int, world_size: int):
-        self.make_batch, self.micro = make_batch, micro_batch
+    def __init__(self, make_batch: Callable[[list[int]], dict], micro_batch_size: int, rank: int, world_size: int):
+        self.make_batch, self.micro_batch_size = make_batch, micro_batch_size
         self.rank, self.world_size = rank, world_size
         self.consumed = 0  # samples consumed in the global order
 
@@ -74,5 +74,5 @@ class SyntheticBatches:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         start = self.consumed
-        self.consumed += self.micro * self.world_size
-        return self.make_batch([start + k * self.world_size + self.rank for k in range(self.micro)])
+        self.consumed += self.micro_batch_size * self.world_size
+        return self.make_batch([start + k * self.world_size + self.rank for k in range(self.micro_batch_size)])

@@ -20,9 +20,11 @@ from llm.kernels.dispatch import (
     set_backend,
     use,
 )
+from llm.kernels.reference import IGNORE_INDEX
 
 __all__ = [
     "BACKENDS",
+    "IGNORE_INDEX",
     "OPS",
     "BackendUnavailable",
     "attention",
@@ -84,7 +86,7 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T + bias` against `labels`, without keeping

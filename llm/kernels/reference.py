@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+IGNORE_INDEX = -100  # the label of positions that carry no loss (PyTorch and Hugging Face agree)
+
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """fp16/bf16 -> fp32 for reductions; fp32 and fp64 stay as they are."""
@@ -68,7 +70,7 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     logits = upcast(F.linear(hidden, weight, bias))
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")

@@ -133,7 +133,7 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = reference.IGNORE_INDEX,
     *,
     chunk_size: int | None = None,
 ) -> torch.Tensor:

@@ -8,8 +8,8 @@ live here. Nothing here knows tasks, data, the engine or the command line.
 
 from __future__ import annotations
 
-from llm.config import ModelConfig
 from llm.models.base import Model
+from llm.models.config import ModelConfig
 from llm.models.transformer import KVCache, ModelOutput
 
 __all__ = ["KVCache", "Model", "ModelConfig", "ModelOutput"]

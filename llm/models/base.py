@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from llm.config import ModelConfig
+from llm.models.config import ModelConfig
 from llm.models.layers import init_weights
 from llm.models.transformer import Transformer
 

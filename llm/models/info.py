@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from llm.config import ModelConfig
+from llm.models.config import ModelConfig
 from llm.models.layers import LMHead
 
 BYTES_WEIGHTS, BYTES_GRADS, BYTES_OPTIMIZER = 2, 2, 12

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm import kernels
-from llm.config import ModelConfig
+from llm.models.config import ModelConfig
 from llm.models.rope import rope_frequencies
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llm.config import ModelConfig
+from llm.models.config import ModelConfig
 from llm.models.layers import Block, Rotary, build_norm, dropout, sinusoidal_table
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import yaml
 
-from llm.config import ConfigError, RecipeConfig
+from llm.config import ConfigError
 from llm.errors import UserError
+from llm.run.recipe import RecipeConfig
 
 # MPI launchers' world-size variables (Open MPI, MPICH/Hydra PMI, MVAPICH); torchrun and deepspeed set WORLD_SIZE
 WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")

@@ -7,15 +7,17 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from llm import adapt
+from llm import transforms
 from llm.compress import prune, report
-from llm.config import DataConfig
+from llm.data.config import DataConfig
 from llm.errors import UserError
 from llm.log import logger
-from llm.run.evaluate import evaluate_model
+from llm.models.base import Model
+from llm.run.evaluate import evaluate
 from llm.run.loader import find_tokenizer, load_model, save_pretrained
 from llm.tasks import task_of
 
@@ -27,44 +29,94 @@ def _check_out(model_path: str | Path, out: str | Path) -> Path:
     return out
 
 
-def quantize_model(model: str, out: str, method: str = "int8", group_size: int = 32) -> Path:
-    """Quantize the model at `model` (see llm.compress.quantize) and save it to `out`."""
+def quantize_model(
+    model: str, out: str, *, method: Literal["int8", "int4", "int8-dynamic"] = "int8", group_size: int = 32
+) -> Path:
+    """Post-training quantization of every Linear (torchao): int8 / int4 weight-only, or int8 dynamic.
+
+    See llm.compress.quantize; the quantized model is saved as an llm model directory with the
+    source's tokenizer beside it.
+
+    Args:
+        model: a model, run or checkpoint directory, or a Hugging Face directory
+        out: the llm model directory to write
+        method: int8 or int4 weight-only, or int8 weights with int8 dynamic activations
+        group_size: int4: input columns per scale
+
+    Example:
+        llm compress quantize runs/quickstart/export runs/quickstart/int8 --method int8
+    """
     out_dir = _check_out(model, out)
     m = load_model(model).float().eval()
     try:
-        adapt.apply_transform(m, {"name": "quantize", "method": method, "group_size": group_size}, "quantize")
+        transforms.apply_transform(m, {"name": "quantize", "method": method, "group_size": group_size}, "quantize")
     except Exception as e:
         if isinstance(e, UserError):
             raise UserError(f"{model}: {e}") from None
         raise
     path = save_pretrained(m, out_dir, find_tokenizer(model))
     logger.info(f"{model} quantized ({method}) -> {path}")
+    print(path)
     return path
 
 
-def calibration_batches(model, data: str | Path, model_path: str, batch_size: int, seq_len: int | None = None):
-    """The task's batches over the shard directory `data`, in order (calibration for Wanda)."""
+def shard_config(model: Model, data: str, model_path: str, seq_len: int | None = None) -> DataConfig:
+    """Reading `data` (a shard directory or an example file) for `model`: its windows or texts cut to
+    `seq_len` (absent: the model's max_seq_len), example files read with the tokenizer beside `model_path`."""
     tokenizer = find_tokenizer(model_path)
-    cfg = model.config
-    config = DataConfig(
-        source="shards", val=str(data), seq_len=seq_len or cfg.max_seq_len, tokenizer=tokenizer and str(tokenizer)
+    return DataConfig(
+        source="shards",
+        train=str(data),
+        val=str(data),
+        seq_len=seq_len or model.config.max_seq_len,
+        tokenizer=tokenizer and str(tokenizer),
     )
-    return task_of(model).batches(cfg, config, "val", seed=0, micro_batch=batch_size, rank=0, world_size=1)
+
+
+def _batches(model: Model, config: DataConfig, batch_size: int):
+    """The task's batches over `config.val`, in order (Wanda's calibration, the timed batch)."""
+    return task_of(model).batches(
+        model.config, config, "val", seed=0, micro_batch_size=batch_size, rank=0, world_size=1
+    )
 
 
 def prune_model(
     model: str,
     out: str,
-    method: str = "magnitude",
+    *,
+    method: Literal["magnitude", "wanda"] = "magnitude",
     sparsity: float = 0.0,
-    scope: str = "layer",
-    data: str | None = None,
+    scope: Literal["layer", "global"] = "layer",
     structured: str | None = None,
-    calibration_batches_n: int = 8,
+    data: str | None = None,
+    calibration_batches: int = 8,
     batch_size: int = 4,
 ) -> dict:
-    """Unstructured (`method`, `sparsity`, `scope`; Wanda calibrates on `data`) and/or structured
-    (`structured` = "heads=K,neurons=M") pruning of the model at `model`, saved to `out`."""
+    """Unstructured (magnitude, Wanda) or structured (heads, neurons) pruning.
+
+    Unstructured pruning zeroes a fraction of the weights of every Linear layer inside the blocks,
+    those with the smallest |W| (magnitude) or |W| x input norm over calibration batches (Wanda);
+    structured pruning removes whole attention heads and MLP neurons (see llm.compress.prune).
+    Give --sparsity, --structured, or both.
+
+    Args:
+        model: a model, run or checkpoint directory, or a Hugging Face directory
+        out: the llm model directory to write
+        method: how weights are scored for unstructured pruning
+        sparsity: fraction of block weights set to zero
+        scope: remove the fraction from every layer separately, or rank all layers' weights together
+        structured: units removed per block, heads=K,neurons=M
+        data: calibration shard directory or example file (needed by wanda)
+        calibration_batches: wanda: batches of calibration data
+        batch_size: wanda: windows or examples per calibration batch
+
+    Example:
+        llm compress prune runs/quickstart/export runs/quickstart/wanda50 --method wanda --sparsity 0.5 \\
+            --data data/quickstart/train
+        llm compress prune runs/quickstart/export runs/quickstart/pruned --structured heads=1,neurons=128
+    """
+    if not sparsity and not structured:
+        raise UserError("llm compress prune: give --sparsity S (unstructured) and/or --structured heads=K,neurons=M")
     out_dir = _check_out(model, out)
     m = load_model(model).float().eval()
     before = m.num_parameters()
@@ -77,34 +129,56 @@ def prune_model(
         if method == "wanda":
             if not data:
                 raise UserError("--method wanda: needs calibration data (--data SHARDS)")
-            batches = calibration_batches(m, data, model, batch_size)
-            norms = prune.input_norms(m, batches, calibration_batches_n)
+            batches = _batches(m, shard_config(m, data, model), batch_size)
+            norms = prune.input_norms(m, batches, calibration_batches)
         prune.prune_unstructured(m, sparsity, method, scope, norms)
         summary["sparsity"] = prune.sparsity_of(m)
     summary["parameters"] = m.num_parameters()
     summary["path"] = str(save_pretrained(m, out_dir, find_tokenizer(model)))
     logger.info(f"{model} pruned -> {out_dir}: {before:,} -> {summary['parameters']:,} parameters")
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return summary
 
 
 def compress_report(
     model: str,
-    variants: list[str],
+    variants: list[str] | None = None,
+    *,
     data: str,
     out: str,
+    names: list[str] | None = None,
     prompt_tokens: int = 16,
     new_tokens: int = 64,
     rounds: int = 5,
-    eval_batches: int | None = None,
+    max_batches: int | None = None,
     batch_size: int = 8,
-    names: list[str] | None = None,
     seq_len: int | None = None,
 ) -> dict:
-    """Size, parameters, CPU speed (causal LMs: generation tokens/s; other tasks: forward examples/s
-    over the first batch of `data`) and held-out quality (the task's metrics on `data`: perplexity, or
-    accuracy for classifiers, whose confusion matrices go to OUT/confusion-<i>) of `model` and each
-    variant. `seq_len` caps the evaluation windows or texts (default: the model's max_seq_len)."""
-    paths = [model, *variants]
+    """Size on disk, parameters, CPU speed and held-out quality of variants against the original.
+
+    Speed: causal LMs generate (tokens/s, batch 1), other tasks run forward passes over the first
+    batch of DATA (examples/s); rounds alternate between the models. Quality: the task's metrics on
+    DATA (perplexity, or accuracy and macro-F1 for classifiers, whose confusion matrices go to
+    OUT/confusion-<i>). Prints the table and writes report.txt, report.json and report.png.
+
+    Args:
+        model: the original model
+        variants: compressed variants
+        data: held-out shard directory or example file
+        out: directory for report.txt, report.json, report.png
+        names: labels for the model and each variant (default: the directory names)
+        prompt_tokens: causal LMs: prompt length of each speed run
+        new_tokens: causal LMs: generated tokens per speed run
+        rounds: interleaved speed rounds
+        max_batches: evaluation batches (default: all)
+        batch_size: evaluation batch (classifiers: also the timed batch)
+        seq_len: cut windows or texts to this (default: the model's max_seq_len)
+
+    Example:
+        llm compress report runs/quickstart/export runs/quickstart/int8 --data data/quickstart/val \\
+            --out runs/quickstart/report
+    """
+    paths = [model, *(variants or [])]
     labels = names or [Path(p).name or str(p) for p in paths]
     if len(labels) != len(paths):
         raise UserError(f"--names: expected {len(paths)} names (the model and each variant), got {len(labels)}")
@@ -120,7 +194,7 @@ def compress_report(
         speed = report.generation_speed(models, prompt, new_tokens, rounds)
         speed_meta = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds, "batch": 1}
     else:
-        batch = calibration_batches(base, data, model, batch_size, seq_len).next_batch()
+        batch = _batches(base, shard_config(base, data, model, seq_len), batch_size).next_batch()
         if batch is None:
             raise UserError(f"{data}: no examples to time")
         speed, speed_key = report.forward_speed(models, batch, rounds), "examples_per_s"
@@ -133,16 +207,22 @@ def compress_report(
     out_dir = Path(out)
     for i, (label, p) in enumerate(zip(labels, paths)):
         started = time.perf_counter()
-        metrics = evaluate_model(
-            p, data, seq_len=seq_len, batch_size=batch_size, max_batches=eval_batches, out=out_dir / f"confusion-{i}"
+        m = models[label]
+        metrics = evaluate(
+            m,
+            shard_config(m, data, p, seq_len),
+            batch_size=batch_size,
+            max_batches=max_batches,
+            out=out_dir / f"confusion-{i}",
+            name=p,
         )
         rows.append(
             {
                 "name": label,
                 "path": str(p),
                 "size_bytes": report.size_on_disk(p),
-                "parameters": models[label].num_parameters(),
-                "transforms": models[label].transforms,
+                "parameters": m.num_parameters(),
+                "transforms": m.transforms,
                 speed_key: speed.get(label, float("nan")),
                 "metrics": metrics,
                 "eval_s": time.perf_counter() - started,
@@ -155,4 +235,6 @@ def compress_report(
     }
     written = report.write(rows, out, meta)
     print(report.table(rows))
-    return {"rows": rows, **{k: str(v) for k, v in written.items()}}
+    result = {"rows": rows, **{k: str(v) for k, v in written.items()}}
+    print(f"wrote {result['table']}, {result['json']}, {result['png']}")
+    return result

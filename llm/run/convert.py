@@ -4,6 +4,7 @@ an llm model directory or a Hugging Face directory."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from llm.errors import UserError
 from llm.run.loader import find_tokenizer, load_model, model_kind, save_pretrained
@@ -11,8 +12,25 @@ from llm.run.loader import find_tokenizer, load_model, model_kind, save_pretrain
 KIND_NAMES = {"hf": "Hugging Face directory", "llm": "llm model directory", "checkpoint": "training checkpoint"}
 
 
-def convert(source: str | Path, output: str | Path, to: str = "llm", tag: str | None = None) -> str:
-    """Read `source`, write `output` in format `to` ("llm" or "hf"); returns a one-line summary."""
+def convert(source: str, output: str, *, to: Literal["llm", "hf"] = "llm", tag: str | None = None) -> str:
+    """Convert models between Hugging Face directories, llm directories and training checkpoints.
+
+    The source is a Hugging Face directory (config.json), an llm model directory (config.yaml +
+    model.safetensors), or a training checkpoint (a run's checkpoints/ folder or one step inside it,
+    any ZeRO stage). --to llm writes config.yaml + model.safetensors; --to hf writes a Hugging Face
+    directory.
+
+    Args:
+        source: the model to read
+        output: the directory to write
+        to: output format
+        tag: checkpoint step folder to convert (default: the latest)
+
+    Example:
+        llm convert path/to/hf-gpt2 models/gpt2              # Hugging Face -> llm
+        llm convert models/gpt2 exported/gpt2 --to hf        # llm -> Hugging Face (safetensors)
+        llm convert runs/gpt/checkpoints exported/gpt --to hf  # latest ZeRO checkpoint -> Hugging Face
+    """
     if to not in ("llm", "hf"):
         raise UserError(f"--to: expected 'llm' or 'hf', got {to!r}")
     source, output = Path(source), Path(output)
@@ -31,7 +49,9 @@ def convert(source: str | Path, output: str | Path, to: str = "llm", tag: str | 
         written = "Hugging Face directory"
     cfg = model.config
     extra = " + tokenizer.json" if tokenizer is not None else ""
-    return (
+    summary = (
         f"read {KIND_NAMES[kind]} {source} ({cfg.family} {model.task}), wrote {written} {output}{extra}: "
         f"{model.num_parameters():,} parameters"
     )
+    print(summary)
+    return summary

@@ -13,7 +13,7 @@ from llm.models import hf
 from llm.models.base import Model
 from llm.run import loader
 from llm.tasks import task_of
-from llm.tasks.hf import architectures, to_hf
+from llm.tasks.hf import hf_rules, task_of_architecture, to_hf
 
 # Transforms a Hugging Face export can carry: merged (lora), beside it (prefix, prompt) or moot (freeze).
 EXPORTABLE = ("lora", "prefix", "prompt", "freeze")
@@ -25,18 +25,16 @@ def hf_form(model: Model) -> str | None:
     field the architecture cannot express, or a transform other than those of EXPORTABLE (pruning,
     quantization)."""
     cfg, task = model.config, task_of(model)
-    arch = task.hf_architecture(cfg)
+    arch = task.hf_architecture(cfg)  # a LLaMA-family model with Qwen's fields is named for Qwen
     if arch is None or any(t["name"] not in EXPORTABLE for t in model.transforms):
         return None
-    arch = hf.export_architecture(cfg, arch)  # a LLaMA-family model with Qwen's fields exports as Qwen
     try:
-        hf.check_exportable(cfg, arch)
+        hf.family_adapter(cfg.family).check_exportable(cfg, arch)
     except UserError:
         return None
-    if arch not in architectures():
+    if arch not in hf.architectures():
         return None
-    task_class, _, implied = architectures()[arch]  # the task from_hf will read the export as
-    read_back = task_class({**implied, **task_class({}, "task").hf_options(task.hf_config(cfg))})
+    read_back = task_of_architecture(arch, task.hf_config(cfg))  # the task from_hf will read the export as
     return arch if read_back.resolved(cfg) == task.resolved(cfg) else None
 
 
@@ -65,9 +63,7 @@ def export_artifacts(model: Model, out_dir: str | Path, tokenizer=None, base_mod
     arch = hf_form(model)
     adapter = None
     if arch is not None and adapt_export.has_lora(model):
-        task = task_of(model)
-        rules = hf.trunk_rules(model.config, mask_token=task.mask_token) + task.hf_head_rules(model.config)
-        prefix = hf.BASE_PREFIX[model.config.family] if task.nested else ""
+        prefix, rules = hf_rules(model.config, task_of(model))
         try:
             adapter = adapt_export.peft_lora(model, rules, prefix, arch, base_model)
         except UserError as e:  # a layout PEFT cannot express: keep everything in llm's format instead

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from llm import adapt, compress
-from llm.config import ConfigError, ModelConfig, build_config
+from llm import transforms
+from llm.config import ConfigError, build_config
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.log import logger, short_list
 from llm.models.base import Model, tied_aliases
+from llm.models.config import ModelConfig
 from llm.tasks import get_task
 from llm.train import checkpoint as ckpt
 
@@ -39,7 +40,7 @@ def build_from_description(description: dict, where: str) -> Model:
     try:
         cfg = build_config(ModelConfig, description["model"], "model")
         model = get_task(description.get("task") or "causal_lm").build_model(cfg)
-        return adapt.apply_transforms(model, description.get("transforms") or [])
+        return transforms.apply_transforms(model, description.get("transforms") or [])
     except ConfigError as e:
         raise UserError(f"{where}: {e}") from None
 
@@ -48,11 +49,10 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> 
     """Load `tensors` into `model`, as tolerant as transformers: a tensor the model has must have its
     shape; tensors the model does not use are ignored with one warning naming them; missing
     trunk tensors are refused, other missing ones (heads, pooler) keep their fresh
-    initialisation with one warning naming them. Tied aliases may be left out. Quantized weights
-    come as plain parts (see llm.compress.quantize)."""
-    tensors, quantized = compress.quantize.load_quantized(model, tensors, where)
-    quantized |= compress.quantize.quantized_names(model)
-    expected = {k: v for k, v in model.state_dict().items() if k not in quantized}
+    initialisation with one warning naming them. Tied aliases may be left out. A transform's own
+    tensors (quantized weights) come as the plain tensors its hooks made (`llm.transforms.plain_state`)."""
+    tensors, filled = transforms.load_plain(model, tensors, where)
+    expected = {k: v for k, v in model.state_dict().items() if k not in filled}
     for name, tensor in tensors.items():
         if name in expected and expected[name].shape != tensor.shape:
             raise UserError(
@@ -65,7 +65,7 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> 
         if name in aliases and name in tensors:
             tensors.setdefault(owner[id(p)], tensors[name])
     result = model.load_state_dict({k: v for k, v in tensors.items() if k not in aliases}, strict=False)
-    missing = sorted(set(result.missing_keys) - aliases - quantized)
+    missing = sorted(set(result.missing_keys) - aliases - filled)
     required = [k for k in missing if k.startswith("transformer.") and k != "transformer.mask_token"]
     if required:
         raise UserError(f"{where}: the weights do not match the model (missing {', '.join(required[:3])})")
@@ -86,14 +86,15 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> 
 def save_pretrained(model: Model, path: str | Path, tokenizer=None) -> Path:
     """Write config.yaml + model.safetensors (+ tokenizer.json, from a path or a Tokenizer) into `path`.
 
-    Weights are written from the in-memory model as they are (tied tensors once)."""
+    Weights are written from the in-memory model as they are (tied tensors once; see
+    `llm.transforms.plain_state`)."""
     from safetensors.torch import save_file
 
     from llm.models.hf import copy_tokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = compress.quantize.plain_state_dict(model, skip=tied_aliases(model))
+    tensors = transforms.plain_state(model)
     tmp = path / f".{WEIGHTS}.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path / WEIGHTS)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llm.config import RecipeConfig
 from llm.errors import UserError
 from llm.log import logger
+from llm.run.recipe import RecipeConfig
 
 
 def prepare_if_missing(recipe: RecipeConfig, rank: int) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,10 @@ import numpy as np
 import torch
 import yaml
 
-from llm import adapt, kernels
+from llm import kernels, transforms
 from llm.compress.distill import Distiller
 from llm.compress.prune import GradualPruner
-from llm.config import ConfigError, RecipeConfig
+from llm.config import ConfigError
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.log import logger, setup_logging
@@ -33,12 +34,13 @@ from llm.models.info import training_flops_per_token
 from llm.run import checks, loader
 from llm.run.export import export_artifacts
 from llm.run.prepare import prepare_if_missing
-from llm.tasks import Task, get_task
+from llm.run.recipe import RecipeConfig, load_finetune_recipe, load_recipe
+from llm.tasks import OPTIONS, Task, get_task
 from llm.train import checkpoint as ckpt
 from llm.train.distributed import DistInfo, distributed
 from llm.train.engine import build_engine, deepspeed_config
 from llm.train.metrics import device_peak_flops
-from llm.train.trainer import Trainer, Validation
+from llm.train.trainer import Callback, Trainer, Validation
 
 
 def seed_everything(seed: int) -> None:
@@ -47,48 +49,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def recipe_transforms(recipe: RecipeConfig) -> list[dict]:
-    """The recipe's `transforms:` followed by its `adapt:` method as a transform ({name: method,
-    settings...}; method `full` adds none). Raises ConfigError when the method is not installed."""
-    if recipe.adapt is None:
-        return list(recipe.transforms)
-    settings = dict(recipe.adapt)
-    method = settings.pop("method")
-    if method == "full":
-        if settings:
-            raise ConfigError(f"adapt.{next(iter(settings))}", "method full takes no settings")
-        return list(recipe.transforms)
-    if method not in adapt.TRANSFORMS:
-        raise ConfigError(
-            "adapt.method", f"{method!r} is not available here (available: full, {', '.join(adapt.TRANSFORMS)})"
-        )
-    return [*recipe.transforms, {"name": method, **settings}]
-
-
 def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
-    """Everything about the recipe that needs no process group: every path and vocabulary
-    (`llm.run.checks.check_paths`: data, tokenizer, init_from, distill.teacher), the task (with the
-    label map its training data decides), its fit with the model, the transforms' and adapt method's
-    names, the kernels, the trackers, the preset and the batch arithmetic for the launcher's world
-    size, pruning's engine needs. Returns the task.
-    `paths=False` leaves out the files (inside a started run, where rank 0 may be preparing them)."""
+    """The checks that need no process group but more than the recipe's own fields (loading it
+    checked those): every path and vocabulary (`llm.run.checks.check_paths`: data, tokenizer,
+    init_from, distill.teacher), the label map the task's training data decides, the task's fit
+    with the model, the trackers, the preset and the batch arithmetic for the launcher's world
+    size, pruning's engine needs. Returns the task. `paths=False` leaves out the files (inside a
+    started run, where rank 0 may be preparing them)."""
     task = get_task(recipe.task)
     if paths:
         checks.check_paths(recipe, task)
     task = task.with_data(recipe.data)
     task.check(recipe.model)
-    for i, spec in enumerate(recipe_transforms(recipe)):
-        name = spec.get("name") if isinstance(spec, dict) else None
-        if name not in adapt.TRANSFORMS:
-            raise ConfigError(
-                f"transforms[{i}].name", f"unknown transform {name!r} (known: {', '.join(adapt.TRANSFORMS)})"
-            )
-    try:
-        kernels.check_names(recipe.kernels)
-    except ValueError as e:
-        raise ConfigError("kernels", str(e)) from None
     checks.check_trackers(recipe)
-    ds_json = deepspeed_config(recipe, checks.launcher_world_size(), task.min_micro_batch)  # preset, batch
+    ds_json = ds_config(recipe, checks.launcher_world_size(), task)  # preset, batch
     if recipe.prune.sparsity:
         stage = ds_json.get("zero_optimization", {}).get("stage", 0)
         if stage != 0 or recipe.train.precision != "fp32":
@@ -100,14 +74,19 @@ def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
     return task
 
 
-def dry_run(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> str:
+def ds_config(recipe: RecipeConfig, world_size: int, task: Task) -> dict:
+    """The run's DeepSpeed JSON for `world_size` ranks (see `llm.train.engine.deepspeed_config`)."""
+    return deepspeed_config(recipe.deepspeed, recipe.train, recipe.optim, world_size, task.min_micro_batch)
+
+
+def dry_run_report(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> str:
     """`--dry-run`: every check of `train`, then the resolved recipe (YAML) and the DeepSpeed JSON for the
     launcher's world size, as text; nothing is started or written."""
     task = check_recipe(recipe)
     step_dir = checks.check_resume(recipe, resume, task)
     check_run_dir(recipe, resume, overwrite)
     world = checks.launcher_world_size()
-    ds_json = deepspeed_config(recipe, world, task.min_micro_batch)
+    ds_json = ds_config(recipe, world, task)
     start = f"resume from {step_dir}" if step_dir else "a fresh start"
     return (
         f"# resolved recipe ({start})\n{yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)}"
@@ -140,7 +119,7 @@ def build_model(recipe: RecipeConfig, task: Task) -> Model:
             if spec["name"] == "quantize":
                 raise ConfigError("init_from", f"{recipe.init_from}: a quantized model cannot be trained further")
             if spec["name"] == "prune":
-                model = adapt.apply_transform(model, spec, "init_from")
+                model = transforms.apply_transform(model, spec, "init_from")
         own, state = model.state_dict(), init.state_dict()
         body = ("transformer.", "pooler.")
         loaded = {}
@@ -162,64 +141,11 @@ def build_model(recipe: RecipeConfig, task: Task) -> Model:
             f"init_from {recipe.init_from} ({init.task}): loaded {len(loaded)} tensors; "
             f"freshly initialised: {', '.join(fresh) if fresh else 'none'}"
         )
-    model = adapt.apply_transforms(model, recipe_transforms(recipe))
+    for path, settings in recipe.transform_settings():
+        model = transforms.apply_transform(model, settings, path)
     if recipe.train.activation_checkpointing:
         model.set_gradient_checkpointing(True)
     return model
-
-
-def load_finetune_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
-    """A fine-tuning recipe YAML (+ `--set` overrides); see `finetune_recipe`."""
-    from llm.config import apply_overrides, load_yaml
-
-    data = apply_overrides(load_yaml(path), overrides or [])
-    return finetune_recipe(data, base_dir=Path(path).parent)
-
-
-# model fields a fine-tuning recipe may change: regularisation, not the shape
-TUNABLE_MODEL_FIELDS = ("dropout", "attention_dropout")
-
-
-def finetune_recipe(data: dict, base_dir: Path | None = None) -> RecipeConfig:
-    """A recipe mapping whose model comes from `init_from`.
-
-    The model's fields are those of the model at `init_from`; a `model:` section may only
-    repeat them (or set dropout), anything else is a ConfigError naming the field. Without
-    `data.tokenizer`, the tokenizer.json beside `init_from` is used."""
-    from llm.config import find_preset, load_yaml, resolve_recipe
-
-    data = dict(data)
-    source = data.get("init_from")
-    if not source or not isinstance(source, str):
-        raise ConfigError(
-            "init_from",
-            "fine-tuning starts from a model: an llm model, run or checkpoint directory, or a Hugging Face directory",
-        )
-    try:
-        theirs = loader.load_model(source).description()["model"]
-    except UserError as e:
-        raise ConfigError("init_from", str(e)) from None
-    own = data.get("model") or {}
-    if not isinstance(own, dict):
-        raise ConfigError("model", f"expected a mapping, got {type(own).__name__} {own!r}")
-    own = dict(own)
-    base = own.pop("base", None)
-    if base is not None:
-        own = {**load_yaml(find_preset("models", str(base), "model.base", base_dir)), **own}
-    for key, value in own.items():
-        if key in theirs and value != theirs[key] and key not in TUNABLE_MODEL_FIELDS:
-            raise ConfigError(
-                f"model.{key}",
-                f"{value!r} contradicts init_from {source}, whose model has {key}: {theirs[key]!r} "
-                "(a fine-tuning recipe takes the model from init_from; leave model: out)",
-            )
-    data["model"] = {**theirs, **own}
-    section = data.get("data")
-    if isinstance(section, dict) and not section.get("tokenizer"):
-        found = loader.find_tokenizer(source)
-        if found is not None:
-            data["data"] = {**section, "tokenizer": str(found)}
-    return resolve_recipe(data, base_dir)
 
 
 @dataclass
@@ -273,10 +199,13 @@ def clear_run_dir(run_dir: Path) -> None:
             path.unlink()
 
 
-def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool = False) -> Parts:
-    """Build the parts of a run in a started process group; see the module docstring."""
+def assemble(
+    recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool = False, callbacks: Sequence[Callback] = ()
+) -> Parts:
+    """Build the parts of a run in a started process group; see the module docstring. `callbacks`: the
+    caller's own, run after the recipe's (validation, gradual pruning) and resumed with them."""
     task = check_recipe(recipe, paths=False)  # train() checked the files before the process group
-    recipe.task = task.to_dict()  # the label map the data decided is part of the run's record
+    recipe.task = OPTIONS.build(task.to_dict(), "task")  # the label map the data decided is part of the record
     check_run_dir(recipe, resume, overwrite)
     if overwrite:
         import torch.distributed as tdist
@@ -285,31 +214,31 @@ def assemble(recipe: RecipeConfig, dist: DistInfo, resume: str, overwrite: bool 
             logger.info(f"--overwrite: deleting the earlier run's outputs in {recipe.run_dir}")
             clear_run_dir(Path(recipe.run_dir))
         tdist.barrier()
-    ds_json = deepspeed_config(recipe, dist.world_size, task.min_micro_batch)
+    ds_json = ds_config(recipe, dist.world_size, task)
     seed_everything(recipe.seed)
     prepare_if_missing(recipe, dist.rank)
     per_rank = dict(
-        seed=recipe.seed, micro_batch=recipe.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size
+        seed=recipe.seed, micro_batch_size=recipe.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size
     )
     train_batches = task.batches(recipe.model, recipe.data, "train", **per_rank)
     val_batches = task.batches(recipe.model, recipe.data, "val", **per_rank)
     model = build_model(recipe, task).to(dist.device)
     seq = recipe.model.seq_len if recipe.model.is_image else recipe.data.seq_len
     flops_per_token = training_flops_per_token(model, seq)
-    callbacks = []
+    pruning = []
     if recipe.prune.sparsity:
-        p = recipe.prune
-        callbacks.append(GradualPruner(model, p.sparsity, p.start_step, p.end_step, p.every, p.scope))
+        pruning.append(GradualPruner(model, recipe.prune))
     if recipe.distill.teacher:
         d = recipe.distill
         teacher = load_teacher(recipe).to(dist.device)
         model = Distiller(model, teacher, d.teacher, d.temperature, d.alpha, d.hidden_mse).to(dist.device)
-    engine = build_engine(model, recipe, ds_json)
+    engine = build_engine(model, ds_json, recipe.optim, recipe.schedule, recipe.train)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
     validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
     peak, _ = device_peak_flops(dist.device, recipe.train.precision)
-    trainer = Trainer(recipe, dist, engine, model, task, train_batches, [validation, *callbacks], flops_per_token, peak)
+    all_callbacks = [validation, *pruning, *callbacks]
+    trainer = Trainer(recipe, dist, engine, model, task, train_batches, all_callbacks, flops_per_token, peak)
     trainer.resume(resume)  # first: a recipe the checkpoint refuses must not be recorded as the run's
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)
@@ -413,17 +342,101 @@ def require_teacher(recipe: RecipeConfig) -> None:
         raise UserError("distill.teacher: distillation needs a teacher model (any model, run or checkpoint path)")
 
 
-def distill(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:
-    """`train` with a teacher: the recipe must name `distill.teacher` (see llm.compress.distill)."""
-    require_teacher(recipe)
+def _start(recipe: RecipeConfig, dry_run: bool, resume: str, overwrite: bool) -> dict | None:
+    """`train` the recipe; with `dry_run` print its `dry_run_report` instead."""
+    if dry_run:
+        print(dry_run_report(recipe, resume=resume, overwrite=overwrite), end="")
+        return None
     return train(recipe, resume, overwrite)
 
 
-def finetune(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> dict:
-    """`train` from pretrained weights: the recipe must name `init_from`."""
-    if not recipe.init_from:
-        raise UserError(
-            "init_from: fine-tuning starts from a model (an llm model, run or checkpoint directory, "
-            "or a Hugging Face directory)"
-        )
-    return train(recipe, resume, overwrite)
+def pretrain(
+    recipe: str,
+    *,
+    set: list[str] | None = None,
+    dry_run: bool = False,
+    resume: str = "auto",
+    overwrite: bool = False,
+) -> dict | None:
+    """Pretrain a model from a recipe on DeepSpeed.
+
+    Args:
+        recipe: a recipe YAML (configs/recipes/*.yaml)
+        set: override recipe fields, KEY=VALUE (several pairs per flag, and the flag repeated:
+            --set a.b=1 c.d=2)
+        dry_run: run every check, print the resolved recipe and the DeepSpeed JSON, and exit
+        resume: auto (the run's latest complete checkpoint, if any), none, or a checkpoint path
+        overwrite: start afresh in a run directory that holds an earlier run (deletes its checkpoints,
+            export, metrics)
+
+    Example:
+        llm pretrain configs/recipes/quickstart.yaml
+        llm pretrain configs/recipes/gpt.yaml --set deepspeed.zero_stage=3 --set train.max_steps=1000
+        torchrun --nproc_per_node 2 -m llm pretrain configs/recipes/gpt.yaml
+    """
+    return _start(load_recipe(recipe, set), dry_run, resume, overwrite)
+
+
+def finetune(
+    recipe: str,
+    *,
+    init_from: str | None = None,
+    set: list[str] | None = None,
+    dry_run: bool = False,
+    resume: str = "auto",
+    overwrite: bool = False,
+) -> dict | None:
+    """Fine-tune a pretrained model (a model directory or checkpoint) with a recipe.
+
+    Fine-tune the model at init_from (an llm model, run or checkpoint directory, or a Hugging Face
+    directory): its shape comes from there, the task's new head is freshly initialised, and adapt:
+    {method: full|lora|prefix|prompt|freeze} picks what trains. Same engine, checkpoints and resume as
+    llm pretrain. See docs/finetuning.md.
+
+    Args:
+        recipe: a recipe YAML (configs/finetune/*.yaml)
+        init_from: model, run or checkpoint directory (default: the recipe's init_from)
+        set: override recipe fields, KEY=VALUE (several pairs per flag, and the flag repeated:
+            --set a.b=1 c.d=2)
+        dry_run: run every check, print the resolved recipe and the DeepSpeed JSON, and exit
+        resume: auto (the run's latest complete checkpoint, if any), none, or a checkpoint path
+        overwrite: start afresh in a run directory that holds an earlier run (deletes its checkpoints,
+            export, metrics)
+
+    Example:
+        llm pretrain configs/recipes/quickstart.yaml                  # a small GPT in runs/quickstart/export
+        llm data examples stdlib-instructions --out data/instructions  # prompt/response pairs from the stdlib
+        llm finetune configs/finetune/instruct.yaml --set train.max_steps=50
+    """
+    overrides = list(set or []) + ([f"init_from={init_from}"] if init_from else [])
+    return _start(load_finetune_recipe(recipe, overrides), dry_run, resume, overwrite)
+
+
+def distill(
+    recipe: str,
+    *,
+    set: list[str] | None = None,
+    dry_run: bool = False,
+    resume: str = "auto",
+    overwrite: bool = False,
+) -> dict | None:
+    """Train a student from a teacher (KL on softened logits + hard labels); the recipe has a distill: section.
+
+    The recipe's distill.teacher names the teacher (any model, run or checkpoint path); see
+    llm.compress.distill for the objective.
+
+    Args:
+        recipe: a recipe YAML with a distill: section (configs/compress/*.yaml)
+        set: override recipe fields, KEY=VALUE (several pairs per flag, and the flag repeated:
+            --set a.b=1 c.d=2)
+        dry_run: run every check, print the resolved recipe and the DeepSpeed JSON, and exit
+        resume: auto (the run's latest complete checkpoint, if any), none, or a checkpoint path
+        overwrite: start afresh in a run directory that holds an earlier run (deletes its checkpoints,
+            export, metrics)
+
+    Example:
+        llm distill configs/compress/distill_quickstart.yaml
+    """
+    loaded = load_recipe(recipe, set)
+    require_teacher(loaded)
+    return _start(loaded, dry_run, resume, overwrite)

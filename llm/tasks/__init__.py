@@ -4,13 +4,15 @@
     model = build_model(model_config, "text_classification")
 
 Adding a task is one new file with a `Task` subclass (see `llm.tasks.base`) and
-one line in `TASKS` below.
+one line in `TASKS` below; a recipe's `task:` then takes its name and options
+(`OPTIONS`, checked when the recipe is loaded).
 """
 
 from __future__ import annotations
 
-from llm.config import ConfigError, ModelConfig, build_config
+from llm.config import OneOf, build_config
 from llm.models.base import Model
+from llm.models.config import ModelConfig
 from llm.tasks.base import Task
 from llm.tasks.causal_lm import CausalLM, CausalLMTask
 from llm.tasks.contrastive import Contrastive, ContrastiveTask
@@ -34,8 +36,11 @@ TASKS: dict[str, type[Task]] = {
         EncoderTask,
     )
 }
+# a recipe's `task:`: a task name, or {name: NAME, option: value, ...} built into that task's Options
+OPTIONS = OneOf("name", {name: t.Options for name, t in TASKS.items()}, "task")
 
 __all__ = [
+    "OPTIONS",
     "TASKS",
     "CausalLM",
     "Contrastive",
@@ -52,21 +57,15 @@ __all__ = [
 ]
 
 
-def get_task(spec: str | dict | Task, path: str = "task") -> Task:
-    """A task with its options from a name or a mapping {name: NAME, option: value, ...}.
+def get_task(spec, path: str = "task") -> Task:
+    """A task with its options from a name, a mapping {name: NAME, option: value, ...} or a
+    recipe's typed `task:` (see `OPTIONS`).
 
     Raises ConfigError naming `path` for an unknown name or a bad option."""
     if isinstance(spec, Task):
         return spec
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ConfigError(path, f"expected a task name or a mapping with name:, got {spec!r}")
-    options = dict(spec)
-    name = options.pop("name")
-    if name not in TASKS:
-        raise ConfigError(path, f"unknown task {name!r} (known: {', '.join(TASKS)})")
-    return TASKS[name](options, path)
+    options = OPTIONS.build(spec, path)
+    return TASKS[options.name](options, path)
 
 
 def build_model(cfg: ModelConfig | dict, task: str | dict | Task = "causal_lm") -> Model:

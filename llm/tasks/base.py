@@ -9,7 +9,8 @@ shared trunk plus the task's head and loss). The subclass holds, in one place:
 - `shard_stream(...)`: the reader and collator over prepared shards;
 - `synthetic_batch(...)`: a reproducible random batch (tests, benchmarks);
 - `eval_sums` / `eval_metrics`: validation metrics, summable across ranks;
-- `hf_architectures`, `hf_head_rules`, ...: its Hugging Face architectures.
+- `hf_head_rules`, `hf_options`, ...: its head in Hugging Face architectures (which
+  architectures answer to the task is each family's: `llm.models.hf`).
 
 A `Task` instance is a task with its options; `llm.tasks.get_task(spec)` makes one.
 """
@@ -23,10 +24,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from llm.config import IGNORE_INDEX, ConfigError, DataConfig, ModelConfig, build_config
+from llm.config import ConfigError, build_config
+from llm.data.config import DataConfig
 from llm.errors import UserError
+from llm.kernels.reference import IGNORE_INDEX
 from llm.models.base import Model
-from llm.models.hf import Rule
+from llm.models.config import ModelConfig
+from llm.models.hf import Rule, family_adapter
 
 
 @dataclasses.dataclass
@@ -44,8 +48,6 @@ class Task:
     causal: ClassVar[bool | None] = None  # True/False: the trunk must (not) be causal; None: either
     language_model: ClassVar[bool] = False  # validation reports perplexity
     min_micro_batch: ClassVar[int] = 1
-    # Hugging Face architecture -> (family, options it implies); the first one of a family is exported
-    hf_architectures: ClassVar[dict[str, tuple[str, dict]]] = {}
     nested: ClassVar[bool] = True  # Hugging Face head models keep the trunk under a prefix ("bert.", ...)
 
     def __init__(self, options: Any = None, path: str = "task"):
@@ -77,7 +79,14 @@ class Task:
     # -- data ---------------------------------------------------------------------------
 
     def batches(
-        self, cfg: ModelConfig, data: DataConfig, split: str, seed: int, micro_batch: int, rank: int, world_size: int
+        self,
+        cfg: ModelConfig,
+        data: DataConfig,
+        split: str,
+        seed: int,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
     ):
         """This rank's micro-batches of `split` ("train" or "val"): an object with next_batch(),
         state_dict() and load_state_dict(); None when the recipe has no such split."""
@@ -87,7 +96,7 @@ class Task:
             sample_seed = seed + (0 if split == "train" else 1_000_003)
             corpus = SyntheticCorpus(cfg.vocab_size, sample_seed, seed, cfg.image_size, cfg.num_channels)
             make = lambda indices: self.synthetic_batch(corpus, indices, cfg, data.seq_len)
-            return SyntheticBatches(make, micro_batch, rank, world_size)
+            return SyntheticBatches(make, micro_batch_size, rank, world_size)
         path = data.train if split == "train" else data.val
         if path is None:
             return None
@@ -99,7 +108,7 @@ class Task:
             collate = parts[0][1]
         else:
             stream, collate = self._stream(cfg, data, f"data.{split}", path, seed, rank, world_size)
-        return Batches(StatefulLoader(stream, micro_batch, collate, data.num_workers), wrap=split == "train")
+        return Batches(StatefulLoader(stream, micro_batch_size, collate, data.num_workers), wrap=split == "train")
 
     def _stream(self, cfg, data, field: str, path: str, seed: int, rank: int, world_size: int):
         """(stream, collate) of one shard directory (it has manifest.json) or one file."""
@@ -167,11 +176,7 @@ class Task:
 
     def hf_architecture(self, cfg: ModelConfig) -> str | None:
         """The Hugging Face architecture this task's model of `cfg` exports as (None: none)."""
-        own = dataclasses.asdict(self.options)
-        for arch, (family, implied) in self.hf_architectures.items():
-            if family == cfg.family and all(own.get(k) == v for k, v in implied.items()):
-                return arch
-        return None
+        return family_adapter(cfg.family).architecture(cfg, self.name, dataclasses.asdict(self.options))
 
     def resolved(self, cfg: ModelConfig) -> dict:
         """`to_dict()` with the defaults that depend on the model of `cfg` filled in: two tasks whose

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llm.config import ModelConfig
 from llm.models.base import Model
+from llm.models.config import ModelConfig
 from llm.models.hf import linear_rules
 from llm.models.layers import LMHead
 from llm.models.transformer import KVCache, ModelOutput, check_token_labels
@@ -60,13 +60,6 @@ class CausalLMTask(Task):
     families = ("gpt", "llama", "bert")
     causal = True
     language_model = True
-    hf_architectures = {
-        "GPT2LMHeadModel": ("gpt", {}),
-        "LlamaForCausalLM": ("llama", {}),  # exported as Qwen2/Qwen3 when the config needs it
-        "MistralForCausalLM": ("llama", {}),
-        "Qwen2ForCausalLM": ("llama", {}),
-        "Qwen3ForCausalLM": ("llama", {}),
-    }
 
     def shard_stream(self, cfg, data, path, seed, rank, world_size):
         from llm.data import PackedTokens, check_vocab, collate_causal_lm

@@ -15,9 +15,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from llm.config import ConfigError, ModelConfig
+from llm.config import ConfigError
 from llm.kernels.reference import upcast
 from llm.models.base import Model, pool
+from llm.models.config import ModelConfig
 from llm.models.transformer import ModelOutput
 from llm.tasks.base import Task
 

@@ -6,8 +6,8 @@ tasks put a new head on; it has no loss, so it is not trained by itself.
 
 from __future__ import annotations
 
-from llm.config import ModelConfig
 from llm.models.base import Model, Pooler
+from llm.models.config import ModelConfig
 from llm.models.transformer import ModelOutput
 from llm.tasks.base import Task
 
@@ -45,12 +45,3 @@ class EncoderTask(Task):
     name = "encoder"
     model_class = Encoder
     nested = False  # Hugging Face base models keep the trunk at the top level, not under a prefix
-    hf_architectures = {
-        "GPT2Model": ("gpt", {}),
-        "LlamaModel": ("llama", {}),
-        "MistralModel": ("llama", {}),
-        "Qwen2Model": ("llama", {}),
-        "Qwen3Model": ("llama", {}),
-        "BertModel": ("bert", {}),
-        "ViTModel": ("vit", {}),
-    }

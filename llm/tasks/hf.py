@@ -1,5 +1,5 @@
-"""Whole models to and from Hugging Face directories: the trunk's rules (llm.models.hf)
-joined with the head rules of the task that answers to the architecture."""
+"""Whole models to and from Hugging Face directories: the trunk of the family's adapter
+(llm.models.hf) joined with the head of the task that answers to the architecture."""
 
 from __future__ import annotations
 
@@ -9,49 +9,32 @@ from pathlib import Path
 
 import torch
 
-from llm.config import ConfigError, ModelConfig, build_config
+from llm.config import ConfigError, build_config
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.log import logger, short_list
 from llm.models import hf
 from llm.models.base import Model, tied_aliases
+from llm.models.config import ModelConfig
 from llm.tasks import TASKS, get_task, task_of
 from llm.tasks.base import Task
 
-# The architecture a config.json without "architectures" stands for.
-DEFAULT_ARCHITECTURE = {
-    "gpt2": "GPT2LMHeadModel",
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "bert": "BertModel",
-    "vit": "ViTModel",
-}
+
+def task_of_architecture(arch: str, config: dict) -> Task:
+    """The task, with its options, that a Hugging Face model of architecture `arch` and
+    config.json `config` reads as (e.g. BertForPreTraining: masked_lm with nsp, the labels of id2label)."""
+    _, name, implied = hf.architectures()[arch]
+    task_class = TASKS[name]
+    return task_class({**implied, **task_class({}, "task").hf_options(config)})
 
 
-def architectures() -> dict[str, tuple[type[Task], str, dict]]:
-    """Every Hugging Face architecture llm reads: name -> (task class, family, task options)."""
-    return {
-        arch: (task, family, options)
-        for task in TASKS.values()
-        for arch, (family, options) in task.hf_architectures.items()
-    }
-
-
-def _architecture(config: dict, file: Path) -> str:
-    archs = config.get("architectures") or []
-    arch = archs[0] if archs else DEFAULT_ARCHITECTURE.get(config.get("model_type", ""))
-    if arch is None:
-        raise UserError(f"{file}: model_type {config.get('model_type')!r} is not supported")
-    known = architectures()
-    if arch not in known:
-        raise UserError(f"{file}: architecture {arch!r} is not supported (supported: {', '.join(known)})")
-    return arch
-
-
-def _rules(cfg: ModelConfig, task: Task) -> list[hf.Rule]:
-    return hf.trunk_rules(cfg, mask_token=task.mask_token) + task.hf_head_rules(cfg)
+def hf_rules(cfg: ModelConfig, task: Task) -> tuple[str, list[hf.Rule]]:
+    """(trunk prefix, rules) of a `task` model of `cfg`: every tensor and its Hugging Face name(s),
+    rules with `base` under the prefix ("transformer." in GPT2LMHeadModel; "" where the
+    architecture is the bare trunk)."""
+    adapter = hf.family_adapter(cfg.family)
+    rules = adapter.trunk_rules(cfg, mask_token=task.mask_token) + task.hf_head_rules(cfg)
+    return adapter.prefix if task.nested else "", rules
 
 
 SPECIAL = ("bos_token_id", "eos_token_id", "pad_token_id")
@@ -87,32 +70,34 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
     path = Path(path)
     config = hf.read_hf_config(path)
     file = path / "config.json"
-    arch = _architecture(config, file)
-    arch_task, family, implied = architectures()[arch]
-    fields = hf.config_from_hf(config, family, str(file))
+    arch = hf.architecture_of(config, str(file))
+    adapter, source_name, _ = hf.architectures()[arch]
+    fields = adapter.config_from_hf(config, str(file))
     generation = {}
     if (path / "generation_config.json").is_file():
         generation = hf.read_hf_config(path, "generation_config.json")
-    if family != "vit":
-        fields.update(special_tokens(config, generation, fields["vocab_size"], str(path)))
 
-    prefix = hf.BASE_PREFIX[family] if arch_task.nested else ""
+    prefix = adapter.prefix if TASKS[source_name].nested else ""
     weights, stored = {}, {}  # stored: each key as the checkpoint spells it, for warnings
     for name, tensor in hf.read_hf_weights(path).items():
-        key = name.removeprefix(prefix).replace("LayerNorm.gamma", "LayerNorm.weight")
-        key = key.replace("LayerNorm.beta", "LayerNorm.bias")
+        key = name.removeprefix(prefix)
+        for legacy, today in adapter.legacy_names.items():
+            key = key.replace(legacy, today)
         weights[key], stored[key] = tensor, name
     fields["pooler"] = "pooler.dense.weight" in weights
     try:
         cfg = build_config(ModelConfig, fields, "model")
-        source_task = arch_task({**implied, **arch_task({}, "task").hf_options(config)})
+        if not cfg.is_image:
+            cfg = dataclasses.replace(cfg, **special_tokens(config, generation, cfg.vocab_size, str(path)))
+        source_task = task_of_architecture(arch, config)
         target = source_task if task is None else get_task(task)
         model = target.build_model(cfg)
     except ConfigError as e:
         raise UserError(f"{file}: {e}") from None
 
     ours, used, missing = {}, set(), []
-    for rule in _rules(cfg, target):
+    _, rules = hf_rules(cfg, target)  # the weights' keys are relative to the source's trunk prefix
+    for rule in rules:
         if all(t in weights for t in rule.theirs):
             ours[rule.ours] = hf.to_ours(rule, [weights[t] for t in rule.theirs])
             used.update(rule.theirs)
@@ -123,7 +108,7 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
         names = [t for r in required[:4] for t in r.theirs if t not in weights]
         raise UserError(f"{path}: weights for {arch} lack {', '.join(names)} ({len(required)} tensors missing)")
     ignored = set(source_task.hf_ignored(cfg)) | set(target.hf_ignored(cfg))
-    unused = [k for k in weights if k not in used and not k.endswith(hf.IGNORED_SUFFIXES) and k not in ignored]
+    unused = [k for k in weights if k not in used and not k.endswith(adapter.ignored_suffixes) and k not in ignored]
     if unused:
         unused = [stored[k] for k in unused]
         logger.warning(f"{path}: {len(unused)} tensors that {arch} does not use, ignored: {short_list(unused)}")
@@ -154,11 +139,10 @@ def hf_architecture(model: Model) -> str:
     arch = task.hf_architecture(cfg)
     if arch is None:
         raise UserError(f"task {task.name!r} of a {cfg.family!r} model has no Hugging Face architecture")
-    arch = hf.export_architecture(cfg, arch)
     if model.transforms:
         names = ", ".join(t["name"] for t in model.transforms)
         raise UserError(f"the model carries transforms ({names}); merge or remove them before a Hugging Face export")
-    hf.check_exportable(cfg, arch)
+    hf.family_adapter(cfg.family).check_exportable(cfg, arch)
     return arch
 
 
@@ -167,11 +151,11 @@ def hf_state_dict(model: Model) -> tuple[str, dict[str, torch.Tensor]]:
 
     Raises UserError naming the task or field that Hugging Face cannot express."""
     arch = hf_architecture(model)
-    cfg, task = model.config, task_of(model)
-    prefix = hf.BASE_PREFIX[cfg.family] if task.nested else ""
+    cfg = model.config
+    prefix, rules = hf_rules(cfg, task_of(model))
     ours = model.state_dict()
     out = {}
-    for rule in _rules(cfg, task):
+    for rule in rules:
         for name, tensor in zip(rule.theirs, hf.to_theirs(rule, ours[rule.ours], cfg)):
             out[(prefix if rule.base else "") + name] = tensor.detach().to("cpu").contiguous().clone()
     return arch, out
@@ -192,14 +176,15 @@ def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -
     path = Path(path)
     arch, tensors = hf_state_dict(model)
     cfg = model.config
+    adapter = hf.family_adapter(cfg.family)
     tok = Tokenizer(tokenizer) if tokenizer is not None else None
-    if tok is not None and cfg.family != "vit":
+    if tok is not None and not cfg.is_image:
         known = {"bos_token_id": tok.special_id("bos"), "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-        if cfg.family == "gpt" and known["bos_token_id"] is None:  # GPT-2 begins documents with its EOS
+        if adapter.bos_is_eos and known["bos_token_id"] is None:
             known["bos_token_id"] = known["eos_token_id"]
         fill = {k: v for k, v in known.items() if getattr(cfg, k) is None and v is not None and v < cfg.vocab_size}
         cfg = dataclasses.replace(cfg, **fill)
-    config = hf.config_to_hf(cfg, arch)
+    config = adapter.config_to_hf(cfg, arch)
     config.update(task_of(model).hf_config(cfg))
     dtype = next(model.parameters()).dtype
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
@@ -211,6 +196,6 @@ def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -
         generation = {k: v for k, v in hf.special_tokens(cfg).items() if v is not None}
         write_atomic(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     if tok is not None:
-        tok.save_hf(path, cfg.max_seq_len if cfg.family != "vit" else None)
+        tok.save_hf(path, None if cfg.is_image else cfg.max_seq_len)
     write_atomic(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")  # last: marks it whole
     return path

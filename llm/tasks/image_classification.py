@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from llm.config import ModelConfig
 from llm.models.base import Model
+from llm.models.config import ModelConfig
 from llm.models.hf import linear_rules
 from llm.models.transformer import ModelOutput
 from llm.tasks.classification import ClassificationTask, LabelOptions, classification_loss
@@ -38,7 +38,6 @@ class ImageClassificationTask(ClassificationTask):
     model_class = ImageClassifier
     Options = LabelOptions
     families = ("vit",)
-    hf_architectures = {"ViTForImageClassification": ("vit", {})}
 
     def check(self, cfg, path="model"):
         super().check(cfg, path)

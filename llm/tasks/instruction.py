@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from llm.config import IGNORE_INDEX, ConfigError
+from llm.config import ConfigError
 from llm.errors import UserError
+from llm.kernels.reference import IGNORE_INDEX
 from llm.tasks.causal_lm import CausalLM, CausalLMTask
 
 DEFAULT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -58,9 +59,10 @@ class InstructionTask(CausalLMTask):
     name = "instruction"
     model_class = InstructionLM
     Options = InstructionOptions
-    hf_architectures = {}  # a Hugging Face causal LM reads as causal_lm; an instruction model exports as one
 
     def hf_architecture(self, cfg):
+        """A causal LM's: the template has no place in config.json, so a Hugging Face causal LM
+        reads back as causal_lm (llm.run.export keeps an instruction model in llm's format)."""
         return CausalLMTask().hf_architecture(cfg)
 
     def shard_stream(self, cfg, data, path, seed, rank, world_size):

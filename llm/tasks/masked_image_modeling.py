@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.config import ConfigError, ModelConfig
+from llm.config import ConfigError
 from llm.models.base import Model
+from llm.models.config import ModelConfig
 from llm.models.hf import linear_rules
 from llm.models.transformer import ModelOutput
 from llm.tasks.base import Task
@@ -63,7 +64,6 @@ class MaskedImageModelingTask(Task):
     model_class = MaskedImageModel
     Options = MaskedImageOptions
     families = ("vit",)
-    hf_architectures = {"ViTForMaskedImageModeling": ("vit", {})}
 
     @property
     def mask_token(self) -> bool:

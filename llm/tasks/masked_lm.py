@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm.config import IGNORE_INDEX, ConfigError, ModelConfig
-from llm.kernels.reference import upcast
+from llm.config import ConfigError
+from llm.kernels.reference import IGNORE_INDEX, upcast
 from llm.models.base import Model, Pooler
+from llm.models.config import ModelConfig
 from llm.models.hf import Rule, linear_rules
 from llm.models.layers import LMHead, Norm
 from llm.models.transformer import ModelOutput, check_token_labels
@@ -99,7 +100,6 @@ class MaskedLMTask(Task):
     families = ("gpt", "llama", "bert")
     causal = False
     language_model = True
-    hf_architectures = {"BertForPreTraining": ("bert", {"nsp": True}), "BertForMaskedLM": ("bert", {"nsp": False})}
 
     def check(self, cfg, path="model"):
         super().check(cfg, path)

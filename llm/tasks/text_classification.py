@@ -24,9 +24,9 @@ from typing import Literal
 
 from torch import nn
 
-from llm.config import ModelConfig
 from llm.models.base import Model, Pooler, pool
-from llm.models.hf import linear_rules
+from llm.models.config import ModelConfig
+from llm.models.hf import family_adapter, linear_rules
 from llm.models.layers import dropout
 from llm.models.transformer import ModelOutput
 from llm.tasks.classification import ClassificationTask, LabelOptions, classification_loss
@@ -65,12 +65,6 @@ class TextClassificationTask(ClassificationTask):
     model_class = TextClassifier
     Options = TextClassificationOptions
     families = ("gpt", "llama", "bert")
-    hf_architectures = {
-        "BertForSequenceClassification": ("bert", {}),
-        "GPT2ForSequenceClassification": ("gpt", {}),
-        "LlamaForSequenceClassification": ("llama", {}),
-    }
-    HF_POOLING = {"bert": "first", "gpt": "last", "llama": "last"}  # how transformers pools each family
 
     def check(self, cfg, path="model"):
         super().check(cfg, path)
@@ -99,16 +93,16 @@ class TextClassificationTask(ClassificationTask):
         return {**self.to_dict(), "pooling": self.options.pooling or ("last" if cfg.causal else "first")}
 
     def hf_architecture(self, cfg):
-        """As the base class, but only for the pooling transformers uses (BERT's through a pooler)."""
-        pooling = self.resolved(cfg)["pooling"]
-        if pooling != self.HF_POOLING.get(cfg.family) or (cfg.family == "bert" and not cfg.pooler):
+        """As the base class, but only for the pooling of the family's sequence classifier in
+        transformers (BERT's through a pooler)."""
+        head = family_adapter(cfg.family).classifier
+        if head is None or self.resolved(cfg)["pooling"] != head.pooling or (head.pooler and not cfg.pooler):
             return None
         return super().hf_architecture(cfg)
 
     def hf_head_rules(self, cfg):
-        if cfg.family == "bert":
-            return linear_rules("classifier", "classifier", base=False)
-        return linear_rules("classifier", "score", bias=False, base=False)
+        head = family_adapter(cfg.family).classifier
+        return [] if head is None else linear_rules("classifier", head.name, bias=head.bias, base=False)
 
     def hf_config(self, cfg):
         out = super().hf_config(cfg)

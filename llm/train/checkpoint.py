@@ -5,7 +5,9 @@ Layout of `RUN_DIR/checkpoints/`:
     step_00000100/            DeepSpeed's engine state (model, optimizer shards, scheduler)
       recipe.yaml             the resolved recipe
       model.yaml              the model's description: config, task, transforms (rebuilds the model)
-      trainer_rank_N.pt       step, data position, RNG states (as plain tensors and numbers) of rank N
+      trainer_rank_N.pt       rank N's `Trainer.state_dict()` (step, data position, callbacks' states:
+                              every callback's in rank 0's, per-rank ones' in each) and RNG states,
+                              as plain tensors and numbers
       COMPLETE                the manifest: every file of the step with its size and sha256 (JSON),
                               written by rank 0 after every rank finished writing
     latest                    the name of the newest complete step directory (atomic replace)
@@ -266,8 +268,9 @@ def save(
 ) -> Path:
     """Every rank calls this; returns the step directory once it is complete and `latest` names it.
 
-    `meta` maps file stems to what rank 0 writes as YAML beside the engine state: the
-    resolved recipe ("recipe") and the model's description ("model": config, task,
+    `trainer_state` is this rank's `Trainer.state_dict()`, written with its RNG states as
+    trainer_rank_N.pt. `meta` maps file stems to what rank 0 writes as YAML beside the engine
+    state: the resolved recipe ("recipe") and the model's description ("model": config, task,
     transforms), from which the model is rebuilt without the run. The save is written
     aside and renamed (see the module docstring); when any rank fails to write its part,
     every rank raises CheckpointError naming the file and nothing of the save is kept.
@@ -289,7 +292,7 @@ def save(
         except (OSError, RuntimeError) as e:  # a write outside torch.save (DeepSpeed's own files)
             writes.failures.append(f"{partial}: {_short(e)}")
         if not writes.failures:
-            torch.save(dict(trainer_state, step=step, rng=rng_state()), partial / f"trainer_rank_{rank}.pt")
+            torch.save(dict(trainer_state, rng=rng_state()), partial / f"trainer_rank_{rank}.pt")
     if rank == 0 and not writes.failures:
         try:
             for stem, content in meta.items():
@@ -337,8 +340,8 @@ def trainer_state(step_dir: Path, rank: int) -> dict:
 
 
 def load(engine, step_dir: Path, rank: int, load_dir: Path | None = None, **kwargs) -> dict:
-    """Restore engine state (from `load_dir`/step name when given: a converted copy) and this
-    rank's trainer state (step, data position, RNG). Every file is read without code."""
+    """Restore engine state (from `load_dir`/step name when given: a converted copy) and this rank's
+    RNG states; returns this rank's trainer state (`trainer_state`). Every file is read without code."""
     step_dir = Path(step_dir)
     source = Path(load_dir) if load_dir is not None else step_dir
     with safe_loads():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from llm.config import positive
 from llm.errors import UserError
 from llm.log import logger
 
@@ -22,6 +23,18 @@ MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZ
 # DeepSpeed JIT-builds its CPU allreduce op on first use (1-4 minutes on 2 cores); a lock older than this
 # was left by a build that was killed, and torch's build lock waits for it forever.
 STALE_BUILD_LOCK_S = 900.0
+
+
+@dataclass
+class FaultConfig:
+    """The `faults:` section: how long a silent rank (`Heartbeat`) or a collective may take before
+    the job ends instead of hanging."""
+
+    heartbeat_timeout_s: float = 30.0  # a rank silent this long is declared dead
+    collective_timeout_s: float = 120.0  # torch.distributed timeout
+
+    def validate(self, path: str = "faults") -> None:
+        positive(self, path, "heartbeat_timeout_s", "collective_timeout_s")
 
 
 @dataclass

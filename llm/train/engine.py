@@ -9,20 +9,38 @@ any engine exists.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+from typing import Any
 
 import torch
 
-from llm.config import ConfigError, RecipeConfig, find_preset
-from llm.train.schedule import lr_scheduler, optimizer_json, param_groups
+from llm.config import ConfigError, check, find_preset, join
+from llm.train.config import TrainConfig
+from llm.train.schedule import OptimConfig, ScheduleConfig, lr_scheduler, optimizer_json, param_groups
 
 
-def check_batch(recipe: RecipeConfig, world_size: int, min_micro_batch: int = 1) -> int:
-    """global batch = micro-batch x grad_accum x data-parallel ranks; returns it.
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    """The `deepspeed:` section: a packaged preset (llm/presets/deepspeed/: zero0-zero3) or a JSON
+    file, with the recipe's choices on top; `config` is merged last, key by key, into the JSON."""
+
+    preset: str = "zero1"
+    zero_stage: int | None = None  # None: the preset's stage
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self, path: str = "deepspeed") -> None:
+        if self.zero_stage is not None:
+            check(self.zero_stage in (0, 1, 2, 3), join(path, "zero_stage"), f"must be 0-3, got {self.zero_stage}")
+
+
+def check_batch(t: TrainConfig, world_size: int, min_micro_batch: int = 1) -> int:
+    """global batch = micro_batch_size x grad_accum x data-parallel ranks; returns it.
 
     Raises ConfigError when train.global_batch_size disagrees, or the micro-batch is below
     what the task needs (`min_micro_batch`, e.g. 2 pairs for in-batch negatives)."""
-    t = recipe.train
     product = t.micro_batch_size * t.grad_accum * world_size
     if t.global_batch_size is not None and t.global_batch_size != product:
         raise ConfigError(
@@ -64,9 +82,10 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(recipe: RecipeConfig, world_size: int, min_micro_batch: int = 1) -> dict:
+def deepspeed_config(
+    ds: DeepSpeedConfig, t: TrainConfig, optim: OptimConfig, world_size: int, min_micro_batch: int = 1
+) -> dict:
     """The preset, then the recipe's batch, precision, clipping, ZeRO and optimizer, then deepspeed.config."""
-    ds, t = recipe.deepspeed, recipe.train
     cfg = load_preset(ds.preset)
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
     if ds.zero_stage is not None:
@@ -83,9 +102,9 @@ def deepspeed_config(recipe: RecipeConfig, world_size: int, min_micro_batch: int
     cfg.update(
         train_micro_batch_size_per_gpu=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        train_batch_size=check_batch(recipe, world_size, min_micro_batch),
+        train_batch_size=check_batch(t, world_size, min_micro_batch),
         gradient_clipping=t.grad_clip,
-        optimizer=optimizer_json(recipe.optim, offload=ds.offload_optimizer),
+        optimizer=optimizer_json(optim, offload=ds.offload_optimizer),
     )
     cfg["bf16"] = {"enabled": t.precision == "bf16"}
     cfg["fp16"] = {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 100}
@@ -96,7 +115,7 @@ def deepspeed_config(recipe: RecipeConfig, world_size: int, min_micro_batch: int
     return cfg
 
 
-def build_engine(model: torch.nn.Module, recipe: RecipeConfig, ds_config: dict):
+def build_engine(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, schedule: ScheduleConfig, t: TrainConfig):
     """The DeepSpeed engine training `model` with AdamW over its trainable parameters and the
     recipe's lr schedule. With train.compile the engine compiles the module it wraps
     (`DeepSpeedEngine.compile`: torch.compile with the accelerator's backend, inductor on CPU
@@ -106,10 +125,10 @@ def build_engine(model: torch.nn.Module, recipe: RecipeConfig, ds_config: dict):
 
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, recipe.optim.weight_decay),
+        model_parameters=param_groups(model, optim.weight_decay),
         config=ds_config,
-        lr_scheduler=lr_scheduler(recipe.schedule, recipe.train.max_steps),
+        lr_scheduler=lr_scheduler(schedule, t.max_steps),
     )
-    if recipe.train.compile:
+    if t.compile:
         engine.compile()
     return engine

@@ -160,7 +160,7 @@ class MetricsWriter:
 
         from llm.train.trackers import open_trackers
 
-        trackers = open_trackers(recipe, dataclasses.asdict(recipe))
+        trackers = open_trackers(recipe.logging, Path(recipe.run_dir), dataclasses.asdict(recipe))
         return cls(Path(recipe.run_dir), recipe.logging.tensorboard, trackers)
 
 

@@ -1,13 +1,52 @@
-"""AdamW parameter groups and the learning-rate schedule."""
+"""AdamW and the learning-rate schedule: the `optim:` and `schedule:` sections, parameter groups, the
+lambda the engine steps and DeepSpeed's optimizer JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Literal
 
 import torch
 from torch import nn
 
-from llm.config import OptimConfig, ScheduleConfig
+from llm.config import check, join, positive
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW; weight decay applies to matrices only (never norms, biases, embeddings)."""
+
+    lr: float = 3e-4
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def validate(self, path: str = "optim") -> None:
+        positive(self, path, "lr", "eps")
+        check(self.weight_decay >= 0, join(path, "weight_decay"), f"must be >= 0, got {self.weight_decay}")
+        check(len(self.betas) == 2, join(path, "betas"), f"expected two numbers, got {self.betas}")
+        for i, b in enumerate(self.betas):
+            check(0.0 <= b < 1.0, f"{join(path, 'betas')}[{i}]", f"must be in [0, 1), got {b}")
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """Linear warmup to optim.lr, then cosine or linear decay to min_lr_ratio x lr at decay_steps."""
+
+    warmup_steps: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: int | None = None  # None: train.max_steps
+    min_lr_ratio: float = 0.1
+
+    def validate(self, path: str = "schedule") -> None:
+        check(self.warmup_steps >= 0, join(path, "warmup_steps"), f"must be >= 0, got {self.warmup_steps}")
+        check(
+            0.0 <= self.min_lr_ratio <= 1.0, join(path, "min_lr_ratio"), f"must be in [0, 1], got {self.min_lr_ratio}"
+        )
+        if self.decay_steps is not None:
+            positive(self, path, "decay_steps")
+
 
 # Learned vectors of the image stack that are embeddings in all but type.
 VECTOR_PARAMS = ("pos_embed", "cls_token", "mask_token")

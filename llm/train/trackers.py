@@ -13,12 +13,34 @@ writes to metrics.jsonl (numeric fields, at the record's step), so the three ser
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
-from llm.config import RecipeConfig
+from llm.config import positive
 from llm.errors import UserError
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    """The `logging:` section. Where metrics go besides RUN_DIR/metrics.jsonl: TensorBoard (on by
+    default), and the optional trackers Weights & Biases (`pip install llm[wandb]`) and MLflow
+    (`pip install llm[mlflow]`); the progress bar and the sample printed after training."""
+
+    tensorboard: bool = True
+    wandb: bool = False  # a W&B run under RUN_DIR/wandb
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: nothing leaves the machine (`wandb sync` later)
+    mlflow: bool = False  # an MLflow run in mlflow_uri
+    mlflow_uri: str | None = None  # tracking URI; None: the local file store RUN_DIR/mlruns
+    experiment: str | None = None  # W&B project / MLflow experiment (None: "llm")
+    progress: bool = True  # rank 0 progress bar
+    sample_prompt: str | None = None  # after training, print a sample generated from this prompt (causal LM)
+    sample_tokens: int = 48
+
+    def validate(self, path: str = "logging") -> None:
+        positive(self, path, "sample_tokens")
 
 
 def _numbers(record: dict) -> dict[str, float]:
@@ -36,18 +58,17 @@ def _missing(package: str, extra: str, field: str) -> UserError:
 class WandbTracker:
     """One W&B run (offline by default) in RUN_DIR/wandb, named after the run directory."""
 
-    def __init__(self, recipe: RecipeConfig, config: dict):
+    def __init__(self, logging: LoggingConfig, run_dir: Path, config: dict):
         try:
             import wandb
         except ImportError:
             raise _missing("wandb", "wandb", "logging.wandb") from None
-        run_dir = Path(recipe.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
-            project=recipe.logging.experiment or "llm",
+            project=logging.experiment or "llm",
             name=run_dir.resolve().name,
             dir=str(run_dir),
-            mode=recipe.logging.wandb_mode,
+            mode=logging.wandb_mode,
             config=config,
             settings=wandb.Settings(silent=True, console="off"),
             reinit="create_new",
@@ -64,19 +85,19 @@ class MlflowTracker:
     """One MLflow run in `logging.mlflow_uri` (default: the file store RUN_DIR/mlruns), through a client
     object so no process-wide MLflow state is touched."""
 
-    def __init__(self, recipe: RecipeConfig, config: dict):
+    def __init__(self, logging: LoggingConfig, run_dir: Path, config: dict):
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise _missing("mlflow", "mlflow", "logging.mlflow") from None
-        uri = recipe.logging.mlflow_uri or (Path(recipe.run_dir).resolve() / "mlruns").as_uri()
+        uri = logging.mlflow_uri or (run_dir.resolve() / "mlruns").as_uri()
         if uri.startswith("file:"):  # MLflow 3 keeps the file store but asks for this opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
-        name = recipe.logging.experiment or "llm"
+        name = logging.experiment or "llm"
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
-        run = self.client.create_run(experiment_id, run_name=Path(recipe.run_dir).resolve().name)
+        run = self.client.create_run(experiment_id, run_name=run_dir.resolve().name)
         self.run_id = run.info.run_id
         flat = _flatten(config)
         from mlflow.entities import Param
@@ -103,11 +124,12 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix: value}
 
 
-def open_trackers(recipe: RecipeConfig, config: dict) -> list:
-    """The trackers the recipe turns on, each with write(record) and close()."""
+def open_trackers(logging: LoggingConfig, run_dir: Path, config: dict) -> list:
+    """The trackers `logging` turns on for the run in `run_dir`, each with write(record) and close();
+    `config` (the recipe as a mapping) is logged with them."""
     trackers = []
-    if recipe.logging.wandb:
-        trackers.append(WandbTracker(recipe, config))
-    if recipe.logging.mlflow:
-        trackers.append(MlflowTracker(recipe, config))
+    if logging.wandb:
+        trackers.append(WandbTracker(logging, run_dir, config))
+    if logging.mlflow:
+        trackers.append(MlflowTracker(logging, run_dir, config))
     return trackers

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from llm.config import RecipeConfig
 from llm.errors import UserError
 from llm.log import logger
 from llm.train import checkpoint as ckpt
+from llm.train.config import Recipe
 from llm.train.distributed import DistInfo, Heartbeat, RankFailure
 from llm.train.metrics import MetricsWriter, memory_bytes
 
@@ -43,7 +43,19 @@ class NonFiniteLoss(UserError):
 
 
 class Callback:
-    """Hooks at step boundaries; override what you need. `trainer` gives access to everything."""
+    """Hooks at step boundaries; override what you need. `trainer` gives access to everything.
+
+    A callback that learns something during a run keeps it through checkpoints, as torchtitan's
+    Stateful components do: `state_dict()` is saved in each checkpoint under the callback's name
+    (`name`, else its class name: stable across runs, unique among a trainer's callbacks) and given
+    back to `load_state_dict()` on resume. The state holds tensors and plain data only (it is read
+    with weights_only=True). Rank 0 saves it once and every rank gets that copy back, on any number
+    of ranks; a callback whose state differs between ranks sets `per_rank`: each rank saves and gets
+    back its own, and a resume on another number of ranks is refused. Any object with these members
+    is a callback (`llm.compress`'s GradualPruner, which may not import the loop, is one)."""
+
+    name: str | None = None
+    per_rank = False
 
     def on_step_end(self, trainer: Trainer, metrics: dict) -> None:
         """After optimizer step `trainer.step` (metrics of that step); before its checkpoint."""
@@ -51,9 +63,18 @@ class Callback:
     def on_fit_end(self, trainer: Trainer, preempted: bool) -> None:
         """After the last step, before the final checkpoint."""
 
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class Validation(Callback):
-    """The task's validation metrics every `every` steps (0: only at the end), logged and written."""
+    """The task's validation metrics every `every` steps (0: only at the end), logged and written;
+    the last of them (`last`, the run's summary) survives a resume."""
+
+    name = "validation"
 
     def __init__(self, batches, every: int, max_batches: int):
         self.batches, self.every, self.max_batches = batches, every, max_batches
@@ -67,6 +88,12 @@ class Validation(Callback):
         if not preempted:
             self.run(trainer)
 
+    def state_dict(self) -> dict:
+        return {"last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last = state["last"]
+
     def run(self, trainer: Trainer) -> None:
         val = trainer.evaluate(self.batches, self.max_batches)
         if val is None:
@@ -79,12 +106,18 @@ class Validation(Callback):
         logger.info(f"step {val['step']}: val loss {val['val_loss']:.4f}{shown}")
 
 
+def callback_name(callback: Callback) -> str:
+    """The key of a callback's state in checkpoints: its `name`, else its class name."""
+    return callback.name or type(callback).__name__
+
+
 class Trainer:
-    """Runs the loop; see the module docstring. `state` (data position, skips) goes into checkpoints."""
+    """Runs the loop; see the module docstring. Its `state_dict()` (counters, data position, the
+    callbacks' states) goes into every checkpoint and comes back on resume."""
 
     def __init__(
         self,
-        recipe: RecipeConfig,
+        recipe: Recipe,
         dist: DistInfo,
         engine,
         model: torch.nn.Module,
@@ -97,6 +130,10 @@ class Trainer:
         self.recipe, self.dist, self.engine, self.model, self.task = recipe, dist, engine, model, task
         self.rank, self.world_size = dist.rank, dist.world_size
         self.train_batches, self.callbacks = train_batches, list(callbacks)
+        names = [callback_name(c) for c in self.callbacks]
+        if len(set(names)) < len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"two callbacks are named {', '.join(twice)}: set `name` to keep their states apart")
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.run_dir = Path(recipe.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -124,9 +161,12 @@ class Trainer:
             step_dir = ckpt.find_checkpoint(self.ckpt_dir)
         else:
             step_dir = ckpt.find_checkpoint(resume)
-        saved_world = self._check_recipe(step_dir)
+        saved = ckpt.trainer_state(step_dir, 0)  # rank 0's: the world size, every callback's state
+        saved_world = saved.get("world_size") or len(list(step_dir.glob("trainer_rank_*.pt")))  # older llm: count
+        self._check_recipe(step_dir, saved_world, saved["step"])
+        self._check_per_rank(step_dir, saved_world, saved.get("callbacks", {}))
         load_dir, kwargs = None, {}
-        if saved_world is not None and saved_world != self.world_size and self.engine.zero_optimization_stage() > 0:
+        if saved_world != self.world_size and self.engine.zero_optimization_stage() > 0:
             from llm.train import elastic
 
             load_dir = elastic.universal_copy(step_dir, self.rank)
@@ -136,31 +176,71 @@ class Trainer:
             from llm.train import elastic
 
             elastic.after_load(self.engine, state)
-        self.step = int(state["step"])
+        # every callback's state from rank 0's file, a per-rank one's from this rank's own
+        self.load_state_dict({**state, "callbacks": {**saved.get("callbacks", {}), **state.get("callbacks", {})}})
         self.resumed_step = self.step
-        self.skipped = int(state.get("skipped", 0))
-        self.train_batches.load_state_dict(state["data"])
         self._apply_lr()
         logger.info(f"resumed from {step_dir} at step {self.step}")
 
-    def _check_recipe(self, step_dir: Path) -> int | None:
-        """Compare the checkpoint's recipe with ours (see `resume`); the checkpoint's world size."""
+    def _check_recipe(self, step_dir: Path, saved_world: int, saved_step: int) -> None:
+        """Compare the checkpoint's recipe with ours (see `resume`)."""
         import yaml
 
         from llm.train import recipe_change
 
         saved_path = step_dir / "recipe.yaml"
-        state = ckpt.trainer_state(step_dir, 0)
-        saved_world = state.get("world_size") or len(list(step_dir.glob("trainer_rank_*.pt")))  # older llm: count
         if not saved_path.is_file():
-            return saved_world
-        saved = yaml.safe_load(saved_path.read_text())
+            return
+        saved = self.recipe.as_recorded(yaml.safe_load(saved_path.read_text()))
         current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(self.recipe), sort_keys=False))
         changed = recipe_change.check_resume(saved, current, str(step_dir), saved_world, self.world_size)
         for field, (old, new) in changed.items():
             if field != "run_dir":
-                logger.info(f"resume: {field} changed from {old!r} to {new!r} (takes effect from step {state['step']})")
-        return saved_world
+                logger.info(f"resume: {field} changed from {old!r} to {new!r} (takes effect from step {saved_step})")
+
+    def _check_per_rank(self, step_dir: Path, saved_world: int, saved_callbacks: dict) -> None:
+        """A callback's per-rank state resumes only on the number of ranks that saved it."""
+        if saved_world == self.world_size:
+            return
+        for callback in self.callbacks:
+            name = callback_name(callback)
+            if callback.per_rank and name in saved_callbacks:
+                raise UserError(
+                    f"{step_dir}: saved by {saved_world} ranks; callback {name!r} keeps a state per rank, "
+                    f"which cannot be restored on {self.world_size} (resume on {saved_world} ranks)"
+                )
+
+    # -- state ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's part of a checkpoint (`checkpoint.save` adds the RNG states): the step, the
+        skipped micro-batches, the world size, the data position (global, the same on every rank)
+        and the callbacks' states by name: rank 0 saves every callback's, the other ranks those of
+        callbacks whose state differs per rank (see `Callback`)."""
+        return {
+            "step": self.step,
+            "skipped": self.skipped,
+            "world_size": self.world_size,
+            "data": self.train_batches.state_dict(),
+            "callbacks": {callback_name(c): c.state_dict() for c in self.callbacks if self.rank == 0 or c.per_rank},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s parts; `callbacks` holds every callback's state for this rank. A
+        callback the checkpoint has no state for (one added since, or a checkpoint of an older llm)
+        starts afresh, and a saved state no callback of this run claims is left unused; both are logged."""
+        self.step = int(state["step"])
+        self.skipped = int(state.get("skipped", 0))
+        self.train_batches.load_state_dict(state["data"])
+        saved = state.get("callbacks", {})
+        for callback in self.callbacks:
+            name = callback_name(callback)
+            if name in saved:
+                callback.load_state_dict(saved[name])
+            else:
+                logger.info(f"resume: the checkpoint holds no state of callback {name!r}; it starts afresh")
+        for name in sorted(saved.keys() - {callback_name(c) for c in self.callbacks}):
+            logger.warning(f"resume: the checkpoint holds the state of a callback {name!r} this run does not have")
 
     def _apply_lr(self) -> None:
         """Peak lr of this recipe (not the checkpoint's) from the restored step on."""
@@ -299,12 +379,11 @@ class Trainer:
         return {"step": self.step, **self.task.eval_metrics(totals)}
 
     def save(self) -> Path:
-        state = {"data": self.train_batches.state_dict(), "skipped": self.skipped, "world_size": self.world_size}
         return ckpt.save(
             self.engine,
             self.ckpt_dir,
             self.step,
-            state,
+            self.state_dict(),
             {"recipe": dataclasses.asdict(self.recipe), "model": self.model.description()},
             self.rank,
             self.recipe.checkpoint.keep_last,

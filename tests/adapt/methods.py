@@ -18,7 +18,7 @@ METHODS = {
 
 
 def recipe(method: str, run_dir, zero_stage: int = 0, micro_batch: int = 4, steps: int = 3, save: bool = False):
-    from llm.config import resolve_recipe
+    from llm.run.recipe import resolve_recipe
 
     data = {**TINY, "transforms": METHODS[method], "run_dir": str(run_dir)}
     data["train"] = {**TINY["train"], "max_steps": steps, "micro_batch_size": micro_batch}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llm.adapt import apply_transform
-from llm.config import load_model_config
+from llm.models.config import load_model_config
 from llm.tasks import build_model
 
 

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from llm import adapt, compress  # noqa: F401  (registers the quantize and prune transforms)
+from llm import transforms
 from llm.compress import prune, quantize, report
 from llm.compress.distill import Distiller
 from llm.run.compress import compress_report, prune_model, quantize_model
@@ -55,7 +55,7 @@ def test_removing_zero_heads_and_neurons_keeps_the_class_logits(pooling):
 
 @pytest.mark.parametrize("method", quantize.METHODS)
 def test_quantized_classifier_reloads_bit_identical(tmp_path, method):
-    model = adapt.apply_transform(classifier().eval(), {"name": "quantize", "method": method, "group_size": 32})
+    model = transforms.apply_transform(classifier().eval(), {"name": "quantize", "method": method, "group_size": 32})
     batch = padded_batch()
     before = model(**batch).logits
     save_pretrained(model, tmp_path)
@@ -113,8 +113,8 @@ def test_report_compares_classifiers_by_accuracy_and_examples_per_second(tmp_pat
     quantize_model(orig, str(tmp_path / "int8"), method="int8")
     prune_model(orig, str(tmp_path / "wanda"), method="wanda", sparsity=0.5, data=str(sentiment / "val.jsonl"))
     result = compress_report(
-        orig, [str(tmp_path / "int8"), str(tmp_path / "wanda")], str(sentiment / "val.jsonl"), str(tmp_path / "r"),
-        rounds=1, batch_size=8, names=["orig", "int8", "wanda"],
+        orig, [str(tmp_path / "int8"), str(tmp_path / "wanda")], data=str(sentiment / "val.jsonl"),
+        out=str(tmp_path / "r"), rounds=1, batch_size=8, names=["orig", "int8", "wanda"],
     )  # fmt: skip
     rows = json.loads((tmp_path / "r" / "report.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["orig", "int8", "wanda"]

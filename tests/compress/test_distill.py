@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from llm.compress.distill import Distiller, distillation_loss
-from llm.config import IGNORE_INDEX, ConfigError, resolve_recipe
+from llm.config import ConfigError
+from llm.kernels.reference import IGNORE_INDEX
 from llm.run.loader import load_model
+from llm.run.recipe import resolve_recipe
 from llm.run.train import load_teacher
 from tests.conftest import build, rel_err
 from tests.train.helpers import PYTHON, ROOT, TINY, TORCHRUN, env, losses, write_recipe

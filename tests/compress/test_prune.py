@@ -169,7 +169,8 @@ def test_bad_requests_are_named():
 def test_gradual_pruning_during_training_reaches_its_sparsity(tmp_path):
     import copy
 
-    from llm.config import ConfigError, resolve_recipe
+    from llm.config import ConfigError
+    from llm.run.recipe import resolve_recipe
     from llm.run.train import check_recipe
     from tests.train.helpers import TINY, run, write_recipe
 
@@ -185,12 +186,39 @@ def test_gradual_pruning_during_training_reaches_its_sparsity(tmp_path):
         check_recipe(resolve_recipe(r))
 
 
+def test_gradual_pruning_resumes_as_the_run_that_was_not_stopped(tmp_path):
+    """Resumed after a pruning step, the pruner keeps its masks (the pruned weights stay zero through
+    the next step) and prunes again at the schedule's next step: the masks and every weight end as
+    in the run that went through."""
+    import copy
+
+    from llm.run.recipe import resolve_recipe
+    from tests.train.helpers import TINY, assembled_trainer
+
+    r = copy.deepcopy(TINY)
+    r.update(deepspeed={"preset": "zero0"}, checkpoint={"every_steps": 3, "keep_last": 5})
+    r["train"].update(precision="fp32", max_steps=6)
+    r["prune"] = {"sparsity": 0.6, "start_step": 1, "end_step": 5, "every": 2}  # prunes at steps 1, 3, 5
+    through = assembled_trainer(resolve_recipe({**r, "run_dir": str(tmp_path / "through")}))
+    through.fit()
+    step_3 = tmp_path / "through" / "checkpoints" / "step_00000003"
+    resumed = assembled_trainer(resolve_recipe({**r, "run_dir": str(tmp_path / "resumed")}), resume=str(step_3))
+    resumed.fit()
+    a, b = (next(c for c in t.callbacks if isinstance(c, prune.GradualPruner)) for t in (through, resumed))
+    assert a.masks.keys() == b.masks.keys() == dict(prune.prunable_linears(through.model)).keys()
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name]), name
+    for (name, p), q in zip(through.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    assert abs(prune.sparsity_of(resumed.model) - 0.6) < 0.01
+
+
 def test_finetuning_starts_from_the_pruned_shapes(tmp_path):
     """init_from a structurally pruned model: the recipe names the original architecture, the
     pruned widths come from the model's record, and the weights are the pruned model's."""
     import copy
 
-    from llm.config import resolve_recipe
+    from llm.run.recipe import resolve_recipe
     from llm.run.train import build_model, check_recipe
     from tests.train.helpers import TINY
 

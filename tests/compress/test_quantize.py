@@ -7,10 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm import adapt, compress  # noqa: F401  (registers the quantize transform)
+from llm import transforms
 from llm.compress import quantize
 from llm.config import ConfigError
-from llm.models.base import tied_aliases
 from llm.run.loader import load_model, save_pretrained
 from tests.conftest import build, rel_err
 
@@ -19,7 +18,7 @@ SMALL = dict(n_layers=2, d_model=64, n_heads=4, d_ff=128, vocab_size=200, max_se
 
 
 def quantized(model, method, group_size=32):
-    return adapt.apply_transform(model, {"name": "quantize", "method": method, "group_size": group_size})
+    return transforms.apply_transform(model, {"name": "quantize", "method": method, "group_size": group_size})
 
 
 @pytest.mark.parametrize("method", quantize.METHODS)
@@ -42,7 +41,7 @@ def test_every_linear_and_the_tied_table_are_quantized_once(method):
         if isinstance(m, torch.nn.Linear | torch.nn.Embedding) or name == "lm_head":
             assert quantize.is_quantized(m.weight), name
     assert model.lm_head.weight is model.transformer.tok_embed.weight
-    stored = quantize.plain_state_dict(model, skip=tied_aliases(model))
+    stored = transforms.plain_state(model)  # tied aliases left out
     assert [n for n in stored if n.endswith(".qdata") and ("tok_embed" in n or "lm_head" in n)] == [
         "transformer.tok_embed.weight.qdata"
     ]
@@ -56,7 +55,7 @@ def test_stored_parts_are_what_the_layer_computes(method, tol):
     original = model.transformer.blocks[0].mlp.fc_in.weight.detach().double().clone()
     quantized(model, method)
     layer = model.transformer.blocks[0].mlp.fc_in
-    parts = quantize.plain_state_dict(model)
+    parts = transforms.plain_state(model)
     q = parts["transformer.blocks.0.mlp.fc_in.weight.qdata"]
     if method == "int4":
         assert q.dtype == torch.uint8 and q.shape[1] == original.shape[1] // 2

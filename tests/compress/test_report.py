@@ -31,11 +31,11 @@ def test_report_measures_every_variant(tmp_path, shards):
     result = compress_report(
         str(tmp_path / "orig"),
         [str(tmp_path / "int8"), str(tmp_path / "pruned")],
-        str(data / "val"),
-        str(tmp_path / "report"),
+        data=str(data / "val"),
+        out=str(tmp_path / "report"),
         new_tokens=4,
         rounds=1,
-        eval_batches=2,
+        max_batches=2,
     )
     rows = json.loads((tmp_path / "report" / "report.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["orig", "int8", "pruned"]

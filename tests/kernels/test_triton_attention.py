@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from llm import kernels
-from llm.config import ModelConfig
 from llm.kernels import triton_attention
+from llm.models.config import ModelConfig
 from llm.tasks import build_model
 from tests.conftest import rel_err
 

@@ -60,7 +60,7 @@ def launch_env(**extra: str) -> dict[str, str]:
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
-    from llm.train.plot import load_metrics
+    from llm.run.plot import load_metrics
 
     return {r["step"]: r["loss"] for r in load_metrics(run_dir) if "loss" in r}
 

@@ -7,7 +7,7 @@ import pytest
 
 from llm.cli import main
 from llm.errors import UserError
-from llm.train.plot import load_metrics, plot_run, series
+from llm.run.plot import load_metrics, plot_run, series
 
 
 def _write_run(run_dir, lines):
@@ -61,7 +61,7 @@ def test_series_sorted_and_last_record_wins(tmp_path):
 def test_plot_out_path(tmp_path):
     run = tmp_path / "run"
     _synthetic(run)
-    out = plot_run(run, tmp_path / "figs" / "curves.png")
+    out = plot_run(run, out=tmp_path / "figs" / "curves.png")
     assert out.is_file() and out.parent.name == "figs"
 
 
@@ -89,7 +89,7 @@ def test_bad_metrics_name_the_file(tmp_path, lines, message, capsys):
 def test_every_metric_has_its_own_labelled_axes(tmp_path):
     import matplotlib.pyplot as plt
 
-    from llm.train.plot import figure
+    from llm.run.plot import figure
 
     run = tmp_path / "run"
     _synthetic(run)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llm.cli import main
-from llm.config import ModelConfig
+from llm.models.config import ModelConfig
 from llm.models.generation import filter_logits, generate
 from llm.run.generate import generate_text
 from llm.run.loader import save_pretrained
@@ -110,8 +110,8 @@ def test_llm_generate_end_to_end(tmp_path, capsys):
             ref = ref[: ref.index(0, ids.shape[1])]
         assert line == tok.decode(ref)
 
-    sampled = generate_text(str(tmp_path / "model"), ["the"], max_new_tokens=5, top_k=5, seed=1)
-    assert sampled == generate_text(str(tmp_path / "model"), ["the"], max_new_tokens=5, top_k=5, seed=1)
+    sampled = generate_text(model=str(tmp_path / "model"), prompt=["the"], max_new_tokens=5, top_k=5, seed=1)
+    assert sampled == generate_text(model=str(tmp_path / "model"), prompt=["the"], max_new_tokens=5, top_k=5, seed=1)
 
 
 def test_generate_errors_are_one_line(tmp_path, capsys):

@@ -4,7 +4,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from llm.config import ModelConfig, load_model_config
+from llm.models.config import ModelConfig, load_model_config
 from llm.models.info import training_flops_per_token, zero_memory_per_rank
 from llm.tasks import build_model
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llm.config import ModelConfig
+from llm.models.config import ModelConfig
 from llm.models.layers import Attention, Norm, Rotary, apply_rotary, sinusoidal_table
 from tests.conftest import rel_err
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import ModelConfig
 from llm.models import ModelOutput
+from llm.models.config import ModelConfig
 from llm.tasks import build_model
 from tests.conftest import rel_err
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llm.config import DataConfig
+from llm.data.config import DataConfig
 from llm.tasks import build_model, get_task
 
 VIT = dict(family="vit", image_size=8, patch_size=4, num_channels=1, d_model=16, n_layers=1, n_heads=2, d_ff=32)
@@ -12,7 +12,7 @@ VIT = dict(family="vit", image_size=8, patch_size=4, num_channels=1, d_model=16,
 
 def all_samples(task, cfg, path):
     batches = task.batches(
-        cfg, DataConfig(train=str(path), val=str(path)), "val", seed=0, micro_batch=5, rank=0, world_size=1
+        cfg, DataConfig(train=str(path), val=str(path)), "val", seed=0, micro_batch_size=5, rank=0, world_size=1
     )
     out = []
     while (batch := batches.next_batch()) is not None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import DataConfig
+from llm.data.config import DataConfig
 from llm.errors import UserError
 from llm.tasks import build_model, get_task
 from tests.conftest import rel_err
@@ -36,7 +36,7 @@ def files(tmp_path_factory):
 
 def batch_of(task, cfg, root, tok, size=3):
     data = DataConfig(train=str(root / "pairs.jsonl"), tokenizer=str(tok), seq_len=48)
-    batches = task.batches(cfg, data, "train", seed=0, micro_batch=size, rank=0, world_size=1)
+    batches = task.batches(cfg, data, "train", seed=0, micro_batch_size=size, rank=0, world_size=1)
     return batches.next_batch()
 
 
@@ -75,7 +75,7 @@ def test_a_prompt_that_fills_the_window_is_named(files, tmp_path):
     model = build_model(GPT, task)
     data = DataConfig(train=str(tmp_path / "long.jsonl"), tokenizer=str(tok), seq_len=48)
     with pytest.raises(UserError, match=r"long\.jsonl: row 1: the templated prompt fills data\.seq_len=48"):
-        task.batches(model.config, data, "train", seed=0, micro_batch=1, rank=0, world_size=1)
+        task.batches(model.config, data, "train", seed=0, micro_batch_size=1, rank=0, world_size=1)
 
 
 def test_instruction_reads_no_packed_shards():
@@ -99,7 +99,7 @@ def test_generate_applies_the_saved_template(files, tmp_path):
     save_pretrained(model, tmp_path / "m", tok_path)
     reloaded = load_model(tmp_path / "m")
     assert reloaded.task == "instruction" and reloaded.options.template == TEMPLATE
-    text = generate_text(str(tmp_path / "m"), ["def sq(x):"], max_new_tokens=4, temperature=0.0)[0]
+    text = generate_text(model=str(tmp_path / "m"), prompt=["def sq(x):"], max_new_tokens=4, temperature=0.0)[0]
     tok = Tokenizer(tok_path)
     ids = tok.encode(TEMPLATE.replace("{prompt}", "def sq(x):"))
     want = generate(reloaded, torch.tensor([ids]), max_new_tokens=4, temperature=0.0)[0].tolist()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,3 +102,17 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def wait_for_first_checkpoint(ckpt_dir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `ckpt_dir/latest` exists; AssertionError when `proc` ends first or `timeout` passes."""
+    from llm.train.checkpoint import LATEST
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early with status {proc.returncode}")
+        if (Path(ckpt_dir) / LATEST).is_file():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint in {timeout} s")

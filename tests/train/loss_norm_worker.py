@@ -51,7 +51,7 @@ def one_step(recipe, batches: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    from llm.config import load_recipe
+    from llm.run.recipe import load_recipe
 
     recipe_path, batches_path, out = sys.argv[1:4]
     result = one_step(load_recipe(recipe_path), torch.load(batches_path, weights_only=True))

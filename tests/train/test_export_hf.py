@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from llm.config import load_recipe
+from llm.run.recipe import load_recipe
 from tests.train.helpers import ROOT, assembled_trainer
 
 transformers = pytest.importorskip("transformers")
@@ -67,7 +67,7 @@ def test_pipeline_stops_at_eos_and_agrees_with_llm_generate(trained):
     new = out[len(pipe.tokenizer(prompt)["input_ids"]) :]
     assert eos in new and new[-1] == eos and len(new) < 40, new  # stopped at its first EOS
     text = pipe(prompt, max_new_tokens=40, do_sample=False)[0]["generated_text"]
-    ours = generate_text(str(path), [prompt], max_new_tokens=40, temperature=0.0)[0]
+    ours = generate_text(model=str(path), prompt=[prompt], max_new_tokens=40, temperature=0.0)[0]
     assert ours == text
     assert load_model(path).config.eos_token_id == eos
 
@@ -76,13 +76,14 @@ def test_run_checkpoints_generate_with_the_runs_own_tokenizer(trained):
     from llm.run.generate import generate_text
 
     path, recipe = trained
-    ours = generate_text(str(path.parent / "checkpoints"), ["def f1(x):\n"], max_new_tokens=8, temperature=0.0)
+    checkpoints = str(path.parent / "checkpoints")
+    ours = generate_text(model=checkpoints, prompt=["def f1(x):\n"], max_new_tokens=8, temperature=0.0)
     assert ours[0].startswith("def f1(x):\n")
 
 
 def test_a_model_without_hugging_face_equivalent_exports_as_an_llm_directory(tmp_path):
-    from llm.config import resolve_recipe
     from llm.run.loader import load_model, model_kind
+    from llm.run.recipe import resolve_recipe
     from llm.run.train import export
     from llm.tasks import build_model
     from tests.train.helpers import TINY

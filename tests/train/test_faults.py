@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from llm.cli import main
-from llm.config import resolve_recipe
+from llm.run.recipe import resolve_recipe
 from llm.train.distributed import Heartbeat
 from tests.train.helpers import ROOT, TINY, assembled_trainer, command, descendants, env, losses, write_recipe
 

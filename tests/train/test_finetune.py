@@ -156,7 +156,7 @@ def test_eval_metrics_match_scikit_learn_on_predictions_from_transformers(world,
             ids = torch.tensor([tok.encode(row["text"]).ids])
             predicted.append(int(ref(input_ids=ids).logits.argmax(-1)))
             truth.append(["neg", "pos"].index(row["label"]))
-    result = evaluate_model(tmp_path / "cls", world["val"], seq_len=16, batch_size=5, out=tmp_path / "ev")
+    result = evaluate_model(model=tmp_path / "cls", data=world["val"], seq_len=16, batch_size=5, out=tmp_path / "ev")
     assert result["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(truth, predicted), abs=1e-12)
     assert result["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(truth, predicted, average="macro"), abs=1e-12)
     assert result["confusion"] == sklearn_metrics.confusion_matrix(truth, predicted, labels=[0, 1]).tolist()
@@ -243,7 +243,8 @@ def test_a_lora_run_exports_the_merged_model_and_a_peft_adapter_for_the_untouche
 
 
 def resolved(world, r: dict):
-    from llm.run.train import check_recipe, finetune_recipe
+    from llm.run.recipe import finetune_recipe
+    from llm.run.train import check_recipe
 
     return check_recipe(finetune_recipe(r))
 
@@ -287,8 +288,8 @@ def test_mixed_or_missing_labels_in_the_training_file(world, tmp_path):
 
 
 def test_adapt_section_becomes_a_transform_and_unknown_methods_fail(world):
-    from llm import adapt
-    from llm.run.train import finetune_recipe, recipe_transforms
+    from llm.run.recipe import finetune_recipe, recipe_transforms
+    from llm.transforms import TRANSFORMS
 
     r = recipe(world, "x", world["root"] / "llm-bert", adapt={"method": "freeze", "layers": ["embeddings"]})
     r["transforms"] = [{"name": "freeze", "layers": ["blocks.0"]}]
@@ -299,7 +300,7 @@ def test_adapt_section_becomes_a_transform_and_unknown_methods_fail(world):
     assert recipe_transforms(finetune_recipe({**r, "adapt": {"method": "full"}})) == r["transforms"]
     with pytest.raises(ConfigError, match=r"^adapt\.method: expected one of 'full', 'lora'|^adapt\.method: expected"):
         finetune_recipe({**r, "adapt": {"method": "dora"}})
-    missing = [m for m in ("lora", "prefix", "prompt") if m not in adapt.TRANSFORMS]
+    missing = [m for m in ("lora", "prefix", "prompt") if m not in TRANSFORMS]
     for method in missing:  # a method whose transform this checkout lacks
         with pytest.raises(ConfigError, match=rf"adapt\.method: '{method}' is not available here"):
             recipe_transforms(finetune_recipe({**r, "adapt": {"method": method}}))
@@ -324,7 +325,7 @@ def test_cli_prints_one_line_for_a_bad_recipe(world):
 
 def test_the_sentiment_recipe_trains_from_a_bert_directory(world, tmp_path):
     """configs/finetune/sentiment.yaml with a tiny BERT in place of MiniLM and the toy sentences."""
-    from llm.run.train import load_finetune_recipe
+    from llm.run.recipe import load_finetune_recipe
     from tests.train.helpers import assembled_trainer
 
     sets = [f"init_from={world['root'] / 'llm-bert'}", f"data.train={world['train']}", f"data.val={world['val']}"]
@@ -340,7 +341,7 @@ def test_the_instruction_recipe_trains_from_a_gpt_directory(tmp_path):
     """configs/finetune/instruct.yaml with a tiny GPT in place of the quickstart model."""
     from llm.data.tokenizer import train_tokenizer
     from llm.run.loader import save_pretrained
-    from llm.run.train import load_finetune_recipe
+    from llm.run.recipe import load_finetune_recipe
     from llm.tasks import build_model
     from tests.train.helpers import assembled_trainer
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from llm.config import resolve_recipe
+from llm.run.recipe import resolve_recipe
 from tests.train.helpers import TINY, assembled_trainer
 
 

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 import torch
 
-from llm.config import IGNORE_INDEX, RecipeConfig, resolve_recipe
+from llm.kernels.reference import IGNORE_INDEX
+from llm.run.recipe import RecipeConfig, resolve_recipe
 from tests.conftest import rel_err
 from tests.train.helpers import ROOT, TINY, TORCHRUN, env, write_recipe
 from tests.train.loss_norm_worker import one_step

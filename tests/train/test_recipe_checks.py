@@ -3,6 +3,7 @@ for the launcher's world size, blends, a resume's checkpoint; `--set` takes seve
 prints the resolved recipe and the DeepSpeed JSON."""
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 import yaml
 
 from llm.cli import main
-from llm.config import ConfigError, resolve_recipe
+from llm.config import ConfigError
 from llm.run.checks import check_resume
+from llm.run.recipe import resolve_recipe
 from llm.run.train import check_recipe
 from tests.train.helpers import TINY, run, write_recipe
 
@@ -200,3 +202,91 @@ def test_fine_tuning_files_models_and_teacher_are_checked_before_any_process_gro
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"^distill.teacher: .*empty"):
         check(dict(shard_recipe(corpus), distill={"teacher": str(tmp_path / "empty")}))
+
+
+# Each plug-in section with a misspelt and an out-of-range setting: (recipe fields, the path named, the message).
+PLUGIN_ERRORS = {
+    "task_misspelt": ({"task": {"name": "text_classification", "num_label": 3}}, "task.num_label", "unknown key"),
+    "task_range": ({"task": {"name": "text_classification", "num_labels": 1}}, "task.num_labels", "must be >= 2"),
+    "lora_misspelt": ({"adapt": {"method": "lora", "rnak": 16}}, "adapt.rnak", "unknown key"),
+    "lora_range": ({"adapt": {"method": "lora", "rank": 0}}, "adapt.rank", "must be >= 1, got 0"),
+    "prefix_misspelt": ({"adapt": {"method": "prefix", "num_virtual_token": 4}}, "adapt.num_virtual_token", "unknown"),
+    "prefix_range": ({"adapt": {"method": "prefix", "num_virtual_tokens": 0}}, "adapt.num_virtual_tokens", ">= 1"),
+    "prompt_misspelt": ({"adapt": {"method": "prompt", "num_virtual_tokens": 4, "init_idz": [1]}}, "adapt.init_idz",
+                        "unknown key"),
+    "prompt_range": ({"adapt": {"method": "prompt", "num_virtual_tokens": -2}}, "adapt.num_virtual_tokens", ">= 1"),
+    "freeze_misspelt": ({"adapt": {"method": "freeze", "layer": ["trunk"]}}, "adapt.layer", "unknown key"),
+    "freeze_range": ({"adapt": {"method": "freeze", "layers": []}}, "adapt.layers", "names nothing to freeze"),
+    "full_setting": ({"adapt": {"method": "full", "rank": 8}}, "adapt.rank", "unknown key"),
+    "adapt_method": ({"adapt": {"method": "dora"}}, "adapt.method", "expected one of 'full', 'freeze', 'lora'"),
+    "lora_in_transforms": ({"transforms": [{"name": "lora", "alpha": 0}]}, "transforms[0].alpha", "must be > 0"),
+    "quantize_misspelt": ({"transforms": [{"name": "quantize", "methd": "int8"}]}, "transforms[0].methd", "unknown"),
+    "quantize_range": ({"transforms": [{"name": "quantize", "group_size": 3}]}, "transforms[0].group_size",
+                       "positive even number"),
+    "prune_transform_misspelt": ({"transforms": [{"name": "prune", "head": [1, 1]}]}, "transforms[0].head",
+                                 "unknown key"),
+    "prune_transform_range": ({"transforms": [{"name": "prune", "heads": [0, 1]}]}, "transforms[0].heads",
+                              "at least one unit"),
+    "transform_name": ({"transforms": [{"name": "dropout"}]}, "transforms[0].name", "expected one of 'freeze'"),
+    "prune_misspelt": ({"prune": {"sparsty": 0.5}}, "prune.sparsty", "unknown key"),
+    "prune_range": ({"prune": {"sparsity": 1.5}}, "prune.sparsity", "must be in [0, 1), got 1.5"),
+    "distill_misspelt": ({"distill": {"temprature": 2.0}}, "distill.temprature", "unknown key"),
+    "distill_range": ({"distill": {"temperature": 0}}, "distill.temperature", "must be > 0"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PLUGIN_ERRORS))
+def test_dry_run_refuses_a_bad_plugin_setting_naming_the_users_path(name, tmp_path, capsys, monkeypatch):
+    """Every plug-in section is typed when the recipe loads: one line naming the field as the recipe
+    spells it, and no process group started (init_distributed would fail the test)."""
+    import llm.train.distributed
+
+    def no_process_group(*args, **kwargs):
+        raise AssertionError("a process group was started")
+
+    monkeypatch.setattr(llm.train.distributed, "init_distributed", no_process_group)
+    fields, path, message = PLUGIN_ERRORS[name]
+    recipe = write_recipe(tmp_path / "r.yaml", {**TINY, **fields, "run_dir": str(tmp_path / "run")})
+    assert main(["pretrain", str(recipe), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"llm: error: {path}: "), err
+    assert message in err[0], err[0]
+
+
+def test_plugin_settings_are_typed_and_the_recorded_recipe_loads_again():
+    """task, adapt and transforms become their registries' settings classes; dataclasses.asdict (what
+    RUN_DIR/recipe.yaml records) writes them as the recipe wrote them, defaults filled, and loads again."""
+    from llm.adapt.lora import LoRASettings
+    from llm.compress.quantize import QuantizeSettings
+    from llm.run.recipe import recipe_transforms
+    from llm.tasks.text_classification import TextClassificationOptions
+
+    data = {**TINY, "task": {"name": "text_classification", "num_labels": 3}, "adapt": {"method": "lora", "rank": 4},
+            "transforms": [{"name": "quantize", "method": "int4"}]}  # fmt: skip
+    recipe = resolve_recipe(data)
+    assert isinstance(recipe.task, TextClassificationOptions) and recipe.task.num_labels == 3
+    assert isinstance(recipe.adapt, LoRASettings) and (recipe.adapt.rank, recipe.adapt.alpha) == (4, 16.0)
+    assert isinstance(recipe.transforms[0], QuantizeSettings) and recipe.transforms[0].group_size == 32
+    recorded = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe)))
+    assert recorded["adapt"] == {"method": "lora", "rank": 4, "alpha": 16.0, "dropout": 0.0, "targets": ["q", "v"],
+                                 "trainable": []}  # fmt: skip
+    assert recorded["task"] == {"name": "text_classification", "num_labels": 3, "labels": None, "pooling": None}
+    assert resolve_recipe(recorded) == recipe
+    # the model records each transform as the recipe gave it; adapt's method comes last, by name
+    assert recipe_transforms(recipe) == [{"name": "quantize", "method": "int4"}, {"name": "lora", "rank": 4}]
+
+
+def test_a_recipe_recorded_without_its_defaults_resumes_unchanged():
+    """A checkpoint's recipe.yaml written before every default was recorded (adapt: {method: lora,
+    rank: 4} only) compares equal to the same recipe loaded now: the resume check sees settings,
+    not spellings; a setting that really changed is still named."""
+    from llm.train import recipe_change
+
+    data = {**TINY, "adapt": {"method": "lora", "rank": 4}}
+    recipe = resolve_recipe(data)
+    current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe)))
+    old_form = yaml.safe_load(yaml.safe_dump(data))
+    assert recipe_change.changes(old_form, current)  # the raw forms differ (alpha, dropout, targets...)
+    assert recipe_change.changes(recipe.as_recorded(old_form), current) == {}
+    changed = {**data, "adapt": {"method": "lora", "rank": 8}}
+    assert set(recipe_change.changes(recipe.as_recorded(changed), current)) == {"adapt.rank"}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.config import load_recipe
+from llm.run.recipe import load_recipe
 from llm.train.metrics import read_metrics
 from tests.train.helpers import ROOT
 

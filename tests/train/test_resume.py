@@ -13,7 +13,17 @@ from llm.cli import main
 from llm.run.loader import load_pretrained
 from llm.train import checkpoint as ckpt
 from tests.conftest import rel_err
-from tests.train.helpers import ROOT, TINY, command, descendants, env, losses, run, write_recipe
+from tests.train.helpers import (
+    ROOT,
+    TINY,
+    command,
+    descendants,
+    env,
+    losses,
+    run,
+    wait_for_first_checkpoint,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -25,17 +35,6 @@ STEPS = [
     "deepspeed.zero_stage=2",
     "data.seq_len=32",
 ]
-
-
-def wait_for_first_checkpoint(ckpt_dir, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early with status {proc.returncode}")
-        if (ckpt_dir / ckpt.LATEST).is_file():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint in {timeout} s")
 
 
 def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
@@ -75,7 +74,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted_run(tmp_path):
 
 GATHER = """
 import sys, torch, deepspeed
-from llm.config import load_recipe
+from llm.run.recipe import load_recipe
 from llm.run.train import assemble
 from llm.train.distributed import init_distributed
 recipe = load_recipe(sys.argv[1], sys.argv[2:])

@@ -29,8 +29,9 @@ def test_tracker_run_read_back_from_its_local_store_equals_metrics_jsonl(tmp_pat
 
 
 def test_a_tracker_that_is_not_installed_fails_before_training(tmp_path, monkeypatch):
-    from llm.config import ConfigError, resolve_recipe
+    from llm.config import ConfigError
     from llm.run import checks
+    from llm.run.recipe import resolve_recipe
 
     recipe = resolve_recipe(dict(TINY, logging={"mlflow": True}))
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)

@@ -4,10 +4,10 @@ import math
 
 import pytest
 
-from llm.config import ScheduleConfig, resolve_recipe
+from llm.run.recipe import resolve_recipe
 from llm.tasks import build_model
 from llm.train.engine import deepspeed_config
-from llm.train.schedule import lr_factor, param_groups
+from llm.train.schedule import ScheduleConfig, lr_factor, param_groups
 from tests.train.helpers import TINY, assembled_trainer
 
 
@@ -37,7 +37,8 @@ def test_warmup_then_cosine_and_linear():
 def test_deepspeed_json_from_preset_and_recipe():
     data = {**TINY, "train": {**TINY["train"], "grad_accum": 3, "precision": "bf16"}}
     data["deepspeed"] = {"preset": "zero2", "config": {"zero_optimization": {"reduce_bucket_size": 1000}}}
-    cfg = deepspeed_config(resolve_recipe(data), world_size=2)
+    recipe = resolve_recipe(data)
+    cfg = deepspeed_config(recipe.deepspeed, recipe.train, recipe.optim, world_size=2)
     assert cfg["train_batch_size"] == 4 * 3 * 2
     assert cfg["zero_optimization"]["stage"] == 2 and cfg["zero_optimization"]["reduce_bucket_size"] == 1000
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]

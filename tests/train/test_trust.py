@@ -16,9 +16,10 @@ import pytest
 import torch
 import yaml
 
-from llm.config import ConfigError, RecipeConfig, build_config
+from llm.config import ConfigError, build_config
 from llm.errors import UserError
 from llm.run.loader import load_model
+from llm.run.recipe import RecipeConfig
 from llm.run.train import train
 from llm.train import checkpoint as ckpt
 from llm.train.metrics import MetricsWriter
@@ -36,7 +37,7 @@ def recipe_for(run_dir, **train_fields) -> RecipeConfig:
     data["checkpoint"] = {"every_steps": 1, "keep_last": 5}
     data["logging"]["progress"] = False
     data["run_dir"] = str(run_dir)
-    from llm.config import resolve_recipe
+    from llm.run.recipe import resolve_recipe
 
     return resolve_recipe(data)
 

@@ -88,9 +88,19 @@ def figure(records: list[dict], title: str):
     return fig
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw loss (train and validation), learning rate, gradient norm, tokens/s, MFU and validation
-    perplexity against step, each on its own labelled axes; return the PNG path."""
+def plot_run(run_dir: str, *, out: str | None = None) -> Path:
+    """Draw a run's loss (train, validation) and throughput curves from metrics.jsonl to a PNG.
+
+    Loss (train and validation), learning rate, gradient norm, tokens/s, MFU and validation
+    perplexity against step, each on its own labelled axes. Prints the PNG's path and returns it.
+
+    Args:
+        run_dir: a run directory holding metrics.jsonl
+        out: PNG path (default: RUN_DIR/metrics.png)
+
+    Example:
+        llm plot runs/quickstart            # writes runs/quickstart/metrics.png
+    """
     import matplotlib.pyplot as plt
 
     records = load_metrics(run_dir)
@@ -101,4 +111,5 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+    print(out)
     return out

@@ -1,0 +1,126 @@
+"""`llm bench ...`: the benchmark suites of llm.bench; each prints a table and writes JSON and a PNG
+under --out, $OUT or benchmarks/results/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+
+def kernels(
+    *,
+    ops: list[Literal["attention", "layer_norm", "rms_norm", "linear_cross_entropy"]] | None = None,
+    quick: bool = False,
+    repeat: int = 10,
+    out: str | None = None,
+) -> Path:
+    """Fused kernels against torch and peers.
+
+    Time every kernel backend per op, shape, dtype and pass; report GB/s or TFLOP/s, percent of the
+    card's measured copy bandwidth / matmul rate, speed-up over torch and peers, peak memory. On a
+    CPU only torch runs (small shapes).
+
+    Args:
+        ops: the ops to time (default: all)
+        quick: small shapes also on a GPU (a smoke run)
+        repeat: timed calls per measurement (the median is reported)
+        out: results folder (default: $OUT or benchmarks/results/)
+
+    Example:
+        llm bench kernels
+        llm bench kernels --ops rms_norm layer_norm --out /tmp/results
+    """
+    from llm.bench import kernels as suite
+
+    return suite.main(ops=ops, quick=quick, repeat=repeat, out_dir=out)
+
+
+def train(
+    *,
+    models: tuple[str, ...] = ("gpt2-tiny", "llama-tiny", "gpt2-124m"),
+    stages: tuple[Literal[0, 1, 2, 3], ...] = (0, 1, 2, 3),
+    ranks: int = 2,
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+    seq_len: int = 256,
+    micro_batch: int = 2,
+    warmup: int = 2,
+    steps: int = 5,
+    modes: tuple[Literal["eager", "compiled"], ...] = ("eager", "compiled"),
+    out: str | None = None,
+) -> Path:
+    """Training tokens/s and MFU per model size and ZeRO stage on local ranks (table, JSON, PNG).
+
+    Args:
+        models: model presets
+        stages: ZeRO stages
+        ranks: local processes
+        precision: training precision
+        seq_len: tokens per sequence
+        micro_batch: sequences per rank per step
+        warmup: untimed steps
+        steps: timed steps; the median is reported
+        modes: eager and/or train.compile, side by side (compiling takes minutes on a CPU)
+        out: results folder (default: $OUT or benchmarks/results/)
+
+    Example:
+        llm bench train --models gpt2-tiny llama-tiny --stages 0 1 2 3 --ranks 2
+    """
+    from llm.bench import train as suite
+
+    return suite.run(models=models, stages=stages, ranks=ranks, precision=precision, seq_len=seq_len,
+                     micro_batch=micro_batch, warmup=warmup, steps=steps, modes=modes, out_dir=out)  # fmt: skip
+
+
+def memory(
+    *,
+    model: str = "gpt2-tiny",
+    stages: tuple[Literal[0, 1, 2, 3], ...] = (0, 1, 2, 3),
+    ranks: tuple[int, ...] = (2, 4),
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16",
+    seq_len: int = 64,
+    out: str | None = None,
+) -> Path:
+    """Measured per-rank bytes of weights, gradients and optimizer state under ZeRO 0-3 against the
+    analytic 16 bytes/param (table, JSON, PNG).
+
+    Args:
+        model: a model preset
+        stages: ZeRO stages
+        ranks: rank counts
+        precision: training precision
+        seq_len: tokens per sequence
+        out: results folder (default: $OUT or benchmarks/results/)
+
+    Example:
+        llm bench memory --model gpt2-tiny --ranks 2 4 --precision bf16
+    """
+    from llm.bench import memory as suite
+
+    return suite.run(model=model, stages=stages, ranks_list=ranks, precision=precision, seq_len=seq_len,
+                      out_dir=out)  # fmt: skip
+
+
+def data(
+    *,
+    stdlib_bytes: int = 20_000_000,
+    batches: int = 200,
+    tokenize_rounds: int = 3,
+    png: bool = False,
+    out: str | None = None,
+) -> Path:
+    """Causal-LM batch assembly (32 x 2048) from shards vs a numpy-memmap loader, and prepare's MB/s vs
+    the tokenizer's own encode_batch.
+
+    Args:
+        stdlib_bytes: standard library text to tokenize
+        batches: batches timed per loader
+        tokenize_rounds: alternating prepare / encode_batch rounds
+        png: also draw a PNG
+        out: results folder (default: $OUT or benchmarks/results/)
+
+    Example:
+        llm bench data --png
+    """
+    from llm.bench import data as suite
+
+    return suite.run(stdlib_bytes=stdlib_bytes, batches=batches, tokenize_rounds=tokenize_rounds, png=png, out_dir=out)
