@@ -1,4 +1,4 @@
-"""Layer-level speed of the weight-only int8 / int4 CPU kernels against fp32 F.linear, on one thread.
+"""Layer-level speed of the quantized linear ops on a CPU against fp32 F.linear, on one thread.
 
 Decode is a GEMV (one row of x) per layer, bound by the weight bytes it reads, so the shapes are GPT-2 124M's
 projections and head and those of the llama-1b preset (Llama 3.2 1B: GQA, fused SwiGLU, 128k vocabulary),
@@ -6,7 +6,14 @@ with one prefill row (128 rows of x). "memory": calls rotate over copies of the 
 256 MiB, so each call reads its weight from DRAM, as a decode step of a model larger than the last-level
 cache does; "cached": one weight, repeated (it stays in L2/L3). Methods run interleaved, call by call; the
 figures are medians. GB/s counts the bytes of the weight as each method stores it (int4: packed nibbles
-and fp32 scales). The machine may be shared: the load average is recorded before and after.
+and fp32 scales).
+
+int8-dynamic (activations quantized per token) is measured as a classifier's forward runs it: MiniLM's
+projections on a batch of 32 x 64 tokens, beside FBGEMM's dynamic linear (per-tensor activations, with
+reduce_range, as AVX2 without VNNI needs), the peer not taken (see llm/kernels/cpu_quant_linear.py); "err"
+is ||y - y64|| / ||y64|| against the float64 product of x and the int8 weight, with x drawn with one
+outlier channel, as BERT-style hidden states have. The machine may be shared: the load average is recorded
+before and after.
 
     PYTHONPATH=. python benchmarks/quant_matmul.py
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -42,6 +50,13 @@ SHAPES = [
     ("llama-1b", "lm head", 2048, 128256, 1),
 ]
 METHODS = ("fp32", "int8", "int4 g32", "int4 g128")
+# (model, layer, K, N, rows of x): a forward of 32 sequences of 64 tokens
+DYNAMIC_SHAPES = [
+    ("minilm-l6", "attn q/k/v/out", 384, 384, 2048),
+    ("minilm-l6", "ffn in", 384, 1536, 2048),
+    ("minilm-l6", "ffn out", 1536, 384, 2048),
+]
+DYNAMIC_METHODS = ("fp32", "int8-dynamic", "fbgemm (reduce_range)")
 
 
 def make_weight(method: str, n: int, k: int) -> tuple:
@@ -100,6 +115,35 @@ def measure(k: int, n: int, rows: int) -> dict[str, dict[str, float]]:
     return {m: {"memory": memory[m], "cached": cached[m], "bytes": weight_bytes(m, n, k)} for m in METHODS}
 
 
+def measure_dynamic(k: int, n: int, rows: int) -> list[dict]:
+    x = torch.randn(rows, k)
+    x[:, 7] *= 20
+    qweight, scale = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) * 0.01
+    bias = torch.randn(n)
+    w = qweight.float() * scale[:, None]
+    with warnings.catch_warnings():  # quantize_per_channel: deprecated, the reason FBGEMM is not used
+        warnings.simplefilter("ignore")
+        packed = torch.ops.quantized.linear_prepack(
+            torch.quantize_per_channel(w, scale.double(), torch.zeros(n, dtype=torch.long), 0, torch.qint8), bias
+        )
+    fns = {
+        "fp32": lambda: F.linear(x, w, bias),
+        "int8-dynamic": lambda: kernels.int8_dynamic_linear(x, qweight, scale, bias),
+        "fbgemm (reduce_range)": lambda: torch.ops.quantized.linear_dynamic(x, packed, True),
+    }
+    exact = x.double() @ w.double().T + bias.double()
+    seconds = interleaved(fns, 15)
+    return [
+        {
+            "method": m,
+            "ms": seconds[m] * 1e3,
+            "x fp32": seconds["fp32"] / seconds[m],
+            "err": ((fns[m]().double() - exact).norm() / exact.norm()).item(),
+        }
+        for m in DYNAMIC_METHODS
+    ]
+
+
 def copy_rate() -> float:
     """GB/s of a 256 MiB copy (bytes read + written), the machine's memory bandwidth on one thread."""
     a = torch.ones(COLD_BYTES // 4)
@@ -134,9 +178,15 @@ def main() -> None:
                 }
             )
         print(format_table(rows[-len(METHODS) :]), flush=True)
+    dynamic = []
+    for model, layer, k, n, m in DYNAMIC_SHAPES:
+        for r in measure_dynamic(k, n, m):
+            dynamic.append({"model": model, "layer": layer, "shape": f"{m}x{k} @ {k}x{n}", **r})
     load_after = os.getloadavg()
     print()
     print(format_table(rows, headers={"us": "us (memory)", "GB/s": "GB/s (memory)", "x fp32": "x fp32 (memory)"}))
+    print()
+    print(format_table(dynamic))
     print(
         f"one thread; copy rate {bandwidth:.1f} GB/s; kernel vector widths {builds}; "
         f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} on {os.cpu_count()} cores"
@@ -144,6 +194,7 @@ def main() -> None:
     path = write_results(
         "quant_matmul",
         rows,
+        dynamic_rows=dynamic,
         copy_gbps=bandwidth,
         vector_widths=builds,
         cpu_capability=torch.backends.cpu.get_cpu_capability(),

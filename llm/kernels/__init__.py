@@ -20,7 +20,7 @@ from llm.kernels.dispatch import (
     set_backend,
     use,
 )
-from llm.kernels.reference import dequantize_int4, dequantize_int8, int4_pack, int4_unpack
+from llm.kernels.reference import dequantize_int4, dequantize_int8, int4_pack, int4_unpack, quantize_per_token
 
 __all__ = [
     "BACKENDS",
@@ -35,9 +35,11 @@ __all__ = [
     "int4_linear",
     "int4_pack",
     "int4_unpack",
+    "int8_dynamic_linear",
     "int8_linear",
     "layer_norm",
     "linear_cross_entropy",
+    "quantize_per_token",
     "rms_norm",
     "set_auto_order",
     "set_backend",
@@ -135,6 +137,21 @@ def int8_linear(
     "cpu" backend never materialises the fp32 weight. Raises ValueError for tensors that do not fit."""
     _check_quantized(x, qweight, scale, bias, torch.int8, (qweight.shape[0],), qweight.shape[-1])
     _, fn = resolve("int8_linear", backend, x.device.type, x=x, bias=bias)
+    return fn(x, qweight, scale, bias)
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`int8_linear` of x quantized per token at run time (`quantize_per_token`), as torchao's
+    Int8DynamicActivationInt8WeightConfig computes it; for encoders and classifiers on a CPU, where the
+    "cpu" backend runs an int8 GEMM. Raises ValueError for tensors that do not fit."""
+    _check_quantized(x, qweight, scale, bias, torch.int8, (qweight.shape[0],), qweight.shape[-1])
+    _, fn = resolve("int8_dynamic_linear", backend, x.device.type, x=x, bias=bias)
     return fn(x, qweight, scale, bias)
 
 

@@ -1,11 +1,23 @@
-"""The "cpu" backend of int8_linear and int4_linear: llm/kernels/csrc/quant_linear.c through ctypes.
+"""The "cpu" backend of the quantized linear ops.
+
+int8_linear and int4_linear: llm/kernels/csrc/quant_linear.c through ctypes.
 
 The C file is built at first use for each instruction set the CPU has (AVX2 + FMA, and AVX-512 F where
 present; cpu_build.py), and a call runs on the widest build whose vector width VEC fits its shape: the input
 width K a multiple of VEC (8 for AVX2, 16 for AVX-512) and, for int4, the group size a multiple of 2 VEC.
 x is computed in fp32 (bf16 and fp16 inputs are converted, and the output converted back); the kernels
-split the output rows over torch.get_num_threads() OpenMP threads. Forward only: with a gradient to
-compute, "auto" takes the torch backend.
+split the output rows over torch.get_num_threads() OpenMP threads.
+
+int8_dynamic_linear: x quantized per token (as reference.quantize_per_token, in one C pass), torch._int_mm
+(oneDNN's int8 GEMM: AVX2, AVX-512 VNNI or AMX) and one C pass that turns its int32 products into the fp32
+output in place. FBGEMM's dynamic linear (torch.ops.quantized) was measured and not taken: it quantizes
+activations per tensor, which on MiniLM's activations gives 2-2.6x the output error of per-token scales
+(4-5x with reduce_range, which AVX2 without VNNI needs against int16 saturation), and its weights can only
+be made by quantize_per_channel, which torch deprecates for removal. torch._int_mm is checked once per
+process against exact integer products: on this development machine, with oneDNN limited to AVX2 or to
+AVX-512 without VNNI (ONEDNN_MAX_CPU_ISA), it returns wrong products, and the backend then declines.
+
+Forward only: with a gradient to compute, "auto" takes the torch backend.
 """
 
 from __future__ import annotations
@@ -38,16 +50,32 @@ def libraries() -> tuple[tuple[tuple[int, ctypes.CDLL], ...], str | None]:
             continue
         lib.int8_linear.argtypes = [_PTR] * 5 + [_I64] * 3 + [_INT]
         lib.int4_linear.argtypes = [_PTR] * 5 + [_I64] * 4 + [_INT]
+        lib.quantize_rows.argtypes = [_PTR] * 3 + [_I64] * 2 + [_INT]
+        lib.rescale_rows.argtypes = [_PTR] * 4 + [_I64] * 2 + [_INT]
         built.append((lib.vector_width(), lib))
     if built and errors:
         logger.warning(f"quantized linear CPU kernels: {'; '.join(errors)}; using the other build")
     return tuple(sorted(built, key=lambda b: -b[0])), None if built else errors[0]
 
 
-def unavailable(device: str) -> str | None:
+def unavailable(device: str, op: str) -> str | None:
     if device != "cpu":
-        return "the cpu kernels take CPU tensors"
+        return "it takes CPU tensors"
+    if op == "int8_dynamic_linear":
+        return libraries()[1] or int_mm_inexact()
     return libraries()[1]
+
+
+@functools.cache
+def int_mm_inexact() -> str | None:
+    """Why torch._int_mm cannot be trusted here (None when its products are exact at decode and batch sizes)."""
+    generator = torch.Generator().manual_seed(0)
+    b = torch.randint(-128, 128, (384, 96), dtype=torch.int8, generator=generator)
+    for rows in (1, 64):
+        a = torch.randint(-128, 128, (rows, 384), dtype=torch.int8, generator=generator)
+        if not torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()):
+            return f"torch._int_mm returns inexact int8 products on this CPU ({rows} x 384 @ 384 x 96)"
+    return None
 
 
 def _library(columns: int) -> ctypes.CDLL | None:
@@ -67,6 +95,12 @@ def unsupported_input(x: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return "the kernels compute no gradient, and x or the bias requires one"
     return None
+
+
+def int8_dynamic_linear_unsupported(
+    x: torch.Tensor | None = None, bias: torch.Tensor | None = None, **call
+) -> str | None:
+    return None if x is None else unsupported_input(x, bias)
 
 
 def int8_linear_unsupported(x: torch.Tensor | None = None, bias: torch.Tensor | None = None, **call) -> str | None:
@@ -91,6 +125,10 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
 
 
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def _call(kernel, x: torch.Tensor, qweight, scale, bias, *sizes: int) -> torch.Tensor:
     """Run `kernel` on contiguous fp32 copies where needed (none for fp32 x); y (..., N) in x's dtype."""
     n, k = qweight.shape[0], x.shape[-1]
@@ -103,7 +141,7 @@ def _call(kernel, x: torch.Tensor, qweight, scale, bias, *sizes: int) -> torch.T
             xf.data_ptr(),
             qweight.data_ptr(),
             scale.data_ptr(),
-            None if bias is None else bias.data_ptr(),
+            _pointer(bias),
             y.data_ptr(),
             xf.numel() // k,
             n,
@@ -126,3 +164,21 @@ def int4_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, group_size: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     return _call(_library(group_size // 2).int4_linear, x, qweight, scale, bias, group_size)
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    lib, threads = libraries()[0][0][1], torch.get_num_threads()
+    n, k = qweight.shape[0], x.shape[-1]
+    xf = _fp32(x)
+    m = xf.numel() // k
+    if m == 0 or n == 0:
+        return x.new_empty(*x.shape[:-1], n)
+    q, x_scale = torch.empty(m, k, dtype=torch.int8), torch.empty(m)
+    lib.quantize_rows(xf.data_ptr(), q.data_ptr(), x_scale.data_ptr(), m, k, threads)
+    products = torch._int_mm(q, qweight.t())  # exact int32 dot products, (M, N)
+    scale, bias = scale.contiguous(), None if bias is None else _fp32(bias)
+    lib.rescale_rows(products.data_ptr(), x_scale.data_ptr(), scale.data_ptr(), _pointer(bias), m, n, threads)
+    y = products.view(torch.float32).view(*x.shape[:-1], n)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -27,7 +27,7 @@ from typing import Any
 from llm.errors import UserError
 from llm.log import logger
 
-QUANTIZED_OPS = ("int8_linear", "int4_linear")
+QUANTIZED_OPS = ("int8_linear", "int4_linear", "int8_dynamic_linear")
 OPS = ("attention", "layer_norm", "rms_norm", "linear_cross_entropy", *QUANTIZED_OPS)
 BACKENDS = ("torch", "triton", "cuda", "cpu", "flash_attn", "apex")
 ENV_VAR = "LLM_KERNELS"
@@ -44,7 +44,9 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
         "layer_norm": ("triton", "cuda", "apex", "torch"),
         "rms_norm": ("triton", "cuda", "apex", "torch"),
         "linear_cross_entropy": ("triton", "torch"),
-        **{op: ("triton", "torch") for op in QUANTIZED_OPS},
+        "int8_linear": ("triton", "torch"),
+        "int4_linear": ("triton", "torch"),
+        "int8_dynamic_linear": ("torch",),
     },
 }
 
@@ -237,9 +239,9 @@ def _cuda_ext_unavailable(device: str) -> str | None:
     return None
 
 
-def _cpu_kernels_unavailable(device: str) -> str | None:
-    """Builds the C kernels on first use (cpu_quant_linear.py)."""
-    return importlib.import_module("llm.kernels.cpu_quant_linear").unavailable(device)
+def _cpu_kernels_unavailable(op: str) -> Callable[[str], str | None]:
+    """Why the cpu backend of `op` cannot run; the first call builds the C kernels (cpu_quant_linear.py)."""
+    return lambda device: importlib.import_module("llm.kernels.cpu_quant_linear").unavailable(device, op)
 
 
 def _package_unavailable(package: str, device: str) -> str | None:
@@ -260,8 +262,9 @@ IMPLEMENTATIONS: dict[tuple[str, str], tuple[str, Callable[[str], str | None]]] 
     ("layer_norm", "triton"): ("llm.kernels.triton_layer_norm", _triton_unavailable),
     ("rms_norm", "triton"): ("llm.kernels.triton_rms_norm", _triton_unavailable),
     ("linear_cross_entropy", "triton"): ("llm.kernels.triton_cross_entropy", _triton_unavailable),
-    **{(op, "triton"): ("llm.kernels.triton_quant_linear", _triton_unavailable) for op in QUANTIZED_OPS},
-    **{(op, "cpu"): ("llm.kernels.cpu_quant_linear", _cpu_kernels_unavailable) for op in QUANTIZED_OPS},
+    ("int8_linear", "triton"): ("llm.kernels.triton_quant_linear", _triton_unavailable),
+    ("int4_linear", "triton"): ("llm.kernels.triton_quant_linear", _triton_unavailable),
+    **{(op, "cpu"): ("llm.kernels.cpu_quant_linear", _cpu_kernels_unavailable(op)) for op in QUANTIZED_OPS},
     ("layer_norm", "cuda"): ("llm.kernels.cuda_norms", _cuda_ext_unavailable),
     ("rms_norm", "cuda"): ("llm.kernels.cuda_norms", _cuda_ext_unavailable),
     ("attention", "flash_attn"): ("llm.kernels.flash_attn_backend", lambda d: _package_unavailable("flash_attn", d)),

@@ -19,6 +19,8 @@ Shapes and semantics here are the contract that every other backend matches:
   sits in the low nibble of byte j, column 2j+1 in the high nibble, each nibble holding the int4 value + 8
   (`int4_pack`; the same bytes as llm.compress.quantize.pack_int4's two's complement nibbles XOR 0x88).
   The dequantized weight is computed in fp32 (float64 for float64 x) and rounded once to x's dtype.
+* int8_dynamic_linear(x, qweight, scale, bias): int8_linear of x quantized per row (token) at run time,
+  symmetric, as torchao's Int8DynamicActivationInt8WeightConfig does (`quantize_per_token`).
 """
 
 from __future__ import annotations
@@ -115,6 +117,23 @@ def int8_linear(
 ) -> torch.Tensor:
     """Dequantize the whole weight, then one matmul: the slow path that every other backend must match."""
     return F.linear(x, dequantize_int8(qweight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (int8 (..., K), fp32 scale (..., 1)), symmetric per row, in fp32, bit for bit as torchao
+    quantizes activations (Int8Tensor.from_hp with PerRow): scale = max|x| / 127.5 (at least fp32's eps),
+    q = clamp(round(x * (1 / scale)), -128, 127)."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+    return torch.round(xf * (1.0 / scale)).clamp(-128, 127).to(torch.int8), scale
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    q, x_scale = quantize_per_token(x)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return int8_linear((q.to(wide) * x_scale.to(wide)).to(x.dtype), qweight, scale, bias)
 
 
 def int4_linear(

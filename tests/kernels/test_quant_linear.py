@@ -1,6 +1,6 @@
-"""Weight-only int8 / int4 linear ops: the layout against torchao's, the C kernels (every build this CPU can
-run) against float64 torch, and the slower path "auto" takes without a compiler, without AVX2 or for a shape
-the kernels cannot take: still right, and said once."""
+"""Quantized linear ops: the layouts against torchao's, the C kernels (every build this CPU can run) and the
+int8 GEMM of int8_dynamic_linear against float64 torch, and the slower path "auto" takes without a compiler,
+without AVX2 or for a shape the kernels cannot take: still right, and said once."""
 
 import logging
 import os
@@ -35,6 +35,7 @@ def fresh(monkeypatch, tmp_path):
 
     def clear():
         cpu_quant_linear.libraries.cache_clear()
+        cpu_quant_linear.int_mm_inexact.cache_clear()
         cpu_build._identity.cache_clear()
         dispatch._ANNOUNCED.clear()
 
@@ -69,6 +70,46 @@ def test_layout_matches_torchao_and_the_saved_nibbles():
     assert torch.equal(packed, pack_int4(w4.qdata) ^ 0x88)
     assert torch.equal(reference.dequantize_int4(packed, w4.scale.float(), 32), w4.dequantize())
     assert torch.equal(reference.int4_unpack(packed), w4.qdata)
+
+
+def test_dynamic_quantization_is_torchaos():
+    """Activations quantized bit for bit as torchao does, and its int8-dynamic layer's output."""
+    q = pytest.importorskip("torchao.quantization")
+    x = torch.randn(2, 37, 96) * torch.rand(2, 37, 1) * 3
+    qx, scale = reference.quantize_per_token(x)
+    theirs = q.Int8Tensor.from_hp(x, q.PerRow())
+    assert torch.equal(qx, theirs.qdata) and torch.equal(scale, theirs.scale)
+    linear = torch.nn.Linear(96, 21)
+    q.quantize_(linear, q.Int8DynamicActivationInt8WeightConfig())
+    w = linear.weight
+    with torch.no_grad():
+        expected = linear(x)
+        out = kernels.int8_dynamic_linear(x, w.qdata, w.scale.flatten(), linear.bias)
+    assert rel_err(out, expected) < 1e-6
+
+
+def test_the_c_pass_quantizes_as_the_reference(width):
+    x = torch.randn(37, 129) * torch.rand(37, 1) * 3
+    x[3] = 0  # a row of zeros: the scale's floor
+    q, scale = torch.empty(37, 129, dtype=torch.int8), torch.empty(37)
+    lib = cpu_quant_linear.libraries()[0][0][1]
+    lib.quantize_rows(x.data_ptr(), q.data_ptr(), scale.data_ptr(), 37, 129, 1)
+    expected_q, expected_scale = reference.quantize_per_token(x)
+    assert torch.equal(q, expected_q) and torch.equal(scale, expected_scale.flatten())
+
+
+@pytest.mark.parametrize("shape", [(1, 129), (3, 37, 129), (70, 144)], ids=str)
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_int8_dynamic_matches_float64(shape, has_bias):
+    x = torch.randn(shape) + 0.5
+    qweight, scale = int8_weights(29, shape[-1])
+    bias = torch.randn(29) if has_bias else None
+    out = kernels.int8_dynamic_linear(x, qweight, scale, bias, backend="cpu")
+    assert out.shape == (*shape[:-1], 29) and out.dtype == torch.float32
+    assert rel_err(out, reference.int8_dynamic_linear(x.double(), qweight, scale, bias)) < 1e-5
+    low = kernels.int8_dynamic_linear(x.bfloat16(), qweight, scale, bias, backend="cpu")
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low, reference.int8_dynamic_linear(x.bfloat16().double(), qweight, scale, bias)) < 1e-2
 
 
 @pytest.mark.parametrize("shape", [(1, 144), (4, 144), (3, 37, 144), (70, 144)], ids=str)
@@ -124,6 +165,7 @@ def test_auto_takes_the_kernels_and_torch_where_a_gradient_is_needed():
     q, s = int8_weights(8, 64)
     assert dispatch.resolve("int8_linear", "auto", "cpu", x=x)[0] == "cpu"
     assert dispatch.resolve("int4_linear", "auto", "cpu", x=x, group_size=32)[0] == "cpu"
+    assert dispatch.resolve("int8_dynamic_linear", "auto", "cpu", x=x)[0] == "cpu"
     leaf = x.clone().requires_grad_()
     assert dispatch.resolve("int8_linear", "auto", "cpu", x=leaf)[0] == "torch"
     kernels.int8_linear(leaf, q, s).sum().backward()
@@ -168,6 +210,21 @@ def test_a_failing_compiler_is_named_with_its_error(fresh, monkeypatch, caplog):
 def test_without_avx2_torch_runs_and_says_why_once(fresh, monkeypatch, caplog):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     _right_and_said_once(caplog, "need an x86 CPU with AVX2 and FMA")
+
+
+def test_an_inexact_int8_gemm_is_not_used(fresh, monkeypatch, caplog):
+    """torch._int_mm saturating as oneDNN's kernels without VNNI do here: torch's slower path runs instead."""
+    exact = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: exact(a.clamp(-64, 63), b))
+    x = torch.randn(3, 37, 96)
+    q, s = int8_weights(11, 96)
+    with caplog.at_level(logging.WARNING, logger="llm"):
+        for _ in range(2):
+            out = kernels.int8_dynamic_linear(x, q, s)
+            assert rel_err(out, reference.int8_dynamic_linear(x.double(), q, s)) < 1e-5
+    (line,) = _warnings(caplog, "int8_dynamic_linear")
+    assert "torch._int_mm returns inexact int8 products" in line.getMessage()
+    assert kernels.int8_linear(x, q, s, backend="cpu") is not None  # the weight-only kernels are unaffected
 
 
 def test_a_shape_the_kernels_cannot_take_runs_on_torch_and_is_said_once(caplog):

@@ -20,8 +20,13 @@ Two paths, neither of which materialises the dequantized weight:
   prefill (more rows): each thread dequantizes a panel of PANEL weight rows into an fp32 buffer that stays
     in L2 and multiplies every row of x by it with a 4 x 2 register tile, so a weight is converted once per
     call rather than once per row of x.
+
+int8-dynamic (activations quantized per token, the int8 GEMM is torch._int_mm): quantize_rows and
+rescale_rows are its two element-wise passes, each one loop over memory instead of torch's chain of ops.
 */
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -284,4 +289,35 @@ done:
     free(xp);
     free(xsum);
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------ int8-dynamic */
+
+/* Each row of x (M, K) to int8, symmetric, bit for bit as torchao quantizes activations (PerRow):
+   scale[m] = max |x[m]| / 127.5 (at least FLT_EPSILON), q = clamp(round half to even(x * (1 / scale)), -128, 127). */
+void quantize_rows(const float *x, int8_t *q, float *scale, int64_t M, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) amax = fabsf(xm[k]) > amax ? fabsf(xm[k]) : amax;
+        float s = amax / 127.5f > FLT_EPSILON ? amax / 127.5f : FLT_EPSILON, inverse = 1.0f / s;
+        scale[m] = s;
+        for (int64_t k = 0; k < K; k++) {
+            float v = nearbyintf(xm[k] * inverse);
+            q[m * K + k] = (int8_t)(v < -128.0f ? -128.0f : v > 127.0f ? 127.0f : v);
+        }
+    }
+}
+
+/* In place, y[m, n] = acc[m, n] * x_scale[m] * w_scale[n] + bias[n]: the int32 products of torch._int_mm
+   become the fp32 output in the same memory. bias may be NULL. */
+void rescale_rows(int32_t *acc, const float *x_scale, const float *w_scale, const float *bias, int64_t M,
+                  int64_t N, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        float *ym = (float *)(acc + m * N);
+        const int32_t *am = acc + m * N;
+        for (int64_t n = 0; n < N; n++) ym[n] = (float)am[n] * x_scale[m] * w_scale[n] + (bias ? bias[n] : 0.0f);
+    }
 }
