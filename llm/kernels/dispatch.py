@@ -174,6 +174,18 @@ def resolve(op: str, backend: str, device: str, **call: Any) -> tuple[str, Calla
     return name, _REGISTRY[op][name].fn()
 
 
+def fallback_reason(op: str, device: str, **call: Any) -> str | None:
+    """Why "auto" (without overrides) would run this call of `op` on torch: the reason of the first backend
+    it passes over, or None when a faster one takes the call. A quantized layer checks its shape once with a
+    stand-in input, e.g. `fallback_reason("int4_linear", "cpu", x=torch.empty(0, 4096), group_size=32)`,
+    and names itself in its log line."""
+    order = AUTO_ORDER.get(device, AUTO_ORDER["cpu"])[op]
+    reasons = [why_not(op, name, device, **call) for name in order if name != "torch"]
+    if not reasons:
+        return f"{op} has no faster backend than torch on {device}"
+    return None if None in reasons else reasons[0]
+
+
 def _announce(op: str, passed_over: list[tuple[str, str]], chosen: str) -> None:
     """Log, once per process and reason, why "auto" did not take a faster backend."""
     for name, reason in passed_over:

@@ -246,6 +246,16 @@ def test_a_shape_the_kernels_cannot_take_runs_on_torch_and_is_said_once(caplog):
         kernels.int4_linear(x, q4, s4, 10, backend="cpu")
 
 
+def test_a_layer_learns_once_whether_its_shape_takes_the_slow_path():
+    def reason(op, width, **call):
+        return dispatch.fallback_reason(op, "cpu", x=torch.empty(0, width), **call)
+
+    assert reason("int8_linear", 768) is None and reason("int4_linear", 768, group_size=32) is None
+    assert reason("int8_linear", 100) == "the input width 100 is not a multiple of 8"
+    assert reason("int4_linear", 96, group_size=6) == "the group size 6 is not a multiple of 16"
+    assert "no faster backend than torch on cuda" in dispatch.fallback_reason("int8_dynamic_linear", "cuda")
+
+
 def test_calls_that_do_not_fit_the_layout_raise():
     x = torch.randn(2, 64)
     q8, s8 = int8_weights(8, 64)
