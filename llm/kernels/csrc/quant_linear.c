@@ -1,4 +1,4 @@
-/* Weight-only int8 and int4 linear layers for x86 CPUs: y = x @ dequant(W)^T + bias, fp32 in and out.
+/* Quantized linear layers for x86 CPUs: y = x @ dequant(W)^T + bias, fp32 in and out.
 
 llm/kernels/cpu_build.py compiles this file at first use, once per instruction set: with -mavx2 -mfma
 (VEC = 8 fp32 lanes) or -mavx512f (VEC = 16); the macros below pick the intrinsics. Plain C taking raw
@@ -93,7 +93,8 @@ static float dot(const float *a, const float *b, int64_t n) {
 /* ------------------------------------------------------------------------------------------------ decode */
 
 /* y[m, n0 + r] for r < nb <= BLOCK and m < M, from int8 weight rows n0 .. n0 + nb - 1 (read from memory once:
-   they stay in L1 for the later rows of x). The block after this one is prefetched as this one is read. */
+   they stay in L1 for the later rows of x). The next block is prefetched as this one is read (a prefetch never
+   faults, past the end of the weight included). */
 INLINE void int8_rows(const float *x, const int8_t *q, const float *scale, const float *bias, float *y,
                       int64_t M, int64_t N, int64_t K, int64_t n0, int nb) {
     const int8_t *qr[BLOCK];
