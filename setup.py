@@ -40,7 +40,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["llm", "llm.*"]),
-    package_data={"llm": ["presets/deepspeed/*.json", "presets/models/*.yaml"]},
+    # kernels/csrc/*.c: the CPU kernels, compiled at first use (llm/kernels/cpu_build.py)
+    package_data={"llm": ["presets/deepspeed/*.json", "presets/models/*.yaml", "kernels/csrc/*.c"]},
     install_requires=[
         "torch>=2.4",
         "numpy",

@@ -20,7 +20,14 @@ from llm.kernels.dispatch import (
     set_backend,
     use,
 )
-from llm.kernels.reference import IGNORE_INDEX
+from llm.kernels.reference import (
+    IGNORE_INDEX,
+    dequantize_int4,
+    dequantize_int8,
+    int4_pack,
+    int4_unpack,
+    quantize_per_token,
+)
 
 __all__ = [
     "BACKENDS",
@@ -31,8 +38,16 @@ __all__ = [
     "auto_order_from_results",
     "available_backends",
     "check_names",
+    "dequantize_int4",
+    "dequantize_int8",
+    "int4_linear",
+    "int4_pack",
+    "int4_unpack",
+    "int8_dynamic_linear",
+    "int8_linear",
     "layer_norm",
     "linear_cross_entropy",
+    "quantize_per_token",
     "rms_norm",
     "set_auto_order",
     "set_backend",
@@ -95,3 +110,75 @@ def linear_cross_entropy(
         "linear_cross_entropy", backend, hidden.device.type, hidden=hidden, weight=weight, labels=labels, bias=bias
     )
     return fn(hidden, weight, labels, bias=bias, ignore_index=ignore_index)
+
+
+def _check_quantized(x, qweight, scale, bias, dtype, scale_shape: tuple[int, ...], k: int) -> None:
+    """ValueError naming what a quantized linear call got and what its layout needs (reference.py)."""
+    n = qweight.shape[0]
+    if (
+        qweight.dtype == dtype
+        and qweight.dim() == 2
+        and x.shape[-1] == k
+        and scale.dtype == torch.float32
+        and scale.shape == scale_shape
+        and (bias is None or bias.shape == (n,))
+    ):
+        return
+    got_bias = None if bias is None else tuple(bias.shape)
+    raise ValueError(
+        f"quantized linear: got x {tuple(x.shape)}, qweight {qweight.dtype} {tuple(qweight.shape)}, scale "
+        f"{scale.dtype} {tuple(scale.shape)}, bias {got_bias}; expected x (..., {k}), qweight {dtype} "
+        f"({n}, {qweight.shape[-1]}), scale torch.float32 {scale_shape}, bias ({n},) or None"
+    )
+
+
+def int8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x (..., K) @ (qweight (N, K) int8 * scale (N,) fp32 per output channel).T + bias, in x's dtype.
+
+    Weight-only int8 as torchao's Int8WeightOnlyConfig stores it (symmetric, zero point 0). On a CPU the
+    "cpu" backend never materialises the fp32 weight. Raises ValueError for tensors that do not fit."""
+    _check_quantized(x, qweight, scale, bias, torch.int8, (qweight.shape[0],), qweight.shape[-1])
+    _, fn = resolve("int8_linear", backend, x.device.type, x=x, bias=bias)
+    return fn(x, qweight, scale, bias)
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`int8_linear` of x quantized per token at run time (`quantize_per_token`), as torchao's
+    Int8DynamicActivationInt8WeightConfig computes it; for encoders and classifiers on a CPU, where the
+    "cpu" backend runs an int8 GEMM. Raises ValueError for tensors that do not fit."""
+    _check_quantized(x, qweight, scale, bias, torch.int8, (qweight.shape[0],), qweight.shape[-1])
+    _, fn = resolve("int8_dynamic_linear", backend, x.device.type, x=x, bias=bias)
+    return fn(x, qweight, scale, bias)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x (..., K) @ W.T + bias with W the int4 weight qweight uint8 (N, K/2) (two columns per byte, see
+    `int4_pack`) times scale (N, K/group_size) fp32, one per group of input columns; in x's dtype.
+
+    The layout of torchao's IntxWeightOnlyConfig(int4, PerGroup(group_size)) after `int4_pack`. Raises
+    ValueError for tensors that do not fit, or a group size that does not divide K."""
+    k = 2 * qweight.shape[-1]
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"quantized linear: group_size {group_size} does not divide the input width {k}")
+    _check_quantized(x, qweight, scale, bias, torch.uint8, (qweight.shape[0], k // group_size), k)
+    _, fn = resolve("int4_linear", backend, x.device.type, x=x, group_size=group_size, bias=bias)
+    return fn(x, qweight, scale, group_size, bias)

@@ -6,7 +6,9 @@ recipe's `kernels:` section, or the environment variable
 `AUTO_ORDER` for the tensor's device that is installed and supports the call,
 then torch, which always can. A backend asked for by name that cannot run (not
 installed, wrong device, unsupported arguments) raises `BackendUnavailable`
-naming the reason: a named backend is never silently swapped for another.
+naming the reason: a named backend is never silently swapped for another. For the
+quantized linear ops, whose slower path costs much more, "auto" logs once per process
+and reason why it passed a backend over.
 """
 
 from __future__ import annotations
@@ -23,22 +25,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm.errors import UserError
+from llm.log import logger
 
-OPS = ("attention", "layer_norm", "rms_norm", "linear_cross_entropy")
-BACKENDS = ("torch", "triton", "cuda", "flash_attn", "apex")
+QUANTIZED_OPS = ("int8_linear", "int4_linear", "int8_dynamic_linear")
+OPS = ("attention", "layer_norm", "rms_norm", "linear_cross_entropy", *QUANTIZED_OPS)
+BACKENDS = ("torch", "triton", "cuda", "cpu", "flash_attn", "apex")
 ENV_VAR = "LLM_KERNELS"
 
 # Preference for "auto" per device type; the first that is available and
-# supports a call wins. CPU runs torch only (Triton on a CPU needs the interpreter).
+# supports a call wins. On a CPU: the C kernels of the quantized linear ops, torch
+# for the rest (Triton on a CPU needs the interpreter).
 # The CUDA order is provisional until `llm bench kernels` has run on a GPU; load a
 # measured one with `set_auto_order(auto_order_from_results(path))`.
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
-    "cpu": {op: ("torch",) for op in OPS},
+    "cpu": {op: ("cpu", "torch") if op in QUANTIZED_OPS else ("torch",) for op in OPS},
     "cuda": {
         "attention": ("flash_attn", "torch", "triton"),
         "layer_norm": ("triton", "cuda", "apex", "torch"),
         "rms_norm": ("triton", "cuda", "apex", "torch"),
         "linear_cross_entropy": ("triton", "torch"),
+        "int8_linear": ("triton", "torch"),
+        "int4_linear": ("triton", "torch"),
+        "int8_dynamic_linear": ("torch",),
     },
 }
 
@@ -73,6 +81,7 @@ class Backend:
 
 _REGISTRY: dict[str, dict[str, Backend]] = {op: {} for op in OPS}
 _OVERRIDES: dict[str, str] = {}
+_ANNOUNCED: set[tuple[str, str, str]] = set()  # (op, backend, reason) already logged
 
 
 def register(op: str, name: str, backend: Backend) -> None:
@@ -152,10 +161,37 @@ def resolve(op: str, backend: str, device: str, **call: Any) -> tuple[str, Calla
         if reason:
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {reason}")
         return backend, _REGISTRY[op][backend].fn()
+    passed_over = []
     for name in AUTO_ORDER.get(device, AUTO_ORDER["cpu"])[op]:
-        if why_not(op, name, device, **call) is None:
-            return name, _REGISTRY[op][name].fn()
-    return "torch", _REGISTRY[op]["torch"].fn()
+        reason = why_not(op, name, device, **call)
+        if reason is None:
+            break
+        passed_over.append((name, reason))
+    else:
+        name = "torch"
+    if op in QUANTIZED_OPS:
+        _announce(op, passed_over, name)
+    return name, _REGISTRY[op][name].fn()
+
+
+def fallback_reason(op: str, device: str, **call: Any) -> str | None:
+    """Why "auto" (without overrides) would run this call of `op` on torch: the reason of the first backend
+    it passes over, or None when a faster one takes the call. A quantized layer checks its shape once with a
+    stand-in input, e.g. `fallback_reason("int4_linear", "cpu", x=torch.empty(0, 4096), group_size=32)`,
+    and names itself in its log line."""
+    order = AUTO_ORDER.get(device, AUTO_ORDER["cpu"])[op]
+    reasons = [why_not(op, name, device, **call) for name in order if name != "torch"]
+    if not reasons:
+        return f"{op} has no faster backend than torch on {device}"
+    return None if None in reasons else reasons[0]
+
+
+def _announce(op: str, passed_over: list[tuple[str, str]], chosen: str) -> None:
+    """Log, once per process and reason, why "auto" did not take a faster backend."""
+    for name, reason in passed_over:
+        if (op, name, reason) not in _ANNOUNCED:
+            _ANNOUNCED.add((op, name, reason))
+            logger.warning(f"{op}: the {name} backend cannot run this call ({reason}); using {chosen}, which is slower")
 
 
 def auto_order_from_results(path: str | os.PathLike) -> dict[str, tuple[str, ...]]:
@@ -215,6 +251,11 @@ def _cuda_ext_unavailable(device: str) -> str | None:
     return None
 
 
+def _cpu_kernels_unavailable(op: str) -> Callable[[str], str | None]:
+    """Why the cpu backend of `op` cannot run; the first call builds the C kernels (cpu_quant_linear.py)."""
+    return lambda device: importlib.import_module("llm.kernels.cpu_quant_linear").unavailable(device, op)
+
+
 def _package_unavailable(package: str, device: str) -> str | None:
     if device != "cuda":
         return f"{package} needs a CUDA device"
@@ -233,6 +274,9 @@ IMPLEMENTATIONS: dict[tuple[str, str], tuple[str, Callable[[str], str | None]]] 
     ("layer_norm", "triton"): ("llm.kernels.triton_layer_norm", _triton_unavailable),
     ("rms_norm", "triton"): ("llm.kernels.triton_rms_norm", _triton_unavailable),
     ("linear_cross_entropy", "triton"): ("llm.kernels.triton_cross_entropy", _triton_unavailable),
+    ("int8_linear", "triton"): ("llm.kernels.triton_quant_linear", _triton_unavailable),
+    ("int4_linear", "triton"): ("llm.kernels.triton_quant_linear", _triton_unavailable),
+    **{(op, "cpu"): ("llm.kernels.cpu_quant_linear", _cpu_kernels_unavailable(op)) for op in QUANTIZED_OPS},
     ("layer_norm", "cuda"): ("llm.kernels.cuda_norms", _cuda_ext_unavailable),
     ("rms_norm", "cuda"): ("llm.kernels.cuda_norms", _cuda_ext_unavailable),
     ("attention", "flash_attn"): ("llm.kernels.flash_attn_backend", lambda d: _package_unavailable("flash_attn", d)),

@@ -10,6 +10,17 @@ Shapes and semantics here are the contract that every other backend matches:
   fp32 and casts back before the weight, as LLaMA does.
 * linear_cross_entropy(hidden (N, D), weight (V, D), labels (N,), bias (V,) or None)
   is the mean cross-entropy of hidden @ weight.T + bias over labels != ignore_index (0 when none).
+* int8_linear(x (..., K), qweight int8 (N, K), scale fp32 (N,), bias (N,) or None) = x @ W.T + bias with
+  W[n, k] = qweight[n, k] * scale[n]: weight-only int8, symmetric, one scale per output channel (torchao's
+  Int8WeightOnlyConfig). Output in x's dtype.
+* int4_linear(x (..., K), qweight uint8 (N, K/2), scale fp32 (N, K/group_size), group_size, bias) = x @ W.T +
+  bias with W[n, k] = (nibble(n, k) - 8) * scale[n, k // group_size]: weight-only int4, symmetric, one scale per
+  group of `group_size` input columns (torchao's IntxWeightOnlyConfig(int4, PerGroup(group_size))). Column 2j
+  sits in the low nibble of byte j, column 2j+1 in the high nibble, each nibble holding the int4 value + 8
+  (`int4_pack`; the same bytes as llm.compress.quantize.pack_int4's two's complement nibbles XOR 0x88).
+  The dequantized weight is computed in fp32 (float64 for float64 x) and rounded once to x's dtype.
+* int8_dynamic_linear(x, qweight, scale, bias): int8_linear of x quantized per row (token) at run time,
+  symmetric, as torchao's Int8DynamicActivationInt8WeightConfig does (`quantize_per_token`).
 """
 
 from __future__ import annotations
@@ -75,3 +86,64 @@ def linear_cross_entropy(
     logits = upcast(F.linear(hidden, weight, bias))
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
     return total / (labels != ignore_index).sum().clamp(min=1)
+
+
+def dequantize_int8(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int8 (N, K) * scale (N,) -> (N, K) in `dtype`, computed in fp32 or wider."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return (qweight.to(wide) * scale.to(wide)[:, None]).to(dtype)
+
+
+def int4_pack(q: torch.Tensor) -> torch.Tensor:
+    """int4 values (N, K) in [-8, 7] (any integer dtype, K even) -> uint8 (N, K/2) in int4_linear's layout."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def int4_unpack(qweight: torch.Tensor) -> torch.Tensor:
+    """The inverse of `int4_pack`: uint8 (N, K/2) -> int8 (N, K) in [-8, 7]."""
+    nibbles = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).flatten(-2)
+    return nibbles.to(torch.int8) - 8
+
+
+def dequantize_int4(
+    qweight: torch.Tensor, scale: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 (N, K/2) and scale (N, K/group_size) -> (N, K) in `dtype`, computed in fp32 or wider."""
+    wide = torch.promote_types(dtype, torch.float32)
+    return (int4_unpack(qweight).to(wide) * scale.to(wide).repeat_interleave(group_size, dim=1)).to(dtype)
+
+
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dequantize the whole weight, then one matmul: the slow path that every other backend must match."""
+    return F.linear(x, dequantize_int8(qweight, scale, x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (int8 (..., K), fp32 scale (..., 1)), symmetric per row, in fp32, bit for bit as torchao
+    quantizes activations (Int8Tensor.from_hp with PerRow): scale = max|x| / 127.5 (at least fp32's eps),
+    q = clamp(round(x * (1 / scale)), -128, 127)."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / 127.5).clamp(min=torch.finfo(torch.float32).eps)
+    return torch.round(xf * (1.0 / scale)).clamp(-128, 127).to(torch.int8), scale
+
+
+def int8_dynamic_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    q, x_scale = quantize_per_token(x)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return int8_linear((q.to(wide) * x_scale.to(wide)).to(x.dtype), qweight, scale, bias)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    w = dequantize_int4(qweight, scale, group_size, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
