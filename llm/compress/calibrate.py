@@ -177,18 +177,19 @@ def calibrate(
     compress_block: Callable[[str, nn.Module, Calibration], None],
     device: torch.device | str | None = None,
     group: dist.ProcessGroup | None = None,
-    where: str = "calibration data",
 ) -> None:
     """Run `batches` (this rank's model inputs; `labels` are ignored) through the model block by block and call
     compress_block(block's name, block, calibration) on each; see the module docstring. `device` computes
     (default: where the model is). The model is put in eval mode.
 
-    Raises UserError naming `where` when there are no batches, or fewer real tokens over all ranks than the
-    widest Linear's input width (below that its Hessian is singular), or the model carries a soft prompt or a
+    Raises UserError ("calibration data: ...") when there are no batches, or fewer real tokens over all ranks than
+    the widest Linear's input width (below that its Hessian is singular), or the model carries a soft prompt or a
     prefix (their virtual tokens are not calibration inputs)."""
     trunk = model.transformer
     if trunk.prompt is not None or trunk.prefix is not None:
-        raise UserError(f"{where}: the model carries a soft prompt or a prefix; merge or remove it before compressing")
+        raise UserError(
+            "calibration data: the model carries a soft prompt or a prefix; merge or remove it before compressing"
+        )
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     inputs = _capture(model, batches, device)
@@ -196,7 +197,7 @@ def calibrate(
     counts = torch.tensor([len(inputs), sum(int(x.real().sum()) for x in inputs)], dtype=torch.float64, device=device)
     n_batches, tokens = (int(c) for c in calibration.all_reduce(counts))
     if not n_batches:
-        raise UserError(f"{where}: no batches")
+        raise UserError("calibration data: no batches")
     width, widest = max(
         (m.in_features, f"transformer.blocks.{i}.{name}")
         for i, block in enumerate(trunk.blocks)
@@ -205,7 +206,7 @@ def calibrate(
     )
     if tokens < width:
         raise UserError(
-            f"{where}: {tokens} real tokens; calibration needs at least {width} (the input width of {widest}), "
+            f"calibration data: {tokens} real tokens; at least {width} are needed (the input width of {widest}): "
             "give more or longer samples"
         )
     for i, block in enumerate(trunk.blocks):
