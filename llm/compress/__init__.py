@@ -1,8 +1,10 @@
 """Compression: quantization, pruning and distillation of trained models, and their report.
 
 One file per idea: `quantize.py` (torchao int8 / int4 / dynamic int8, saved as plain tensors),
-`prune.py` (magnitude and Wanda unstructured, structured heads/neurons, gradual), `distill.py`
-(the teacher -> student objective), `report.py` (size, speed and quality measurements, table/PNG).
+`prune.py` (magnitude and Wanda unstructured or n:m, structured heads/neurons, gradual), `distill.py`
+(the teacher -> student objective), `report.py` (size, speed and quality measurements, table/PNG),
+`calibrate.py` (layer-by-layer calibration, sharded over ranks) under `gptq.py`, `awq.py` (both write
+today's int4/int8 format) and `sparsegpt.py` (unstructured and n:m).
 
 Quantization and structured pruning change a model's modules, so they are model transforms
 (`llm.adapt.base.Transform`: each file ends in its `TRANSFORM`); `llm.transforms` lists them

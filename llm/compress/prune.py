@@ -6,8 +6,10 @@ Transformer blocks (embeddings, the LM head and task heads are left dense, as in
 - wanda: the smallest |W_ij| * ||X_j||_2 are removed, X_j being input feature j of the layer over
   a few calibration batches (Sun et al. 2023, "A Simple and Effective Pruning Approach for LLMs").
 `scope` "layer" removes the fraction from every layer separately (Wanda: from every output row, the
-paper's comparison group); "global" ranks all scores of all layers together. The zeros are stored
-densely: unstructured sparsity does not shrink a file or speed up a dense matmul.
+paper's comparison group); "global" ranks all scores of all layers together. A `pattern` "n:m" instead
+removes the n lowest-scoring of every m consecutive weights of a row (2:4 is the semi-structured sparsity
+of NVIDIA's sparse tensor cores; Mishra et al. 2021), for either score. The zeros are stored densely:
+unstructured sparsity does not shrink a file or speed up a dense matmul. SparseGPT lives in sparsegpt.py.
 
 Structured pruning removes whole attention heads (under GQA whole key/value groups, i.e. a kv head
 with the query heads that share it) and MLP neurons, physically shrinking the matrices. The same
@@ -82,6 +84,30 @@ def input_norms(model: nn.Module, batches, max_batches: int) -> dict[str, torch.
     return {k: v.sqrt() for k, v in sums.items()}
 
 
+def parse_pattern(spec: str) -> tuple[int, int]:
+    """ "n:m" -> (n, m): n of every m consecutive weights of a row are removed; UserError unless 0 < n < m."""
+    n, _, m = spec.partition(":")
+    if not (n.strip().isdigit() and m.strip().isdigit() and 0 < int(n) < int(m)):
+        raise UserError(f"--pattern: expected n:m with 0 < n < m (e.g. 2:4), got {spec!r}")
+    return int(n), int(m)
+
+
+def check_pattern(layers: list[tuple[str, nn.Linear]], pattern: tuple[int, int], spec: str) -> None:
+    """UserError naming the first layer whose input width is not a multiple of m."""
+    for name, m in layers:
+        if m.in_features % pattern[1]:
+            raise UserError(f"--pattern {spec}: {name}'s width {m.in_features} is not divisible by {pattern[1]}")
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The weights kept (bool, shaped as scores (N, K), K divisible by m): all but the n lowest scores of every
+    m consecutive ones of a row."""
+    groups = scores.reshape(scores.shape[0], -1, m)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(2, groups.topk(n, dim=2, largest=False).indices, False)
+    return keep.view_as(scores)
+
+
 @torch.no_grad()
 def prune_unstructured(
     model: nn.Module,
@@ -89,16 +115,21 @@ def prune_unstructured(
     method: str = "magnitude",
     scope: str = "layer",
     norms: dict[str, torch.Tensor] | None = None,
+    pattern: str | None = None,
 ) -> dict[str, float]:
-    """Zero a fraction `sparsity` (0 <= s < 1) of the prunable weights in place; see the module
+    """Zero a fraction `sparsity` (0 <= s < 1), or with `pattern` "n:m" n of every m consecutive weights of a
+    row (then `sparsity` and `scope` are not used), of the prunable weights in place; see the module
     docstring. `norms` (from `input_norms`) is needed by wanda. Returns each layer's sparsity."""
-    if not 0 <= sparsity < 1:
+    layers = prunable_linears(model)
+    nm = parse_pattern(pattern) if pattern else None
+    if nm:
+        check_pattern(layers, nm, pattern)
+    elif not 0 <= sparsity < 1:
         raise UserError(f"--sparsity: expected 0 <= s < 1, got {sparsity}")
     if method not in METHODS:
         raise UserError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
     if scope not in SCOPES:
         raise UserError(f"--scope: expected one of {', '.join(SCOPES)}, got {scope!r}")
-    layers = prunable_linears(model)
     if method == "wanda" and (norms is None or any(n not in norms for n, _ in layers)):
         raise UserError("wanda needs input norms from calibration data (--data)")
     scores = {}
@@ -107,14 +138,16 @@ def prune_unstructured(
         if method == "wanda":
             s = s * norms[name].to(s.device)[None, :]
         scores[name] = s
-    if scope == "global":
+    if scope == "global" and not nm:
         flat = torch.cat([s.flatten() for s in scores.values()])
         k = int(sparsity * flat.numel())
         threshold = flat.kthvalue(k).values if k else None
     result = {}
     for name, m in layers:
         s = scores[name]
-        if scope == "global":
+        if nm:
+            mask = nm_mask(s, *nm)
+        elif scope == "global":
             mask = s > threshold if threshold is not None else torch.ones_like(s, dtype=torch.bool)
         else:
             group = s if method == "wanda" else s.reshape(1, -1)  # wanda: per output row

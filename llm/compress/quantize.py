@@ -21,6 +21,9 @@ per byte into uint8, low nibble first), `W.scale` and `W.zero_point`; the loader
 re-applies this transform (which builds the same quantized modules) and `load_quantized` (its
 `load_state`) copies those tensors back in, so outputs after a reload are bit-identical.
 References: Jacob et al. 2018 (integer quantization), torchao docs.
+
+`Grid` computes the same integers and scales without torchao's classes, for the calibrated algorithms
+that choose their own (gptq.py, awq.py); `set_quantized` writes such integers into a quantized model.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from torch import nn
 
 from llm.adapt.base import Transform
-from llm.config import ConfigError
+from llm.config import ConfigError, build_config
 from llm.errors import UserError
 from llm.models.base import Model
 from llm.models.layers import LMHead
@@ -87,24 +90,92 @@ def _configs(s: QuantizeSettings):
     return q.Int8WeightOnlyConfig(), q.Int8WeightOnlyConfig()
 
 
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The integer grid of a weight-only method, computed exactly as torchao computes it, so that an algorithm
+    choosing its own integers (GPTQ) or weights (AWQ) gives tensors that load, export and run as RTN's do.
+
+    Symmetric with zero point 0: one scale per row of each group of `group_size` input columns (None: per row),
+    scale = max|w| / ((qmax - qmin) / 2), computed in float32, clamped at `eps`, stored in `scale_dtype`;
+    q = clamp(round(w * (1 / scale)), qmin, qmax), the reciprocal taken in `scale_dtype`, round half to even
+    (torchao choose_qparams_affine + quantize_affine, as IntxWeightOnlyConfig(int4, PerGroup(g),
+    scale_dtype=float16) and Int8WeightOnlyConfig() call them). A scale that underflows to 0 gives q = 0 where
+    w = 0 (torchao's NaN, cast to int8)."""
+
+    qmin: int
+    qmax: int
+    group_size: int | None
+    scale_dtype: torch.dtype
+    eps: float
+
+    @classmethod
+    def of(cls, method: str, group_size: int) -> Grid:
+        """The grid of `method` ("int4" with `group_size`, or "int8", one scale per row)."""
+        if method == "int4":
+            return cls(-8, 7, group_size, torch.float16, torch.finfo(torch.float32).smallest_normal)
+        if method == "int8":
+            return cls(-128, 127, None, torch.float32, torch.finfo(torch.float32).eps)
+        raise UserError(f"method: expected int4 or int8 for a calibrated quantization, got {method!r}")
+
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The scale of each row of w (..., g) over its last dimension: (..., 1) in `scale_dtype`."""
+        absmax = w.abs().amax(dim=-1, keepdim=True).float()
+        return (absmax / ((self.qmax - self.qmin) / 2)).clamp(min=self.eps).to(self.scale_dtype)
+
+    def quantize(self, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The integers of w on the grid of `scale` (broadcast against w), as values of w's dtype."""
+        q = torch.round(w * (1.0 / scale).to(w.dtype))
+        return q.clamp(self.qmin, self.qmax).nan_to_num(0.0)
+
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return q * scale.to(q.dtype)
+
+    def rtn(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Round to nearest: w (N, K) -> qdata int8 (N, K), scale (N, K / g), zero_point int8 (N, K / g)."""
+        n, k = w.shape
+        groups = w.reshape(n, -1, self.group_size or k)
+        scale = self.scale(groups)
+        qdata = self.quantize(groups, scale).reshape(n, k).to(torch.int8)
+        return qdata, scale[..., 0], torch.zeros_like(scale[..., 0], dtype=torch.int8)
+
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """w (N, K) rounded to the nearest grid point, as w's dtype: what the quantized layer multiplies by."""
+        qdata, scale, _ = self.rtn(w)
+        return self.dequantize(qdata.to(w.dtype), scale.repeat_interleave(self.group_size or w.shape[1], dim=1))
+
+
 def is_quantized(t: torch.Tensor) -> bool:
     """Whether `t` is one of torchao's quantized tensors (it carries qdata, scale and zero_point)."""
     return all(hasattr(t, p) for p in PARTS) and type(t).__module__.startswith("torchao")
 
 
-def apply(model: Model, s: QuantizeSettings, path: str = "quantize") -> Model:
-    """Quantize the model in place (see the module docstring); its weights stop training.
+def checked_settings(model: Model, settings, path: str = "quantize") -> QuantizeSettings:
+    """The settings (a mapping or a `QuantizeSettings`) of the transform for this model; the calibrated
+    algorithms check them before calibrating.
 
-    Raises ConfigError naming `path` when the model is quantized already or a group size does not
-    divide a layer's input width."""
+    Raises ConfigError naming `path` for a bad setting, an already quantized model, or a group size
+    that does not divide a layer's input width."""
+    s = build_config(QuantizeSettings, settings, path)
     if any(is_quantized(p) for p in model.parameters()):
         raise ConfigError(path, "the model is already quantized")
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, LMHead, nn.Embedding))]
     if s.method == "int4":
-        for name, m in targets:
+        for name, m in _targets(model):
             width = m.weight.shape[1]
             if width % s.group_size:
                 raise ConfigError(f"{path}.group_size", f"{s.group_size} does not divide {name}'s width {width}")
+    return s
+
+
+def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, LMHead, nn.Embedding))]
+
+
+def apply(model: Model, settings: QuantizeSettings, path: str = "quantize") -> Model:
+    """Quantize the model in place (see the module docstring); its weights stop training.
+
+    Raises ConfigError as `checked_settings` does."""
+    s = checked_settings(model, settings, path)
+    targets = _targets(model)
     owners = {}  # id(weight) -> the one module whose weight is quantized; tied weights are quantized once
     for _, m in targets:
         # the head owns a tied table, so that its matmul runs on the quantized tensor
@@ -184,6 +255,21 @@ def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], where: st
                 )
             target.copy_(value)
     return tensors, {name for name, p in model.named_parameters(remove_duplicate=False) if is_quantized(p)}
+
+
+@torch.no_grad()
+def set_quantized(model: nn.Module, parts: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """Write (qdata int8 (N, K), scale, zero_point) of each module name in `parts` (from a `Grid`) into that
+    module's quantized weight, replacing what RTN chose; ValueError when a shape differs (a bug, not input)."""
+    for name, values in parts.items():
+        weight = model.get_submodule(name).weight
+        for part, value in zip(PARTS, values):
+            target = getattr(weight, part)
+            if value.shape != target.shape:
+                raise ValueError(
+                    f"{name}.weight.{part}: shape {tuple(value.shape)}, the layer has {tuple(target.shape)}"
+                )
+            target.copy_(value)
 
 
 TRANSFORM = Transform("quantize", QuantizeSettings, apply, save_state=plain_tensors, load_state=load_quantized)
