@@ -63,21 +63,33 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v per head; q (B, H, Lq, D), k/v (B, Hkv, Lk, D)."""
-    _, fn = resolve(
-        "attention",
-        backend,
-        q.device.type,
-        q=q,
-        k=k,
-        v=v,
-        causal=causal,
-        key_padding_mask=key_padding_mask,
-        dropout_p=dropout_p,
-    )
-    return fn(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p, scale=scale)
+    """softmax(q k^T * scale) v per head; q (B, H, Lq, D), k/v (B, Hkv, Lk, D).
+
+    `document_ids` (B, T) integer, T = Lq = Lk: the document of each position of a packed
+    row (a run of equal ids is one document); queries attend only within their document.
+    Raises ValueError when its shape or dtype does not fit q and k.
+    """
+    if document_ids is not None:
+        _check_document_ids(q, k, document_ids)
+    call = dict(causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p, document_ids=document_ids)
+    _, fn = resolve("attention", backend, q.device.type, q=q, k=k, v=v, **call)
+    return fn(q, k, v, scale=scale, **call)
+
+
+def _check_document_ids(q: torch.Tensor, k: torch.Tensor, document_ids: torch.Tensor) -> None:
+    b, lq, lk = q.shape[0], q.shape[-2], k.shape[-2]
+    if lq != lk:
+        raise ValueError(f"document_ids need as many queries as keys (packed rows), got {lq} queries and {lk} keys")
+    if document_ids.shape != (b, lk) or document_ids.dtype.is_floating_point or document_ids.dtype == torch.bool:
+        raise ValueError(
+            f"document_ids must be an integer (batch, seq) = {(b, lk)} tensor, "
+            f"got {document_ids.dtype} {tuple(document_ids.shape)}"
+        )
+    if document_ids.device != q.device:
+        raise ValueError(f"document_ids are on {document_ids.device}, q on {q.device}")
 
 
 def layer_norm(

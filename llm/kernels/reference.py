@@ -5,7 +5,11 @@ Shapes and semantics here are the contract that every other backend matches:
 * attention: q (B, H, Lq, D), k and v (B, Hkv, Lk, D) with H % Hkv == 0 (GQA/MQA).
   `causal` aligns the mask to the bottom right (query i sees keys j <= i + Lk - Lq),
   so a cached decode step (Lq=1) sees every key. `key_padding_mask` (B, Lk) is True
-  where a key may be attended. A query that may attend to no key outputs zeros.
+  where a key may be attended. `document_ids` (B, T) integer, with Lq = Lk = T, names
+  the document of each position of a packed row; a document is a run of equal ids, and
+  a query attends only to keys of its own document (causally when `causal`), as
+  FlexAttention's document mask and flash-attn's varlen cu_seqlens do. The three masks
+  combine. A query that may attend to no key outputs zeros.
 * layer_norm / rms_norm normalise over the last dimension; rms_norm computes in
   fp32 and casts back before the weight, as LLaMA does.
 * linear_cross_entropy(hidden (N, D), weight (V, D), labels (N,), bias (V,) or None)
@@ -36,6 +40,19 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def document_bounds(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, end), each int32 (B, T): position t of row b belongs to the document spanning
+    positions [start[b, t], end[b, t]) of that row. A new document starts wherever the id changes."""
+    t = document_ids.shape[-1]
+    pos = torch.arange(t, device=document_ids.device, dtype=torch.int32).expand_as(document_ids)
+    changes = document_ids[:, 1:] != document_ids[:, :-1]
+    first = F.pad(changes, (1, 0), value=True)
+    last = F.pad(changes, (0, 1), value=True)
+    start = torch.where(first, pos, 0).cummax(dim=1).values
+    end = torch.where(last, pos + 1, t).flip(1).cummin(dim=1).values.flip(1)
+    return start, end
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -44,11 +61,17 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     lq, lk = q.shape[-2], k.shape[-2]
     mask = None
     if key_padding_mask is not None:
         mask = key_padding_mask.to(torch.bool)[:, None, None, :]
+    if document_ids is not None:  # (B, 1, T, T): key j is in query i's document; broadcast over heads
+        start, end = document_bounds(document_ids)
+        keys = torch.arange(lk, device=q.device, dtype=torch.int32)
+        same_document = (keys >= start[:, :, None]) & (keys < end[:, :, None])
+        mask = same_document[:, None] if mask is None else mask & same_document[:, None]
     is_causal = causal and mask is None and lq == lk
     if causal and not is_causal:
         rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)

@@ -1,23 +1,30 @@
-"""Flash attention in Triton: forward and backward, causal or not, key padding, GQA/MQA.
+"""Flash attention in Triton: forward and backward, causal or not, key padding, packed documents, GQA/MQA.
 
 Forward (one program per query block and head): stream key/value blocks, keep a
 running row max `m` and row sum `l` (online softmax, in base 2: scores are scaled
 by `scale * log2(e)` so the exponential is `exp2`), rescale the accumulator when the
 max moves, and write O = acc / l and the row logsumexp (base 2) for the backward.
-Key blocks are visited in two phases: blocks every row of the query block may see
-completely (no masking), then the blocks on the causal diagonal or the ragged end
-of the sequence (masked). Causal programs skip the blocks above the diagonal.
+Each program visits only the key blocks its rows may see, in three phases: masked
+blocks at the start of the range (where the query block's documents begin), blocks
+every row sees completely (no masking), then masked blocks on the causal diagonal,
+at the end of a document or at the ragged end of the sequence. Causal programs skip
+the blocks above the diagonal; with packed documents (`document_ids`) the key range
+is bounded by the documents' start and end offsets, so whole key blocks of other
+documents are never read (block-sparse, as FlexAttention's document mask).
 
 Backward: a preprocess kernel computes delta = rowsum(dO * O); a dK/dV kernel (one
-program per key block and key/value head) walks the query blocks of every query
-head in its group, recomputing P = exp2(S - lse) from the saved logsumexp, so the
-group's gradients are summed in registers without atomics; a dQ kernel (one
-program per query block and head) walks the key blocks. Accumulation is fp32.
+program per key block and key/value head) walks the query blocks that may see it
+(the same three phases) of every query head in its group, recomputing
+P = exp2(S - lse) from the saved logsumexp, so the group's gradients are summed in
+registers without atomics; a dQ kernel (one program per query block and head) walks
+the key blocks as the forward does. Accumulation is fp32.
 
 Semantics match `llm.kernels.reference.attention`: causal masks are aligned to the
 bottom right (query i sees key j when j <= i + Lk - Lq), `key_padding_mask` (B, Lk)
-is True where a key may be attended, and a query that sees no key outputs zeros
-(its logsumexp is stored as +inf so its P, and its gradients, are zero).
+is True where a key may be attended, `document_ids` (B, T) keeps each query inside
+its document (given to the kernels as int32 (B, T) start and end offsets of each
+position's document), and a query that sees no key outputs zeros (its logsumexp is
+stored as +inf so its P, and its gradients, are zero).
 """
 
 from __future__ import annotations
@@ -30,10 +37,57 @@ import torch
 import triton
 import triton.language as tl
 
+from llm.kernels.reference import document_bounds
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------- block ranges
+
+
+@triton.jit
+def _document_bounds(start_base, end_base, idx, ok, length):
+    """The document [start, end) of each position `idx` of one row (where `ok`; elsewhere [0, 0)), and over them
+    the least start, greatest start, least end and greatest end: [least start, greatest end) holds every position
+    any of them attends to (or is attended by), [greatest start, least end) the positions all of them do."""
+    start = tl.load(start_base + idx, mask=ok, other=0)
+    end = tl.load(end_base + idx, mask=ok, other=0)
+    lo = tl.min(tl.where(ok, start, length))
+    full_hi = tl.min(tl.where(ok, end, length))
+    return start, end, lo, tl.max(start), full_hi, tl.max(end)
+
+
+@triton.jit
+def _phases(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+    """Split the range [lo, hi) a program visits into block-aligned parts: masked [lo, full_lo), unmasked
+    [full_lo, full_hi) (the blocks inside [full_lo, full_hi), which every position of the program sees whole)
+    and masked [full_hi, hi). All bounds >= 0."""
+    lo = lo // BLOCK * BLOCK
+    full_lo = tl.minimum(tl.cdiv(full_lo, BLOCK) * BLOCK, hi)
+    full_hi = tl.maximum(full_hi // BLOCK * BLOCK, full_lo)
+    return lo, full_lo, full_hi
+
+
+@triton.jit
+def _key_range(
+    start_base, end_base, rows, start_m, Lq, Lk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr,
+):  # fmt: skip
+    """The key phases (lo, full_lo, full_hi, hi) of the query block at `start_m`, the documents of its rows and
+    the causal shift Lk - Lq. (Rows of the forward and dQ kernels.)"""
+    causal_shift = Lk - Lq
+    lo, full_lo, full_hi, hi = 0, 0, Lk, Lk
+    doc_start, doc_end = rows, rows  # unused without documents
+    if HAS_DOCS:
+        doc_start, doc_end, lo, full_lo, full_hi, hi = _document_bounds(start_base, end_base, rows, rows < Lq, Lk)
+    if CAUSAL:  # row i sees keys j <= i + causal_shift
+        hi = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_shift, hi), 0)
+        full_hi = tl.maximum(tl.minimum(start_m + causal_shift + 1, full_hi), 0)
+    lo, full_lo, full_hi = _phases(lo, full_lo, full_hi, hi, BLOCK_N)
+    return lo, full_lo, full_hi, hi, doc_start, doc_end, causal_shift
 
 
 # ---------------------------------------------------------------------------- forward
@@ -51,6 +105,8 @@ def _fwd_inner(
     stride_kn,
     stride_vn,
     rows,
+    doc_start,
+    doc_end,
     offs_n,
     offs_d,
     lo,
@@ -64,9 +120,10 @@ def _fwd_inner(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Fold key blocks [lo, hi) into the running (acc, l, m); MASKED applies causal and length masks."""
+    """Fold key blocks [lo, hi) into the running (acc, l, m); MASKED applies causal, document and length masks."""
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -86,6 +143,8 @@ def _fwd_inner(
             keep = cols[None, :] < Lk
             if CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None] + causal_shift)
+            if HAS_DOCS:
+                keep = keep & (cols[None, :] >= doc_start[:, None]) & (cols[None, :] < doc_end[:, None])
             s = tl.where(keep, s, float("-inf"))
         if HAS_PAD:
             pad = tl.load(pad_base + cols, mask=cols < Lk, other=0)
@@ -109,6 +168,8 @@ def _attn_fwd(
     OUT,
     LSE,
     PAD,
+    DOC_START,
+    DOC_END,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -122,6 +183,7 @@ def _attn_fwd(
     stride_oh,
     stride_om,
     stride_pad,
+    stride_doc,
     H,
     GROUP,
     Lq,
@@ -133,6 +195,7 @@ def _attn_fwd(
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -155,27 +218,29 @@ def _attn_fwd(
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     pad_base = PAD + off_b * stride_pad
-
-    causal_shift = Lk - Lq
-    if CAUSAL:
-        end = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_shift, Lk), 0)
-        full_end = tl.maximum(tl.minimum(start_m + causal_shift + 1, Lk), 0) // BLOCK_N * BLOCK_N
-    else:
-        end = Lk
-        full_end = Lk // BLOCK_N * BLOCK_N
+    lo, full_lo, full_hi, hi, doc_start, doc_end, causal_shift = _key_range(
+        DOC_START + off_b * stride_doc, DOC_END + off_b * stride_doc, rows, start_m, Lq, Lk,
+        BLOCK_M, BLOCK_N, CAUSAL, HAS_DOCS,
+    )  # fmt: skip
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_DOCS:  # without documents every range starts at 0 unmasked
+        acc, l_i, m_i = _fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, pad_base, stride_kn, stride_vn, rows, doc_start, doc_end, offs_n,
+            offs_d, lo, full_lo, Lk, causal_shift, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, HAS_DOCS, DOT_PRECISION,
+        )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, pad_base, stride_kn, stride_vn, rows, offs_n, offs_d,
-        0, full_end, Lk, causal_shift, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PAD, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, pad_base, stride_kn, stride_vn, rows, doc_start, doc_end, offs_n, offs_d,
+        full_lo, full_hi, Lk, causal_shift, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PAD, HAS_DOCS, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, pad_base, stride_kn, stride_vn, rows, offs_n, offs_d,
-        full_end, end, Lk, causal_shift, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, pad_base, stride_kn, stride_vn, rows, doc_start, doc_end, offs_n, offs_d,
+        full_hi, hi, Lk, causal_shift, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, HAS_DOCS, DOT_PRECISION,
     )  # fmt: skip
 
     seen = l_i > 0.0
@@ -238,6 +303,8 @@ def _dkdv_inner(
     stride_qm,
     stride_dom,
     cols,
+    doc_start,
+    doc_end,
     offs_m,
     offs_d,
     lo,
@@ -248,6 +315,8 @@ def _dkdv_inner(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Add the contributions of query blocks [lo, hi) of one head to this key block's dK and dV (transposed layout)."""
@@ -266,8 +335,10 @@ def _dkdv_inner(
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         st = tl.dot(k, qt, input_precision=DOT_PRECISION)
         pt = tl.math.exp2(st * qk_scale - lse[None, :])
-        if MASKED:
+        if MASKED and CAUSAL:
             pt = tl.where(cols[:, None] <= rows[None, :] + causal_shift, pt, 0.0)
+        if MASKED and HAS_DOCS:  # the queries of key j's document, [doc_start[j], doc_end[j])
+            pt = tl.where((rows[None, :] >= doc_start[:, None]) & (rows[None, :] < doc_end[:, None]), pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
@@ -286,6 +357,8 @@ def _attn_bwd_dkdv(
     DK,
     DV,
     PAD,
+    DOC_START,
+    DOC_END,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -305,6 +378,7 @@ def _attn_bwd_dkdv(
     stride_dvh,
     stride_dvn,
     stride_pad,
+    stride_doc,
     H,
     GROUP,
     SPLITS,
@@ -318,6 +392,7 @@ def _attn_bwd_dkdv(
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -347,16 +422,19 @@ def _attn_bwd_dkdv(
     )
 
     # Columns are independent here: keys past Lk or padded get garbage P only in their own
-    # rows of dK/dV, which are dropped (past Lk) or zeroed (padded) at the end.
+    # rows of dK/dV, which are dropped (past Lk) or zeroed (padded) at the end. The query rows
+    # that see key j are those of its document (Lq = Lk there) and, when causal, rows >= j - causal_shift.
     causal_shift = Lk - Lq
+    lo, full_lo, full_hi, hi = 0, 0, Lq, Lq
+    doc_start, doc_end = cols, cols  # unused without documents
+    if HAS_DOCS:
+        doc_start, doc_end, lo, full_lo, full_hi, hi = _document_bounds(
+            DOC_START + off_b * stride_doc, DOC_END + off_b * stride_doc, cols, cols < Lk, Lq
+        )
     if CAUSAL:
-        lo = tl.maximum(start_n - causal_shift, 0) // BLOCK_M * BLOCK_M
-        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0), BLOCK_M) * BLOCK_M
-        masked_hi = tl.minimum(full_lo, Lq)
-    else:
-        lo = 0
-        full_lo = 0
-        masked_hi = 0
+        lo = tl.maximum(tl.maximum(start_n - causal_shift, 0), lo)
+        full_lo = tl.maximum(tl.maximum(start_n + BLOCK_N - 1 - causal_shift, 0), full_lo)
+    lo, full_lo, full_hi = _phases(lo, full_lo, full_hi, hi, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -367,12 +445,19 @@ def _attn_bwd_dkdv(
         lse_base = LSE + (off_b * H + off_h) * Lq
         delta_base = DELTA + (off_b * H + off_h) * Lq
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, offs_m, offs_d,
-            lo, masked_hi, Lq, causal_shift, qk_scale, HEAD_DIM, BLOCK_M, True, DOT_PRECISION,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, doc_start, doc_end,
+            offs_m, offs_d, lo, full_lo, Lq, causal_shift, qk_scale,
+            HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_DOCS, DOT_PRECISION,
         )  # fmt: skip
         dk, dv = _dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, offs_m, offs_d,
-            full_lo, Lq, Lq, causal_shift, qk_scale, HEAD_DIM, BLOCK_M, False, DOT_PRECISION,
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, doc_start, doc_end,
+            offs_m, offs_d, full_lo, full_hi, Lq, causal_shift, qk_scale,
+            HEAD_DIM, BLOCK_M, False, CAUSAL, HAS_DOCS, DOT_PRECISION,
+        )  # fmt: skip
+        dk, dv = _dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, cols, doc_start, doc_end,
+            offs_m, offs_d, full_hi, hi, Lq, causal_shift, qk_scale,
+            HEAD_DIM, BLOCK_M, True, CAUSAL, HAS_DOCS, DOT_PRECISION,
         )  # fmt: skip
 
     dk = dk * sm_scale
@@ -399,6 +484,8 @@ def _dq_inner(
     stride_kn,
     stride_vn,
     rows,
+    doc_start,
+    doc_end,
     offs_n,
     offs_d,
     lo,
@@ -412,6 +499,7 @@ def _dq_inner(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Add the contributions of key blocks [lo, hi) to this query block's dQ."""
@@ -435,6 +523,8 @@ def _dq_inner(
             keep = cols[None, :] < Lk
             if CAUSAL:
                 keep = keep & (cols[None, :] <= rows[:, None] + causal_shift)
+            if HAS_DOCS:
+                keep = keep & (cols[None, :] >= doc_start[:, None]) & (cols[None, :] < doc_end[:, None])
             p = tl.where(keep, p, 0.0)
         if HAS_PAD:
             pad = tl.load(pad_base + cols, mask=cols < Lk, other=0)
@@ -455,6 +545,8 @@ def _attn_bwd_dq(
     DELTA,
     DQ,
     PAD,
+    DOC_START,
+    DOC_END,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -471,6 +563,7 @@ def _attn_bwd_dq(
     stride_dqh,
     stride_dqm,
     stride_pad,
+    stride_doc,
     H,
     GROUP,
     Lq,
@@ -483,6 +576,7 @@ def _attn_bwd_dq(
     BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -510,25 +604,27 @@ def _attn_bwd_dq(
     k_base = K + off_b * stride_kb + off_hk * stride_kh
     v_base = V + off_b * stride_vb + off_hk * stride_vh
     pad_base = PAD + off_b * stride_pad
-
-    causal_shift = Lk - Lq
-    if CAUSAL:
-        end = tl.maximum(tl.minimum(start_m + BLOCK_M + causal_shift, Lk), 0)
-        full_end = tl.maximum(tl.minimum(start_m + causal_shift + 1, Lk), 0) // BLOCK_N * BLOCK_N
-    else:
-        end = Lk
-        full_end = Lk // BLOCK_N * BLOCK_N
+    lo, full_lo, full_hi, hi, doc_start, doc_end, causal_shift = _key_range(
+        DOC_START + off_b * stride_doc, DOC_END + off_b * stride_doc, rows, start_m, Lq, Lk,
+        BLOCK_M, BLOCK_N, CAUSAL, HAS_DOCS,
+    )  # fmt: skip
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_DOCS:
+        dq = _dq_inner(
+            dq, q, do, lse, delta, k_base, v_base, pad_base, stride_kn, stride_vn, rows, doc_start, doc_end,
+            offs_n, offs_d, lo, full_lo, Lk, causal_shift, qk_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, HAS_DOCS, DOT_PRECISION,
+        )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, pad_base, stride_kn, stride_vn, rows, offs_n, offs_d,
-        0, full_end, Lk, causal_shift, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PAD, DOT_PRECISION,
+        dq, q, do, lse, delta, k_base, v_base, pad_base, stride_kn, stride_vn, rows, doc_start, doc_end,
+        offs_n, offs_d, full_lo, full_hi, Lk, causal_shift, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_PAD, HAS_DOCS, DOT_PRECISION,
     )  # fmt: skip
     dq = _dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, pad_base, stride_kn, stride_vn, rows, offs_n, offs_d,
-        full_end, end, Lk, causal_shift, qk_scale,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, DOT_PRECISION,
+        dq, q, do, lse, delta, k_base, v_base, pad_base, stride_kn, stride_vn, rows, doc_start, doc_end,
+        offs_n, offs_d, full_hi, hi, Lk, causal_shift, qk_scale,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PAD, HAS_DOCS, DOT_PRECISION,
     )  # fmt: skip
     dq = dq * sm_scale
     dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :]
@@ -557,7 +653,7 @@ DKDV_CONFIGS = _configs(
     [(32, 128, 8, 3), (16, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3)]
 )
 DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 32, 8, 4), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)])
-TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_PAD"]
+TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_PAD", "HAS_DOCS"]
 
 _fwd_tuned = triton.autotune(FWD_CONFIGS, key=TUNE_KEY)(_attn_fwd)
 _dkdv_tuned = triton.autotune(DKDV_CONFIGS, key=TUNE_KEY)(_attn_bwd_dkdv)
@@ -602,41 +698,50 @@ def _bucket(n: int) -> int:
 # ------------------------------------------------------------------------ host side
 
 
-def _meta(q: torch.Tensor, causal: bool, has_pad: bool) -> dict:
+def _meta(q: torch.Tensor, causal: bool, pad: torch.Tensor | None, docs: torch.Tensor | None) -> dict:
     head_dim = q.shape[-1]
     return dict(
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         CAUSAL=causal,
-        HAS_PAD=has_pad,
+        HAS_PAD=pad is not None,
+        HAS_DOCS=docs is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
+
+
+def _mask_args(q: torch.Tensor, pad: torch.Tensor | None, docs: torch.Tensor | None) -> tuple[tuple, tuple]:
+    """The kernels' (PAD, DOC_START, DOC_END) pointers and (stride_pad, stride_doc); q stands in for an absent mask
+    (its kernels never read it)."""
+    pad_ptr, pad_stride = (pad, pad.stride(0)) if pad is not None else (q, 0)
+    doc_ptrs, doc_stride = ((docs[0], docs[1]), docs.stride(1)) if docs is not None else ((q, q), 0)
+    return (pad_ptr, *doc_ptrs), (pad_stride, doc_stride)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _forward(q, k, v, pad, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q, k, v, pad, docs, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
-    pad_arg, pad_stride = (pad, pad.stride(0)) if pad is not None else (q, 0)
+    mask_ptrs, mask_strides = _mask_args(q, pad, docs)
     _launch(
         _attn_fwd, _fwd_tuned, "fwd", "BLOCK_M", lq, h, b,
-        q, k, v, o, lse, pad_arg,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], pad_stride,
+        q, k, v, o, lse, *mask_ptrs,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *mask_strides,
         h, h // hkv, lq, lk, scale * LOG2E, _bucket(lq), _bucket(lk),
-        **_meta(q, causal, pad is not None),
+        **_meta(q, causal, pad, docs),
     )  # fmt: skip
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, pad, causal: bool, scale: float):
+def _backward(do, q, k, v, o, lse, pad, docs, causal: bool, scale: float):
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    meta = _meta(q, causal, pad is not None)
+    meta = _meta(q, causal, pad, docs)
     delta = torch.empty_like(lse)
     block = 16 if INTERPRET else 64
     _attn_bwd_delta[(triton.cdiv(lq, block), h, b)](
@@ -651,22 +756,22 @@ def _backward(do, q, k, v, o, lse, pad, causal: bool, scale: float):
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     else:  # per-split partial sums, (B, Hkv * splits, Lk, D) in fp32, added below
         dk, dv = (torch.empty(b, hkv * splits, lk, d, device=q.device, dtype=torch.float32) for _ in range(2))
-    pad_arg, pad_stride = (pad, pad.stride(0)) if pad is not None else (q, 0)
+    mask_ptrs, mask_strides = _mask_args(q, pad, docs)
     common = (lq, lk, scale * LOG2E, scale, _bucket(lq), _bucket(lk))
     _launch(
         _attn_bwd_dkdv, _dkdv_tuned, "dkdv", "BLOCK_N", lk, hkv * splits, b,
-        q, k, v, do, lse, delta, dk, dv, pad_arg,
+        q, k, v, do, lse, delta, dk, dv, *mask_ptrs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        pad_stride, h, group, splits, *common, **meta,
+        *mask_strides, h, group, splits, *common, **meta,
     )  # fmt: skip
     if splits > 1:
         dk = dk.view(b, hkv, splits, lk, d).sum(2).to(k.dtype)
         dv = dv.view(b, hkv, splits, lk, d).sum(2).to(v.dtype)
     _launch(
         _attn_bwd_dq, _dq_tuned, "dq", "BLOCK_M", lq, h, b,
-        q, k, v, do, lse, delta, dq, pad_arg,
+        q, k, v, do, lse, delta, dq, *mask_ptrs,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        pad_stride, h, group, *common, **meta,
+        *mask_strides, h, group, *common, **meta,
     )  # fmt: skip
     return dq, dk, dv
 
@@ -675,18 +780,20 @@ class FlashAttention(torch.autograd.Function):
     """O = softmax(Q K^T * scale) V; saves (Q, K, V, O, logsumexp), never the attention matrix."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, pad: torch.Tensor | None, scale: float):
+    def forward(ctx, q, k, v, causal: bool, pad: torch.Tensor | None, docs: torch.Tensor | None, scale: float):
+        """pad: uint8 (B, Lk), non-zero where a key may be attended; docs: int32 (2, B, T), the start and end
+        offsets of each position's document (reference.document_bounds)."""
         q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-        o, lse = _forward(q, k, v, pad, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse, pad)
+        o, lse = _forward(q, k, v, pad, docs, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse, pad, docs)
         ctx.causal, ctx.scale = causal, scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, pad = ctx.saved_tensors
-        dq, dk, dv = _backward(_last_dim_contiguous(do), q, k, v, o, lse, pad, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None
+        q, k, v, o, lse, pad, docs = ctx.saved_tensors
+        dq, dk, dv = _backward(_last_dim_contiguous(do), q, k, v, o, lse, pad, docs, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
 
 
 def attention_unsupported(
@@ -731,6 +838,7 @@ def attention(
     key_padding_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v per head; q (B, H, Lq, D), k/v (B, Hkv, Lk, D); see reference.py."""
     reason = attention_unsupported(q, k, v, causal=causal, key_padding_mask=key_padding_mask, dropout_p=dropout_p)
@@ -740,5 +848,6 @@ def attention(
     if key_padding_mask is not None:
         pad = key_padding_mask.to(device=q.device, dtype=torch.bool)
         pad = pad.expand(q.shape[0], k.shape[2]).contiguous().view(torch.uint8)
+    docs = None if document_ids is None else torch.stack(document_bounds(document_ids))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return FlashAttention.apply(q, k, v, bool(causal), pad, scale)
+    return FlashAttention.apply(q, k, v, bool(causal), pad, docs, scale)

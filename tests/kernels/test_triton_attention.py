@@ -202,44 +202,49 @@ def test_half_precision_compiled(dtype, b, h, hkv, seq, head_dim, causal, padded
 
 
 # Run in a fresh process without TRITON_INTERPRET: under the interpreter `triton.jit` makes no compilable kernels.
-COMPILE_FOR_HOPPER = """
+COMPILE_FOR_AMPERE_AND_HOPPER = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from llm.kernels import triton_attention as ta
 
 ints = {"H", "GROUP", "SPLITS", "Lq", "Lk", "LQ_BUCKET", "LK_BUCKET"}
-pointer_types = {"LSE": "*fp32", "DELTA": "*fp32", "PAD": "*u8"}
-meta = dict(HEAD_DIM=96, BLOCK_D=128, CAUSAL=True, HAS_PAD=True, DOT_PRECISION="tf32")
-for kernel, config in [
-    (ta._attn_fwd, ta.FWD_CONFIGS[0]),
-    (ta._attn_bwd_dkdv, ta.DKDV_CONFIGS[0]),
-    (ta._attn_bwd_dq, ta.DQ_CONFIGS[0]),
-    (ta._attn_bwd_delta, triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)),
-]:
-    constants = {k: v for k, v in {**meta, **config.kwargs}.items() if k in kernel.arg_names}
-    signature = {
-        name: "constexpr" if name in constants
-        else "i32" if name.startswith("stride") or name in ints
-        else "fp32" if name.endswith("scale")
-        else pointer_types.get(name, "*bf16")
-        for name in kernel.arg_names
-    }
-    compiled = triton.compile(
-        ASTSource(kernel, signature, constants),
-        target=GPUTarget("cuda", 90, 32),
-        options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
-    )
-    assert compiled.asm["cubin"] and compiled.metadata.shared <= 227 * 1024, kernel.__name__
-    print(kernel.__name__, "shared", compiled.metadata.shared)
+pointer_types = {"LSE": "*fp32", "DELTA": "*fp32", "PAD": "*u8", "DOC_START": "*i32", "DOC_END": "*i32"}
+meta = dict(HEAD_DIM=96, BLOCK_D=128, CAUSAL=True, HAS_PAD=True, HAS_DOCS=True, DOT_PRECISION="tf32")
+shared_limit = {80: 163 * 1024, 90: 227 * 1024}
+for capability in (80, 90):
+    for kernel, config in [
+        (ta._attn_fwd, ta.FWD_CONFIGS[0]),
+        (ta._attn_bwd_dkdv, ta.DKDV_CONFIGS[0]),
+        (ta._attn_bwd_dq, ta.DQ_CONFIGS[0]),
+        (ta._attn_bwd_delta, triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)),
+    ]:
+        constants = {k: v for k, v in {**meta, **config.kwargs}.items() if k in kernel.arg_names}
+        signature = {
+            name: "constexpr" if name in constants
+            else "i32" if name.startswith("stride") or name in ints
+            else "fp32" if name.endswith("scale")
+            else pointer_types.get(name, "*bf16")
+            for name in kernel.arg_names
+        }
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constants),
+            target=GPUTarget("cuda", capability, 32),
+            options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+        )
+        assert compiled.asm["cubin"] and compiled.metadata.shared <= shared_limit[capability], kernel.__name__
+        print(kernel.__name__, f"sm_{capability}", "shared", compiled.metadata.shared)
 """
 
 
-def test_kernels_compile_for_hopper():
-    """The interpreter never compiles: build every kernel for sm_90 (bf16, head dim 96, causal, padded) to
-    cubin with Triton's own ptxas, so an error only the GPU compiler sees shows up on a CPU machine too."""
+def test_kernels_compile_for_ampere_and_hopper():
+    """The interpreter never compiles: build every kernel for sm_80 and sm_90 (bf16, head dim 96, causal, padded,
+    packed documents: every masking branch) to cubin with Triton's own ptxas, so an error only the GPU compiler
+    sees shows up on a CPU machine too."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_AMPERE_AND_HOPPER], env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("shared") == 4
+    assert done.stdout.count("shared") == 8, done.stdout
