@@ -116,13 +116,14 @@ def test_prefix_and_prompt_adapters_rebuild_on_the_exported_base(method, tmp_pat
 def test_a_model_hugging_face_cannot_hold_exports_as_an_llm_directory(task, transforms, tmp_path):
     """Mean pooling and an instruction template have no transformers architecture: the export is
     llm's model directory, replacing an earlier export of the other format, and loads the same."""
-    from llm.run.export import export_artifacts, hf_form
+    from llm.run.export import export_artifacts
+    from llm.run.formats.hf import check
     from tests.conftest import build
 
     gpt = dict(family="gpt", vocab_size=97, max_seq_len=40, d_model=32, n_layers=2, n_heads=4, d_ff=64)
     gpt.update(mlp="gelu_tanh", dropout=0.0, attention_dropout=0.0)
     plain = build(gpt, **task)
-    assert hf_form(plain) is None
+    assert check(plain) is not None
     export_artifacts(build(gpt), tmp_path / "export")  # an earlier export, in Hugging Face's format
     assert (tmp_path / "export" / "config.json").is_file()
     ours = apply_transforms(plain, transforms).eval()
@@ -136,18 +137,18 @@ def test_a_model_hugging_face_cannot_hold_exports_as_an_llm_directory(task, tran
     assert torch.equal(loaded(x).logits, ours(x).logits)
 
 
-def test_hf_form_is_an_architecture_only_where_transformers_computes_the_same():
+def test_hf_holds_a_model_only_where_transformers_computes_the_same():
     """Pooling decides: [CLS] for BERT and the last token for causal bodies, given or by default."""
-    from llm.run.export import hf_form
+    from llm.run.formats.hf import check
     from tests.conftest import build
 
     gpt = dict(family="gpt", vocab_size=97, max_seq_len=40, d_model=32, n_layers=2, n_heads=4, d_ff=64)
     bert = dict(gpt, family="bert", causal=False, norm_position="post", type_vocab_size=2, pooler=True)
     bert.update(mlp="gelu")
-    assert hf_form(build(gpt, task="text_classification")) == "GPT2ForSequenceClassification"
-    assert hf_form(build(gpt, task="text_classification", pooling="last")) == "GPT2ForSequenceClassification"
-    assert hf_form(build(gpt, task="text_classification", pooling="first")) is None
-    assert hf_form(build(bert, task="text_classification", pooling="first")) == "BertForSequenceClassification"
-    assert hf_form(build(bert, task="text_classification", pooling="mean")) is None
-    assert hf_form(build(gpt, task="instruction")) is None  # its template has no place in config.json
-    assert hf_form(build(gpt)) == "GPT2LMHeadModel"
+    assert check(build(gpt, task="text_classification")) is None
+    assert check(build(gpt, task="text_classification", pooling="last")) is None
+    assert check(build(gpt, task="text_classification", pooling="first")) is not None
+    assert check(build(bert, task="text_classification", pooling="first")) is None
+    assert check(build(bert, task="text_classification", pooling="mean")) is not None
+    assert check(build(gpt, task="instruction")) is not None  # its template has no place in config.json
+    assert check(build(gpt)) is None

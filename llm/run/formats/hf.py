@@ -1,0 +1,66 @@
+"""`--to hf`: a Hugging Face directory that transformers loads as it is.
+
+The model with every transform removed (`llm.adapt.export.plain`: LoRA merged into the weights, a
+prefix or soft prompt left out) as config.json + model.safetensors (+ generation_config.json, and the
+tokenizer's files when given), and beside it in `adapter/`:
+- for LoRA: PEFT's layout (adapter_config.json + adapter_model.safetensors), which
+  `peft.PeftModel.from_pretrained(base, dir)` loads on the untouched Hugging Face base;
+- for prefix or prompt tuning: llm's layout, which `llm.run.loader.load_model` puts back on the base.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llm.adapt import export as adapt_export
+from llm.errors import UserError
+from llm.models import hf
+from llm.models.base import Model
+from llm.tasks import task_of
+from llm.tasks.hf import hf_rules, task_of_architecture, to_hf
+
+# Transforms a Hugging Face directory can carry: merged (lora), beside it (prefix, prompt) or moot (freeze).
+EXPORTABLE = ("lora", "prefix", "prompt", "freeze")
+
+
+def check(model: Model) -> str | None:
+    """Why transformers cannot hold all `model` computes and all llm needs to rebuild it, else None."""
+    cfg, task = model.config, task_of(model)
+    arch = task.hf_architecture(cfg)  # a LLaMA-family model with Qwen's fields is named for Qwen
+    if arch is None:
+        return f"transformers has no architecture for task {task.name!r} of a {cfg.family!r} model"
+    for t in model.transforms:
+        if t["name"] not in EXPORTABLE:
+            return f"transformers cannot hold the model's {t['name']!r} transform"
+    try:
+        hf.family_adapter(cfg.family).check_exportable(cfg, arch)
+    except UserError as e:
+        return str(e)
+    read_back = task_of_architecture(arch, task.hf_config(cfg))  # the task from_hf will read the export as
+    if read_back.resolved(cfg) != task.resolved(cfg):
+        return f"{arch} reads back as task {read_back.resolved(cfg)}, not as the model's {task.resolved(cfg)}"
+    if adapt_export.has_lora(model):
+        try:
+            _lora_adapter(model, arch)
+        except UserError as e:
+            return f"PEFT cannot hold its LoRA layout ({e})"
+    return None
+
+
+def _lora_adapter(model: Model, arch: str, base_model: str | None = None) -> tuple[dict, dict]:
+    prefix, rules = hf_rules(model.config, task_of(model))
+    return adapt_export.peft_lora(model, rules, prefix, arch, base_model)
+
+
+def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, base_model: str | None = None) -> None:
+    """`base_model` (a run's init_from) is recorded as a PEFT adapter's base_model_name_or_path."""
+    arch = task_of(model).hf_architecture(model.config)
+    if adapt_export.has_lora(model):
+        adapter = _lora_adapter(model, arch, base_model)
+    elif adapt_export.has_virtual_tokens(model):
+        adapter = adapt_export.virtual_adapter(model)
+    else:
+        adapter = None
+    to_hf(adapt_export.plain(model), out_dir, tokenizer)
+    if adapter is not None:
+        adapt_export.write_adapter(Path(out_dir) / "adapter", *adapter)
