@@ -285,7 +285,7 @@ def sample(model: Model, recipe: RecipeConfig) -> str:
     from llm.models.generation import generate
 
     tok = Tokenizer(recipe.data.tokenizer)
-    ids = tok.encode(recipe.logging.sample_prompt) or [tok.eos_id or 0]
+    ids = tok.encode(recipe.logging.sample_prompt, ordinary=False) or [tok.eos_id or 0]
     g = torch.Generator().manual_seed(recipe.seed)
     out = generate(
         model, torch.tensor([ids]), max_new_tokens=recipe.logging.sample_tokens, temperature=0.8, top_k=40, generator=g

@@ -199,6 +199,11 @@ class Task:
         """Entries the task adds to an exported config.json."""
         return {}
 
+    def hf_chat_template(self, eos_token: str | None) -> str | None:
+        """The Jinja chat template the task puts into an exported tokenizer (None: none); `eos_token`
+        is the spelling of the model's EOS (None: no tokenizer, or no EOS)."""
+        return None
+
     @property
     def mask_token(self) -> bool:
         """Whether the trunk carries a learned mask token (masked image modeling)."""

@@ -18,12 +18,19 @@ from llm.models.base import Model, tied_aliases
 from llm.models.config import ModelConfig
 from llm.tasks import TASKS, get_task, task_of
 from llm.tasks.base import Task
+from llm.tasks.instruction import InstructionOptions
 
 
-def task_of_architecture(arch: str, config: dict) -> Task:
-    """The task, with its options, that a Hugging Face model of architecture `arch` and
-    config.json `config` reads as (e.g. BertForPreTraining: masked_lm with nsp, the labels of id2label)."""
+def task_of_architecture(arch: str, config: dict, chat_template: str | None = None) -> Task:
+    """The task, with its options, that a Hugging Face model of architecture `arch`, config.json
+    `config` and tokenizer chat template `chat_template` reads as (e.g. BertForPreTraining: masked_lm
+    with nsp, the labels of id2label; a causal LM with the chat template an instruction model exports:
+    that instruction task)."""
     _, name, implied = hf.architectures()[arch]
+    if name == "causal_lm" and chat_template is not None:
+        options = InstructionOptions.from_chat_template(chat_template)
+        if options is not None:
+            return get_task({"name": "instruction", **dataclasses.asdict(options)})
     task_class = TASKS[name]
     return task_class({**implied, **task_class({}, "task").hf_options(config)})
 
@@ -89,7 +96,7 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
         cfg = build_config(ModelConfig, fields, "model")
         if not cfg.is_image:
             cfg = dataclasses.replace(cfg, **special_tokens(config, generation, cfg.vocab_size, str(path)))
-        source_task = task_of_architecture(arch, config)
+        source_task = task_of_architecture(arch, config, hf.read_chat_template(path))
         target = source_task if task is None else get_task(task)
         model = target.build_model(cfg)
     except ConfigError as e:
@@ -164,11 +171,12 @@ def hf_state_dict(model: Model) -> tuple[str, dict[str, torch.Tensor]]:
 def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -> Path:
     """A Hugging Face directory that `transformers` loads as it is: config.json,
     model.safetensors, generation_config.json (causal LMs) and, given `tokenizer` (a
-    tokenizer.json or its folder), tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json. bos/eos/pad ids the model config leaves unset are taken from
-    the tokenizer, so generation stops at its EOS. Returns `path`.
+    tokenizer.json or its folder), tokenizer.json, tokenizer_config.json (with the task's chat
+    template: an instruction model's) and special_tokens_map.json. bos/eos/pad ids the model config
+    leaves unset are taken from the tokenizer, so generation stops at its EOS. Returns `path`.
 
-    Raises UserError naming the field or task Hugging Face cannot express."""
+    Raises UserError naming the field or task Hugging Face cannot express, or an instruction model
+    given no tokenizer (its template lives in the tokenizer's files)."""
     from safetensors.torch import save_file
 
     from llm.data.tokenizer import Tokenizer
@@ -195,7 +203,9 @@ def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -
     if model.task in ("causal_lm", "instruction"):
         generation = {k: v for k, v in hf.special_tokens(cfg).items() if v is not None}
         write_atomic(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    eos = tok.tokenizer.id_to_token(cfg.eos_ids[0]) if tok is not None and cfg.eos_ids else None
+    chat_template = task_of(model).hf_chat_template(eos)
     if tok is not None:
-        tok.save_hf(path, None if cfg.is_image else cfg.max_seq_len)
+        tok.save_hf(path, None if cfg.is_image else cfg.max_seq_len, chat_template)
     write_atomic(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")  # last: marks it whole
     return path

@@ -110,11 +110,11 @@ def test_prefix_and_prompt_adapters_rebuild_on_the_exported_base(method, tmp_pat
     "task, transforms",
     [
         ({"task": "text_classification", "pooling": "mean"}, [{"name": "prefix", "num_virtual_tokens": 2}]),
-        ({"task": "instruction"}, [{"name": "lora", "targets": ["q", "v"]}]),
+        ({"task": "contrastive"}, [{"name": "lora", "targets": ["q", "v"]}]),
     ],
 )
 def test_a_model_hugging_face_cannot_hold_exports_as_an_llm_directory(task, transforms, tmp_path):
-    """Mean pooling and an instruction template have no transformers architecture: the export is
+    """Mean pooling and a contrastive objective have no transformers architecture: the export is
     llm's model directory, replacing an earlier export of the other format, and loads the same."""
     from llm.run.export import export_artifacts
     from llm.run.formats.hf import check
@@ -150,5 +150,5 @@ def test_hf_holds_a_model_only_where_transformers_computes_the_same():
     assert check(build(gpt, task="text_classification", pooling="first")) is not None
     assert check(build(bert, task="text_classification", pooling="first")) is None
     assert check(build(bert, task="text_classification", pooling="mean")) is not None
-    assert check(build(gpt, task="instruction")) is not None  # its template has no place in config.json
+    assert check(build(gpt, task="instruction")) is None  # its template goes to the tokenizer's chat_template
     assert check(build(gpt)) is None

@@ -36,7 +36,8 @@ def check(model: Model) -> str | None:
         hf.family_adapter(cfg.family).check_exportable(cfg, arch)
     except UserError as e:
         return str(e)
-    read_back = task_of_architecture(arch, task.hf_config(cfg))  # the task from_hf will read the export as
+    # the task from_hf will read the export as (a chat template reads back the same with any EOS spelling)
+    read_back = task_of_architecture(arch, task.hf_config(cfg), task.hf_chat_template("</s>"))
     if read_back.resolved(cfg) != task.resolved(cfg):
         return f"{arch} reads back as task {read_back.resolved(cfg)}, not as the model's {task.resolved(cfg)}"
     if adapt_export.has_lora(model):
