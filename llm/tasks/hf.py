@@ -168,12 +168,22 @@ def hf_state_dict(model: Model) -> tuple[str, dict[str, torch.Tensor]]:
     return arch, out
 
 
-def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -> Path:
+def to_hf(
+    model: Model,
+    path: str | Path,
+    tokenizer: str | Path | None = None,
+    *,
+    tensors: dict[str, torch.Tensor] | None = None,
+    quantization_config: dict | None = None,
+) -> Path:
     """A Hugging Face directory that `transformers` loads as it is: config.json,
     model.safetensors, generation_config.json (causal LMs) and, given `tokenizer` (a
     tokenizer.json or its folder), tokenizer.json, tokenizer_config.json (with the task's chat
     template: an instruction model's) and special_tokens_map.json. bos/eos/pad ids the model config
     leaves unset are taken from the tokenizer, so generation stops at its EOS. Returns `path`.
+
+    `tensors` (with `quantization_config`, config.json's) are written in place of the model's own
+    Hugging Face tensors: a quantized model's compressed form of them (`llm.run.formats.compressed_tensors`).
 
     Raises UserError naming the field or task Hugging Face cannot express, or an instruction model
     given no tokenizer (its template lives in the tokenizer's files)."""
@@ -182,7 +192,8 @@ def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -
     from llm.data.tokenizer import Tokenizer
 
     path = Path(path)
-    arch, tensors = hf_state_dict(model)
+    arch, dense = hf_state_dict(model)
+    tensors = dense if tensors is None else tensors
     cfg = model.config
     adapter = hf.family_adapter(cfg.family)
     tok = Tokenizer(tokenizer) if tokenizer is not None else None
@@ -196,6 +207,8 @@ def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -
     config.update(task_of(model).hf_config(cfg))
     dtype = next(model.parameters()).dtype
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / ".model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})

@@ -16,11 +16,13 @@ from llm.adapt import export as adapt_export
 from llm.errors import UserError
 from llm.models import hf
 from llm.models.base import Model
+from llm.run.formats import compressed_tensors
 from llm.tasks import task_of
-from llm.tasks.hf import hf_rules, task_of_architecture, to_hf
+from llm.tasks.hf import hf_rules, hf_state_dict, task_of_architecture, to_hf
 
-# Transforms a Hugging Face directory can carry: merged (lora), beside it (prefix, prompt) or moot (freeze).
-EXPORTABLE = ("lora", "prefix", "prompt", "freeze")
+# Transforms a Hugging Face directory can carry: merged (lora), beside it (prefix, prompt), moot (freeze)
+# or as compressed-tensors (quantize).
+EXPORTABLE = ("lora", "prefix", "prompt", "freeze", "quantize")
 
 
 def check(model: Model) -> str | None:
@@ -45,6 +47,10 @@ def check(model: Model) -> str | None:
             _lora_adapter(model, arch)
         except UserError as e:
             return f"PEFT cannot hold its LoRA layout ({e})"
+    if compressed_tensors.settings(model) is not None:
+        if len(model.transforms) > 1:
+            return "a quantized model exports alone, without adapters"
+        return compressed_tensors.check(model)
     return None
 
 
@@ -62,6 +68,11 @@ def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, base_mo
         adapter = adapt_export.virtual_adapter(model)
     else:
         adapter = None
+    if compressed_tensors.settings(model) is not None:
+        dense = compressed_tensors.float_model(model)
+        tensors, config = compressed_tensors.compressed(model, hf_state_dict(dense)[1])
+        to_hf(dense, out_dir, tokenizer, tensors=tensors, quantization_config=config)
+        return
     to_hf(adapt_export.plain(model), out_dir, tokenizer)
     if adapter is not None:
         adapt_export.write_adapter(Path(out_dir) / "adapter", *adapter)
