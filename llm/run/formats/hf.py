@@ -1,8 +1,11 @@
 """`--to hf`: a Hugging Face directory that transformers loads as it is.
 
 The model with every transform removed (`llm.adapt.export.plain`: LoRA merged into the weights, a
-prefix or soft prompt left out) as config.json + model.safetensors (+ generation_config.json, and the
-tokenizer's files when given), and beside it in `adapter/`:
+prefix or soft prompt left out; a structurally pruned model as a model of its smaller widths, which
+needs every block to keep the same) as config.json + model.safetensors (+ generation_config.json, and
+the tokenizer's files when given: an instruction model's template becomes their chat_template); a
+quantized model in compressed-tensors' layout (`llm.run.formats.compressed_tensors`); and beside it in
+`adapter/`:
 - for LoRA: PEFT's layout (adapter_config.json + adapter_model.safetensors), which
   `peft.PeftModel.from_pretrained(base, dir)` loads on the untouched Hugging Face base;
 - for prefix or prompt tuning: llm's layout, which `llm.run.loader.load_model` puts back on the base.
@@ -12,17 +15,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llm import transforms
 from llm.adapt import export as adapt_export
 from llm.errors import UserError
 from llm.models import hf
 from llm.models.base import Model
+from llm.run import loader
 from llm.run.formats import compressed_tensors
 from llm.tasks import task_of
 from llm.tasks.hf import hf_rules, hf_state_dict, task_of_architecture, to_hf
 
-# Transforms a Hugging Face directory can carry: merged (lora), beside it (prefix, prompt), moot (freeze)
-# or as compressed-tensors (quantize).
-EXPORTABLE = ("lora", "prefix", "prompt", "freeze", "quantize")
+# Transforms a Hugging Face directory can carry: merged (lora), beside it (prefix, prompt), moot (freeze),
+# as compressed-tensors (quantize) or as the smaller shapes (prune, where every block keeps the same).
+EXPORTABLE = ("lora", "prefix", "prompt", "freeze", "quantize", "prune")
+ADAPTERS = ("lora", "prefix", "prompt")
+
+
+def _record(model: Model, name: str) -> dict | None:
+    return next((t for t in model.transforms if t["name"] == name), None)
+
+
+def _pruned_shape(model: Model) -> str | None:
+    """Why the structurally pruned `model`'s shapes have no Hugging Face config, else None."""
+    record, cfg = _record(model, "prune"), model.config
+    if record["heads"] != [cfg.kv_heads] * cfg.n_layers:
+        return (
+            f"its blocks keep {record['heads']} of {cfg.kv_heads} attention head groups; transformers derives "
+            "the head size from hidden_size / num_attention_heads, so fewer heads would change it"
+        )
+    if len(set(record["neurons"])) != 1:
+        return (
+            f"its blocks keep different MLP widths {record['neurons']}; transformers gives every layer one "
+            "intermediate_size"
+        )
+    return None
+
+
+def unpruned(model: Model) -> Model:
+    """The structurally pruned `model` (every block of the same widths) as a model of those widths with
+    no prune transform: the same tensors, other transforms kept."""
+    description = model.description()
+    description["model"]["d_ff"] = _record(model, "prune")["neurons"][0]
+    description["transforms"] = [t for t in description["transforms"] if t["name"] != "prune"]
+    copy = loader.build_from_description(description, "the pruned model")
+    return loader.load_weights(copy, transforms.plain_state(model), "the pruned model").eval()
 
 
 def check(model: Model) -> str | None:
@@ -47,9 +83,11 @@ def check(model: Model) -> str | None:
             _lora_adapter(model, arch)
         except UserError as e:
             return f"PEFT cannot hold its LoRA layout ({e})"
+    if _record(model, "prune") is not None and (reason := _pruned_shape(model)) is not None:
+        return reason
     if compressed_tensors.settings(model) is not None:
-        if len(model.transforms) > 1:
-            return "a quantized model exports alone, without adapters"
+        if any(t["name"] in ADAPTERS for t in model.transforms):
+            return "a quantized model carries no adapters in compressed-tensors"
         return compressed_tensors.check(model)
     return None
 
@@ -61,6 +99,8 @@ def _lora_adapter(model: Model, arch: str, base_model: str | None = None) -> tup
 
 def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, base_model: str | None = None) -> None:
     """`base_model` (a run's init_from) is recorded as a PEFT adapter's base_model_name_or_path."""
+    if _record(model, "prune") is not None:
+        model = unpruned(model)
     arch = task_of(model).hf_architecture(model.config)
     if adapt_export.has_lora(model):
         adapter = _lora_adapter(model, arch, base_model)
