@@ -10,13 +10,14 @@ from typing import Literal
 from llm.errors import UserError
 from llm.fileio import replace_dir
 from llm.models.base import Model
-from llm.run.formats import hf
+from llm.run.formats import hf, sentence_transformers
 from llm.run.formats import llm as llm_format
 from llm.run.loader import find_tokenizer, load_model, model_kind
 
 FORMATS = {
     "llm": llm_format,
     "hf": hf,
+    "sentence-transformers": sentence_transformers,
 }
 KIND_NAMES = {"hf": "Hugging Face directory", "llm": "llm model directory", "checkpoint": "training checkpoint"}
 
