@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from llm.cli import main
 from llm.data import Tokenizer, train_tokenizer
