@@ -32,7 +32,7 @@ def write_format(model: Model, output: str | Path, to: str, tokenizer: Path | No
     until then; nothing is left of a failed write). `options` are the format's own (see its `write`).
 
     Raises UserError naming the format for one that cannot hold the model (and those that can), an
-    option the format does not take, or a missing runtime dependency."""
+    option the format does not take, a missing runtime dependency, or an output it cannot write."""
     if to not in FORMATS:
         raise UserError(f"--to: expected one of {', '.join(FORMATS)}, got {to!r}")
     fmt = FORMATS[to]
@@ -43,8 +43,11 @@ def write_format(model: Model, output: str | Path, to: str, tokenizer: Path | No
     reason = fmt.check(model)
     if reason is not None:
         raise UserError(f"--to {to} cannot hold this model: {reason} (formats that can: {', '.join(holders(model))})")
-    with replace_dir(output) as staging:
-        fmt.write(model, staging, tokenizer, **options)
+    try:
+        with replace_dir(output) as staging:
+            fmt.write(model, staging, tokenizer, **options)
+    except OSError as e:
+        raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
     return Path(output)
 
 

@@ -40,8 +40,8 @@ def _pruned_shape(model: Model) -> str | None:
     record, cfg = _record(model, "prune"), model.config
     if record["heads"] != [cfg.kv_heads] * cfg.n_layers:
         return (
-            f"its blocks keep {record['heads']} of {cfg.kv_heads} attention head groups; transformers derives "
-            "the head size from hidden_size / num_attention_heads, so fewer heads would change it"
+            f"its blocks keep {record['heads']} of {cfg.kv_heads} attention head groups; fewer heads of the "
+            "same size need head_dim != d_model / n_heads, which llm's model config cannot say"
         )
     if len(set(record["neurons"])) != 1:
         return (
