@@ -70,8 +70,12 @@ setup(
             "peft>=0.21",
             "wandb",
             "mlflow-skinny",
+            "compressed-tensors",  # tests of llm convert --to hf of quantized models
+            "sentence-transformers>=6",  # tests of llm convert --to sentence-transformers
         ],
         "compress": ["torchao==0.18.*"],  # llm compress quantize, and loading quantized models
+        # llm convert --to FORMAT: the packages the formats are written with (each imported only there)
+        "deploy": ["compressed-tensors", "sentence-transformers>=6"],
         "wandb": ["wandb"],  # logging.wandb: true (offline by default)
         "mlflow": ["mlflow-skinny"],  # logging.mlflow: true (local file store by default)
         "mpi": ["mpi4py", "openmpi"],

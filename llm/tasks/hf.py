@@ -85,8 +85,11 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
         generation = hf.read_hf_config(path, "generation_config.json")
 
     prefix = adapter.prefix if TASKS[source_name].nested else ""
+    tensors = hf.read_hf_weights(path)
+    if isinstance(config.get("quantization_config"), dict):
+        tensors = dequantized(tensors, config["quantization_config"], str(file))
     weights, stored = {}, {}  # stored: each key as the checkpoint spells it, for warnings
-    for name, tensor in hf.read_hf_weights(path).items():
+    for name, tensor in tensors.items():
         key = name.removeprefix(prefix)
         for legacy, today in adapter.legacy_names.items():
             key = key.replace(legacy, today)
@@ -133,6 +136,32 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
     leftover = set(result.missing_keys) - tied_aliases(model) - {r.ours for r in missing}
     assert not leftover and not result.unexpected_keys, (leftover, result.unexpected_keys)
     return model.to(dtype) if dtype is not None else model
+
+
+def dequantized(tensors: dict[str, torch.Tensor], quantization: dict, where: str) -> dict[str, torch.Tensor]:
+    """`tensors` of a compressed-tensors checkpoint (one scheme, e.g. what `llm convert --to hf` writes of
+    a quantized model) with each compressed weight decompressed to float32 by the package's own compressor.
+
+    Raises UserError naming `where` for another quantization method, several schemes, or a missing package."""
+    method = quantization.get("quant_method")
+    if method != "compressed-tensors":
+        raise UserError(f"{where}: quantization_config: llm reads compressed-tensors checkpoints, not {method!r}")
+    try:
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.quantization import QuantizationConfig
+    except ImportError:
+        raise UserError(f"{where}: a compressed-tensors checkpoint: pip install compressed-tensors") from None
+    config = QuantizationConfig.model_validate(quantization)
+    if len(config.config_groups) != 1:
+        raise UserError(f"{where}: quantization_config has {len(config.config_groups)} schemes; llm reads one")
+    scheme = next(iter(config.config_groups.values()))
+    compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
+    parts = compressor.compression_param_names(scheme)
+    out = dict(tensors)
+    for module in [k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale")]:
+        local = {p: out.pop(f"{module}.{p}") for p in parts if f"{module}.{p}" in out}
+        out[f"{module}.weight"] = compressor.decompress(local, scheme)["weight"].float()
+    return out
 
 
 # Trunk tensors a checkpoint may lack (transformers initialises them): the masked-image-modeling token.

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from llm import transforms
 from llm.run.convert import write_format
+from llm.run.loader import load_model
 from tests.conftest import build, rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -49,5 +50,7 @@ def test_transformers_loads_the_compressed_export_with_llm_logits(family, method
     assert packed == expected and all(tensors[f"{n}.weight_packed"].dtype == torch.int32 for n in packed)
     assert not any(f"{n}.weight" in tensors for n in packed)
     x = torch.randint(1, 96, (3, 17))
+    reread = load_model(tmp_path / "out").eval()  # llm reads it back, dequantized
     with torch.no_grad():
         assert rel_err(hf(x).logits, quantized(x).logits) < 1e-5
+        assert rel_err(reread(x).logits, quantized(x).logits) < 1e-5

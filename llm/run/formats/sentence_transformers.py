@@ -25,12 +25,13 @@ POOLING = {"first": "cls", "mean": "mean", "last": "lasttoken"}
 
 
 def trunk(model: Model) -> Model:
-    """The bare trunk (task `encoder`, no pooler) of `model`, with its weights and transforms."""
+    """The bare trunk (task `encoder`, with the pooler it has, unused here) of `model`, with its weights
+    and transforms."""
     description = model.description()
-    description["model"]["pooler"] = False
+    description["model"]["pooler"] = getattr(model, "pooler", None) is not None
     description["task"] = {"name": "encoder"}
     copy = loader.build_from_description(description, "the embedding model")
-    weights = {k: v for k, v in transforms.plain_state(model).items() if k.startswith("transformer.")}
+    weights = {k: v for k, v in transforms.plain_state(model).items() if k.startswith(("transformer.", "pooler."))}
     return loader.load_weights(copy, weights, "the embedding model").eval()
 
 
