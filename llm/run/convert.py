@@ -47,7 +47,8 @@ def write_format(model: Model, output: str | Path, to: str, tokenizer: Path | No
         with replace_dir(output) as staging:
             fmt.write(model, staging, tokenizer, **options)
     except OSError as e:
-        raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
+        where = f": {e.filename}" if e.filename else ""
+        raise UserError(f"{output}: cannot write ({e.strerror or e}{where})") from None
     return Path(output)
 
 
