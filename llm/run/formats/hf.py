@@ -101,18 +101,16 @@ def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, base_mo
     """`base_model` (a run's init_from) is recorded as a PEFT adapter's base_model_name_or_path."""
     if _record(model, "prune") is not None:
         model = unpruned(model)
-    arch = task_of(model).hf_architecture(model.config)
-    if adapt_export.has_lora(model):
-        adapter = _lora_adapter(model, arch, base_model)
-    elif adapt_export.has_virtual_tokens(model):
-        adapter = adapt_export.virtual_adapter(model)
-    else:
-        adapter = None
-    if compressed_tensors.settings(model) is not None:
+    if compressed_tensors.settings(model) is not None:  # carries no adapter (`check`)
         dense = compressed_tensors.float_model(model)
         tensors, config = compressed_tensors.compressed(model, hf_state_dict(dense)[1])
         to_hf(dense, out_dir, tokenizer, tensors=tensors, quantization_config=config)
         return
+    adapter = None
+    if adapt_export.has_lora(model):
+        adapter = _lora_adapter(model, task_of(model).hf_architecture(model.config), base_model)
+    elif adapt_export.has_virtual_tokens(model):
+        adapter = adapt_export.virtual_adapter(model)
     to_hf(adapt_export.plain(model), out_dir, tokenizer)
     if adapter is not None:
         adapt_export.write_adapter(Path(out_dir) / "adapter", *adapter)
