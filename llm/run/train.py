@@ -29,9 +29,9 @@ from llm.config import ConfigError
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.log import logger, setup_logging
-from llm.models.base import Model, tied_aliases
+from llm.models.base import Model
 from llm.models.info import training_flops_per_token
-from llm.run import checks, loader
+from llm.run import checks, init_from, loader
 from llm.run.export import export_artifacts
 from llm.run.prepare import prepare_if_missing
 from llm.run.recipe import RecipeConfig, load_finetune_recipe, load_recipe
@@ -102,47 +102,15 @@ def load_teacher(recipe: RecipeConfig) -> Model:
 
 
 def build_model(recipe: RecipeConfig, task: Task) -> Model:
-    """The recipe's model with the task's head, `init_from` weights, then its transforms.
-
-    From `init_from` every tensor of the shared body (trunk, pooler) loads and must fit; head
-    tensors load where the task and shapes agree, the others are freshly initialised (logged)."""
+    """The recipe's model with the task's head, then its transforms; from `init_from`, with the
+    weights and whatever the earlier run trained carried over (`llm.run.init_from`)."""
     model = task.build_model(recipe.model)
+    steps = recipe.transform_settings()
     if recipe.init_from:
-        init = loader.load_model(recipe.init_from)
-        if init.config.family != recipe.model.family:
-            raise ConfigError(
-                "init_from",
-                f"{recipe.init_from}: a {init.config.family} model ({init.task}); the run builds a "
-                f"{recipe.model.family} model for task {task.name!r}",
-            )
-        for spec in init.transforms:  # a pruned model's smaller shapes come with it; its weights follow
-            if spec["name"] == "quantize":
-                raise ConfigError("init_from", f"{recipe.init_from}: a quantized model cannot be trained further")
-            if spec["name"] == "prune":
-                model = transforms.apply_transform(model, spec, "init_from")
-        own, state = model.state_dict(), init.state_dict()
-        body = ("transformer.", "pooler.")
-        loaded = {}
-        for key, tensor in state.items():
-            if key not in own:
-                continue
-            if own[key].shape != tensor.shape:
-                if key.startswith(body):
-                    raise ConfigError(
-                        "init_from",
-                        f"{recipe.init_from}: {key} has shape {tuple(tensor.shape)}, "
-                        f"the recipe's model needs {tuple(own[key].shape)}",
-                    )
-                continue
-            loaded[key] = tensor
-        result = model.load_state_dict(loaded, strict=False)
-        fresh = sorted(set(result.missing_keys) - tied_aliases(model))
-        logger.info(
-            f"init_from {recipe.init_from} ({init.task}): loaded {len(loaded)} tensors; "
-            f"freshly initialised: {', '.join(fresh) if fresh else 'none'}"
-        )
-    for path, settings in recipe.transform_settings():
-        model = transforms.apply_transform(model, settings, path)
+        model = init_from.build(model, recipe.init_from, steps)
+    else:
+        for path, settings in steps:
+            model = transforms.apply_transform(model, settings, path)
     if recipe.train.activation_checkpointing:
         model.set_gradient_checkpointing(True)
     return model

@@ -175,7 +175,7 @@ class Trainer:
         if load_dir is not None:
             from llm.train import elastic
 
-            elastic.after_load(self.engine, state)
+            elastic.after_load(self.engine, load_dir)
         # every callback's state from rank 0's file, a per-rank one's from this rank's own
         self.load_state_dict({**state, "callbacks": {**saved.get("callbacks", {}), **state.get("callbacks", {})}})
         self.resumed_step = self.step
