@@ -13,6 +13,7 @@ from llm.models import hf
 from llm.models.base import Model
 from llm.run import loader
 from llm.tasks import task_of
+from llm.tasks.classification import ClassificationTask
 from llm.tasks.hf import hf_rules, task_of_architecture, to_hf
 
 # Transforms a Hugging Face export can carry: merged (lora), beside it (prefix, prompt) or moot (freeze).
@@ -38,6 +39,24 @@ def hf_form(model: Model) -> str | None:
     return arch if read_back.resolved(cfg) == task.resolved(cfg) else None
 
 
+def check_base_labels(model: Model, base_model: str | None) -> None:
+    """A classifier's PEFT adapter puts its rows on the base, whose config.json names them: refuse
+    (UserError) when the base names them otherwise than `model` does."""
+    task = task_of(model)
+    if base_model is None or not isinstance(task, ClassificationTask) or task.options.labels is None:
+        return
+    try:
+        base = loader.load_task(base_model)
+    except UserError:
+        return  # a base that is not on this machine names nothing here
+    theirs = getattr(base.options, "labels", None)
+    if theirs is not None and theirs != task.options.labels:
+        raise UserError(
+            f"the base {base_model} names the classifier's rows {', '.join(theirs)}; the trained rows are "
+            f"{', '.join(task.options.labels)}, which PEFT's adapter cannot say"
+        )
+
+
 def export_artifacts(model: Model, out_dir: str | Path, tokenizer=None, base_model: str | None = None) -> dict:
     """Write what other tools load from a trained `model` into `out_dir` (replaced whole);
     returns {"export": dir, "format": "hf" or "llm", "adapter": dir or None}.
@@ -58,19 +77,26 @@ def export_artifacts(model: Model, out_dir: str | Path, tokenizer=None, base_mod
     - no adapter/ for full fine-tuning or freezing.
     Otherwise `out_dir/` is an llm model directory (`loader.save_pretrained`: config.yaml with
     the task and transforms, model.safetensors, tokenizer.json), which loses nothing.
-    A LoRA layout that PEFT cannot express also gives the llm directory (with a warning)."""
+    Where PEFT cannot hold what trained beside the LoRA adapters (`llm.adapt.export.peft_lora`: a tensor
+    outside every rule, a module both adapted and trained; a classifier whose rows the base names
+    otherwise), adapter/ is left out with a warning naming it, and `out_dir/` (the merged model) holds
+    it. A prefix or soft prompt beside LoRA: adapter/ in llm's layout, the LoRA merged."""
     out_dir = Path(out_dir)
     arch = hf_form(model)
     adapter = None
-    if arch is not None and adapt_export.has_lora(model):
-        prefix, rules = hf_rules(model.config, task_of(model))
-        try:
-            adapter = adapt_export.peft_lora(model, rules, prefix, arch, base_model)
-        except UserError as e:  # a layout PEFT cannot express: keep everything in llm's format instead
-            logger.warning(f"{out_dir}: exported as an llm model directory, not Hugging Face + PEFT: {e}")
-            arch = None
-    elif arch is not None and adapt_export.has_virtual_tokens(model):
+    if arch is not None and adapt_export.has_virtual_tokens(model):  # LoRA beside it is merged
         adapter = adapt_export.virtual_adapter(model)
+        if adapt_export.has_lora(model):
+            logger.warning(f"{out_dir}/adapter: the prefix or soft prompt in llm's layout, no PEFT adapter (PEFT "
+                           "cannot hold it beside LoRA); the LoRA is merged into the exported weights")  # fmt: skip
+    elif arch is not None and adapt_export.has_lora(model):
+        task = task_of(model)
+        prefix, rules = hf_rules(model.config, task)
+        try:
+            check_base_labels(model, base_model)
+            adapter = adapt_export.peft_lora(model, rules, prefix, arch, base_model, task.hf_tied(model.config))
+        except UserError as e:  # the merged export holds what the adapter cannot
+            logger.warning(f"{out_dir}/adapter: not written: {e}; {out_dir} holds the merged model")
     staging = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     if arch is None:

@@ -35,7 +35,8 @@ from llm.run import checks, loader
 from llm.run.export import export_artifacts
 from llm.run.prepare import prepare_if_missing
 from llm.run.recipe import RecipeConfig, load_finetune_recipe, load_recipe
-from llm.tasks import OPTIONS, Task, get_task
+from llm.tasks import OPTIONS, Task, get_task, task_of
+from llm.tasks.classification import ClassificationTask
 from llm.train import checkpoint as ckpt
 from llm.train.distributed import DistInfo, distributed
 from llm.train.engine import build_engine, deepspeed_config
@@ -52,14 +53,13 @@ def seed_everything(seed: int) -> None:
 def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
     """The checks that need no process group but more than the recipe's own fields (loading it
     checked those): every path and vocabulary (`llm.run.checks.check_paths`: data, tokenizer,
-    init_from, distill.teacher), the label map the task's training data decides, the task's fit
+    init_from, distill.teacher), the label map the run decides (`llm.run.checks.run_task`), the task's fit
     with the model, the trackers, the preset and the batch arithmetic for the launcher's world
     size, pruning's engine needs. Returns the task. `paths=False` leaves out the files (inside a
     started run, where rank 0 may be preparing them)."""
-    task = get_task(recipe.task)
     if paths:
-        checks.check_paths(recipe, task)
-    task = task.with_data(recipe.data)
+        checks.check_paths(recipe, get_task(recipe.task))
+    task = checks.run_task(recipe)
     task.check(recipe.model)
     checks.check_trackers(recipe)
     ds_json = ds_config(recipe, checks.launcher_world_size(), task)  # preset, batch
@@ -120,7 +120,9 @@ def build_model(recipe: RecipeConfig, task: Task) -> Model:
                 raise ConfigError("init_from", f"{recipe.init_from}: a quantized model cannot be trained further")
             if spec["name"] == "prune":
                 model = transforms.apply_transform(model, spec, "init_from")
-        own, state = model.state_dict(), init.state_dict()
+        own, state, rows = model.state_dict(), init.state_dict(), ""
+        if isinstance(task, ClassificationTask):
+            state, rows = task.head_from(task_of(init), state, own)
         body = ("transformer.", "pooler.")
         loaded = {}
         for key, tensor in state.items():
@@ -139,7 +141,7 @@ def build_model(recipe: RecipeConfig, task: Task) -> Model:
         fresh = sorted(set(result.missing_keys) - tied_aliases(model))
         logger.info(
             f"init_from {recipe.init_from} ({init.task}): loaded {len(loaded)} tensors; "
-            f"freshly initialised: {', '.join(fresh) if fresh else 'none'}"
+            f"freshly initialised: {', '.join(fresh) if fresh else 'none'}{'; ' + rows if rows else ''}"
         )
     for path, settings in recipe.transform_settings():
         model = transforms.apply_transform(model, settings, path)
@@ -297,7 +299,6 @@ def train(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -
     """Train a recipe to its end; on rank 0 export the final model and print a sample when asked.
     `overwrite`: start afresh in a run directory that holds an earlier run (see `check_run_dir`)."""
     started = time.perf_counter()
-    check_recipe(recipe)  # fail in milliseconds, before any process group
     task = check_recipe(recipe)  # fail in milliseconds, before any process group
     checks.check_resume(recipe, resume, task)
     check_run_dir(recipe, resume, overwrite)
