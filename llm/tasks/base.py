@@ -166,8 +166,9 @@ class Task:
         """Sums of one validation batch; summed over batches and ranks, then `eval_metrics`. The
         model's loss is a mean over `loss_tokens(batch)` terms, so it counts as that many (a short
         last batch weighs what its examples do)."""
-        terms = self.loss_tokens(batch)
-        return {"loss": float(output.loss.float().item()) * terms, "loss_terms": float(terms), "batches": 1.0}
+        terms = self.loss_tokens(batch)  # 0: a batch with no label (its loss is NaN) adds nothing
+        loss = float(output.loss.float().item()) * terms if terms else 0.0
+        return {"loss": loss, "loss_terms": float(terms), "batches": 1.0}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Validation metrics from the summed `eval_sums`: the mean loss over every loss term of every
