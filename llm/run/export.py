@@ -87,8 +87,10 @@ def export_artifacts(model: Model, out_dir: str | Path, tokenizer=None, base_mod
     if arch is not None and adapt_export.has_virtual_tokens(model):  # LoRA beside it is merged
         adapter = adapt_export.virtual_adapter(model)
         if adapt_export.has_lora(model):
-            logger.warning(f"{out_dir}/adapter: the prefix or soft prompt in llm's layout, no PEFT adapter (PEFT "
-                           "cannot hold it beside LoRA); the LoRA is merged into the exported weights")  # fmt: skip
+            logger.warning(
+                f"{out_dir}/adapter: the prefix or soft prompt in llm's layout, no PEFT adapter (PEFT cannot hold "
+                "it beside LoRA); the LoRA is merged into the exported weights"
+            )
     elif arch is not None and adapt_export.has_lora(model):
         task = task_of(model)
         prefix, rules = hf_rules(model.config, task)
