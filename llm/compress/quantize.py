@@ -29,7 +29,6 @@ that choose their own (gptq.py, awq.py); `set_quantized` writes such integers in
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import torch
 from torch import nn
@@ -59,21 +58,9 @@ class QuantizeSettings:
 
 
 def _torchao():
-    """torchao.quantization, imported quietly: on a CPU-only torch its optional CUDA extensions fail
-    to load, and it says so at warning level on every import (harmless here)."""
-    import logging
+    """torchao.quantization, imported when needed (its chatter on a CPU-only torch: `llm.log.CHATTER`)."""
+    import torchao.quantization as q
 
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [log.level for log in quiet]
-    for log in quiet:
-        log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import torchao.quantization as q
-    finally:
-        for log, level in zip(quiet, levels):
-            log.setLevel(level)
     return q
 
 
@@ -185,10 +172,8 @@ def apply(model: Model, settings: QuantizeSettings, path: str = "quantize") -> M
     leaders = {id(m) for m in owners.values()}
     linear_cfg, embed_cfg = _configs(s)
     q = _torchao()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        q.quantize_(model, linear_cfg, filter_fn=lambda m, _: id(m) in leaders and not isinstance(m, nn.Embedding))
-        q.quantize_(model, embed_cfg, filter_fn=lambda m, _: id(m) in leaders and isinstance(m, nn.Embedding))
+    q.quantize_(model, linear_cfg, filter_fn=lambda m, _: id(m) in leaders and not isinstance(m, nn.Embedding))
+    q.quantize_(model, embed_cfg, filter_fn=lambda m, _: id(m) in leaders and isinstance(m, nn.Embedding))
     for follower, owner in ties:
         follower.weight = owner.weight
     return model

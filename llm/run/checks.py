@@ -138,6 +138,38 @@ def check_teacher(recipe: RecipeConfig) -> None:
         )
 
 
+def run_task(recipe: RecipeConfig):
+    """The recipe's task with what the run decides before it starts (`Task.with_data`): a classifier's
+    label map is the recipe's `labels`, else that of the model the run starts from (`init_from`, else
+    `distill.teacher`) where its training data's labels are among them, else the data's. A distillation
+    teacher that classifies must name the same classes in the same order as the student (the KL term
+    compares their logits class by class). Raises ConfigError naming the field."""
+    from llm.run import loader
+    from llm.tasks import get_task
+    from llm.tasks.classification import ClassificationTask
+
+    starts = {}
+    for field, path in (("init_from", recipe.init_from), ("distill.teacher", recipe.distill.teacher)):
+        if path:
+            try:
+                starts[field] = loader.load_task(path)
+            except UserError as e:
+                raise ConfigError(field, str(e)) from None
+    start = starts.get("init_from") or starts.get("distill.teacher")
+    task = get_task(recipe.task).with_data(recipe.data, start)
+    teacher = starts.get("distill.teacher")
+    if isinstance(task, ClassificationTask) and isinstance(teacher, ClassificationTask):
+        ours, theirs = task.label_names(), teacher.label_names()
+        unnamed = task.options.labels is None or teacher.options.labels is None
+        if len(ours) != len(theirs) or (not unnamed and ours != theirs):
+            raise ConfigError(
+                "distill.teacher",
+                f"{recipe.distill.teacher}: the teacher's labels ({', '.join(theirs)}) are not the student's "
+                f"({', '.join(ours)}) in the same order; the KL term compares their logits class by class",
+            )
+    return task
+
+
 def _check_shards(recipe: RecipeConfig, task) -> None:
     from llm.data.shards import MANIFEST, ShardError, check_vocab
 
@@ -259,9 +291,7 @@ def check_resume(recipe: RecipeConfig, resume: str, task=None) -> Path | None:
     saved = yaml.safe_load((step_dir / "recipe.yaml").read_text()) or {}
     current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
     if task is None:
-        from llm.tasks import get_task
-
-        task = get_task(recipe.task).with_data(recipe.data)
+        task = run_task(recipe)
     current["task"] = task.to_dict()  # as the run records it (see llm.run.train.assemble)
     state = ckpt.trainer_state(step_dir, 0)
     saved_world = state.get("world_size") or len(list(step_dir.glob("trainer_rank_*.pt")))

@@ -37,6 +37,8 @@ from llm.config import ConfigError
 from llm.log import logger, short_list
 from llm.models.base import Model, tied_aliases
 from llm.run import loader
+from llm.tasks import task_of
+from llm.tasks.classification import ClassificationTask
 
 BODY = ("transformer.", "pooler.")
 Steps = list[tuple[str, Any]]  # (path in the recipe, transform settings), as RecipeConfig.transform_settings gives
@@ -59,7 +61,10 @@ def build(model: Model, source: str, steps: Steps) -> Model:
     for record in init.transforms:  # a pruned model's smaller shapes; its weights follow
         if record["name"] == "prune":
             model = transforms.apply_transform(model, record, "init_from")
-    state = init.state_dict()
+    state, rows = init.state_dict(), ""
+    task = task_of(model)
+    if isinstance(task, ClassificationTask):  # the head's rows follow their label names
+        state, rows = task.head_from(task_of(init), state, model.state_dict())
     loaded = _load_body_and_head(model, state, source)
     fresh = sorted(set(model.state_dict()) - loaded - tied_aliases(model))
     for path, settings in steps:
@@ -71,7 +76,9 @@ def build(model: Model, source: str, steps: Steps) -> Model:
     unused = sorted(set(state) - loaded - tied_aliases(init))
     logger.info(
         f"init_from {source} ({init.task}): loaded {len(loaded)} tensors; freshly initialised: "
-        f"{', '.join(fresh) if fresh else 'none'}" + (f"; not used: {short_list(unused)}" if unused else "")
+        f"{', '.join(fresh) if fresh else 'none'}"
+        + (f"; not used: {short_list(unused)}" if unused else "")
+        + (f"; {rows}" if rows else "")
     )
     return model
 

@@ -52,14 +52,13 @@ def seed_everything(seed: int) -> None:
 def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
     """The checks that need no process group but more than the recipe's own fields (loading it
     checked those): every path and vocabulary (`llm.run.checks.check_paths`: data, tokenizer,
-    init_from, distill.teacher), the label map the task's training data decides, the task's fit
+    init_from, distill.teacher), the label map the run decides (`llm.run.checks.run_task`), the task's fit
     with the model, the trackers, the preset and the batch arithmetic for the launcher's world
     size, pruning's engine needs. Returns the task. `paths=False` leaves out the files (inside a
     started run, where rank 0 may be preparing them)."""
-    task = get_task(recipe.task)
     if paths:
-        checks.check_paths(recipe, task)
-    task = task.with_data(recipe.data)
+        checks.check_paths(recipe, get_task(recipe.task))
+    task = checks.run_task(recipe)
     task.check(recipe.model)
     checks.check_trackers(recipe)
     ds_json = ds_config(recipe, checks.launcher_world_size(), task)  # preset, batch
@@ -265,7 +264,6 @@ def train(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -
     """Train a recipe to its end; on rank 0 export the final model and print a sample when asked.
     `overwrite`: start afresh in a run directory that holds an earlier run (see `check_run_dir`)."""
     started = time.perf_counter()
-    check_recipe(recipe)  # fail in milliseconds, before any process group
     task = check_recipe(recipe)  # fail in milliseconds, before any process group
     checks.check_resume(recipe, resume, task)
     check_run_dir(recipe, resume, overwrite)

@@ -74,5 +74,5 @@ class CausalLMTask(Task):
     def hf_head_rules(self, cfg):
         return [] if cfg.tie_embeddings else linear_rules("lm_head", "lm_head", bias=False, base=False)
 
-    def hf_ignored(self, cfg) -> tuple[str, ...]:
-        return ("lm_head.weight",) if cfg.tie_embeddings else ()
+    def hf_tied(self, cfg):
+        return {"transformer.tok_embed.weight": ("lm_head.weight",)} if cfg.tie_embeddings else {}

@@ -83,7 +83,7 @@ class TextClassificationTask(ClassificationTask):
 
         columns = read_table(path, [data.text_field, data.label_field])
         texts = text_column(columns[data.text_field], path, data.text_field)
-        labels = label_ids(columns[data.label_field], self.label_names(), path, data.label_field)
+        labels = label_ids(columns[data.label_field], self.data_names(), path, data.label_field)
         tok = self.tokenizer(data, "text classification reads text files")
         ids = encode_texts(tok, texts, min(data.seq_len, cfg.max_seq_len), cfg.vocab_size, path)
         samples = [{"input_ids": as_tensor(i), "label": y} for i, y in zip(ids, labels)]

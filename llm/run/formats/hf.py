@@ -18,11 +18,13 @@ from pathlib import Path
 from llm import transforms
 from llm.adapt import export as adapt_export
 from llm.errors import UserError
+from llm.log import logger
 from llm.models import hf
 from llm.models.base import Model
 from llm.run import loader
 from llm.run.formats import compressed_tensors
 from llm.tasks import task_of
+from llm.tasks.classification import ClassificationTask
 from llm.tasks.hf import hf_rules, hf_state_dict, task_of_architecture, to_hf
 
 # Transforms a Hugging Face directory can carry: merged (lora), beside it (prefix, prompt), moot (freeze),
@@ -78,11 +80,6 @@ def check(model: Model) -> str | None:
     read_back = task_of_architecture(arch, task.hf_config(cfg), task.hf_chat_template("</s>"))
     if read_back.resolved(cfg) != task.resolved(cfg):
         return f"{arch} reads back as task {read_back.resolved(cfg)}, not as the model's {task.resolved(cfg)}"
-    if adapt_export.has_lora(model):
-        try:
-            _lora_adapter(model, arch)
-        except UserError as e:
-            return f"PEFT cannot hold its LoRA layout ({e})"
     if _record(model, "prune") is not None and (reason := _pruned_shape(model)) is not None:
         return reason
     if compressed_tensors.settings(model) is not None:
@@ -92,9 +89,47 @@ def check(model: Model) -> str | None:
     return None
 
 
-def _lora_adapter(model: Model, arch: str, base_model: str | None = None) -> tuple[dict, dict]:
-    prefix, rules = hf_rules(model.config, task_of(model))
-    return adapt_export.peft_lora(model, rules, prefix, arch, base_model)
+def check_base_labels(model: Model, base_model: str | None) -> None:
+    """A classifier's PEFT adapter puts its rows on the base, whose config.json names them: refuse
+    (UserError) when the base names them otherwise than `model` does."""
+    task = task_of(model)
+    if base_model is None or not isinstance(task, ClassificationTask) or task.options.labels is None:
+        return
+    try:
+        base = loader.load_task(base_model)
+    except UserError:
+        return  # a base that is not on this machine names nothing here
+    theirs = getattr(base.options, "labels", None)
+    if theirs is not None and theirs != task.options.labels:
+        raise UserError(
+            f"the base {base_model} names the classifier's rows {', '.join(theirs)}; the trained rows are "
+            f"{', '.join(task.options.labels)}, which PEFT's adapter cannot say"
+        )
+
+
+def _adapter(model: Model, base_model: str | None) -> tuple[dict, dict] | None:
+    """adapter/'s (config, tensors): PEFT's layout for LoRA, llm's for a prefix or soft prompt (a LoRA
+    beside one is merged into the weights), None without adapters or where PEFT cannot hold what
+    trained beside the LoRA (a tensor outside every rule, a module both adapted and trained in full, a
+    classifier whose rows the base names otherwise): the merged weights hold it, a warning names it."""
+    if adapt_export.has_virtual_tokens(model):
+        if adapt_export.has_lora(model):
+            logger.warning(
+                "adapter/: the prefix or soft prompt in llm's layout, no PEFT adapter (PEFT cannot hold it "
+                "beside LoRA); the LoRA is merged into the exported weights"
+            )
+        return adapt_export.virtual_adapter(model)
+    if not adapt_export.has_lora(model):
+        return None
+    task = task_of(model)
+    prefix, rules = hf_rules(model.config, task)
+    try:
+        check_base_labels(model, base_model)
+        arch = task.hf_architecture(model.config)
+        return adapt_export.peft_lora(model, rules, prefix, arch, base_model, task.hf_tied(model.config))
+    except UserError as e:
+        logger.warning(f"adapter/: not written: {e}; the export holds the merged model")
+        return None
 
 
 def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, base_model: str | None = None) -> None:
@@ -106,11 +141,7 @@ def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, base_mo
         tensors, config = compressed_tensors.compressed(model, hf_state_dict(dense)[1])
         to_hf(dense, out_dir, tokenizer, tensors=tensors, quantization_config=config)
         return
-    adapter = None
-    if adapt_export.has_lora(model):
-        adapter = _lora_adapter(model, task_of(model).hf_architecture(model.config), base_model)
-    elif adapt_export.has_virtual_tokens(model):
-        adapter = adapt_export.virtual_adapter(model)
+    adapter = _adapter(model, base_model)
     to_hf(adapt_export.plain(model), out_dir, tokenizer)
     if adapter is not None:
         adapt_export.write_adapter(Path(out_dir) / "adapter", *adapter)
