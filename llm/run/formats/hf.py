@@ -128,7 +128,7 @@ def _adapter(model: Model, base_model: str | None) -> tuple[dict, dict] | None:
         arch = task.hf_architecture(model.config)
         return adapt_export.peft_lora(model, rules, prefix, arch, base_model, task.hf_tied(model.config))
     except UserError as e:
-        logger.warning(f"adapter/: not written: {e}; the export holds the merged model")
+        logger.warning(f"export adapter: not written: {e}; the export holds the merged model")
         return None
 
 
