@@ -5,9 +5,11 @@ from llm.data.collate import (
     ContrastiveTextCollator,
     MaskedImageCollator,
     MLMCollator,
+    PackedDocuments,
     PadCollator,
     collate_causal_lm,
     collate_images,
+    document_ids,
 )
 from llm.data.examples import Examples, label_ids, label_names, read_table, table_kind
 from llm.data.images import ImageStream, prepare_images, read_images
@@ -49,6 +51,7 @@ __all__ = [
     "collate_images",
     "prepare_images",
     "read_images",
+    "PackedDocuments",
     "PackedTokens",
     "ShardError",
     "StatefulLoader",
@@ -56,6 +59,7 @@ __all__ = [
     "Tokenizer",
     "check_vocab",
     "collate_causal_lm",
+    "document_ids",
     "inspect",
     "load_manifest",
     "prepare",

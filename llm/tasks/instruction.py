@@ -59,6 +59,7 @@ class InstructionTask(CausalLMTask):
     name = "instruction"
     model_class = InstructionLM
     Options = InstructionOptions
+    packs_documents = False  # one example per row, never packed
 
     def hf_architecture(self, cfg):
         """A causal LM's: the template has no place in config.json, so a Hugging Face causal LM
