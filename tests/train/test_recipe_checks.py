@@ -173,8 +173,8 @@ def test_resume_that_changes_a_fixed_field_names_it(tmp_path, monkeypatch):
     # fields that may change (the optimizer's lr, max_steps) pass; the global batch must stay for the launcher's ranks
     check_resume(resolve_recipe(dict(TINY, run_dir=str(tmp_path / "run"), optim={"lr": 1e-4})), "auto")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"^train.grad_accum: global batch 8 .* x 2 data-parallel ranks\) differs from the "
-                                          r"checkpoint's 4 \(1 ranks\)"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^train.grad_accum: global batch 8 .* x 2 data-parallel ranks\) differs "
+                                          r"from the checkpoint's 4 \(1 data-parallel ranks\)"):  # fmt: skip
         check_resume(base, "auto")
     # the CLI fails with that line before any process group starts
     path = write_recipe(tmp_path / "r3.yaml", dict(TINY, run_dir=str(tmp_path / "run"),

@@ -25,7 +25,11 @@ LLAMA = {**GPT, "base": "llama-tiny", "n_heads": 4, "n_kv_heads": 2}  # rotary, 
 # (ranks, sequence, ZeRO stage, model, sequence length, packed documents)
 CASES = {
     2: [(2, 0, GPT, 16, False), (2, 2, LLAMA, 15, True), (2, 3, LLAMA, 16, False)],
-    4: [(4, 0, {**LLAMA, "n_kv_heads": 4}, 15, False), (4, 3, {**GPT, "n_heads": 4}, 13, True), (2, 2, LLAMA, 16, True)],
+    4: [
+        (4, 0, {**LLAMA, "n_kv_heads": 4}, 15, False),
+        (4, 3, {**GPT, "n_heads": 4}, 13, True),
+        (2, 2, LLAMA, 16, True),
+    ],  # a sequence group of 2 in a world of 4
 }
 
 
