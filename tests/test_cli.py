@@ -51,7 +51,7 @@ def test_every_command_of_the_readme_is_generated():
     names = {" ".join(words) for words, _ in COMMANDS}
     assert {"data tokenizer", "data prepare", "data prepare-images", "data examples", "data inspect", "data verify",
             "pretrain", "finetune", "eval", "convert", "generate", "model info", "compress quantize",
-            "compress prune", "compress report", "distill", "bench kernels", "bench train", "bench memory",
+            "compress prune", "compress report", "distill", "bench kernels", "bench train", "bench memory", "bench sequence",
             "bench data", "plot"} == names  # fmt: skip
 
 
