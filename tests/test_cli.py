@@ -51,8 +51,8 @@ def test_every_command_of_the_readme_is_generated():
     names = {" ".join(words) for words, _ in COMMANDS}
     assert {"data tokenizer", "data prepare", "data prepare-images", "data examples", "data inspect", "data verify",
             "pretrain", "finetune", "eval", "convert", "generate", "model info", "compress quantize",
-            "compress prune", "compress report", "distill", "bench kernels", "bench train", "bench memory", "bench sequence",
-            "bench data", "plot"} == names  # fmt: skip
+            "compress prune", "compress report", "distill", "bench kernels", "bench train", "bench memory",
+            "bench sequence", "bench data", "plot"} == names  # fmt: skip
 
 
 @pytest.mark.parametrize("words,parser", COMMANDS, ids=[" ".join(w) for w, _ in COMMANDS])
