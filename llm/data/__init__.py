@@ -9,7 +9,6 @@ from llm.data.collate import (
     PadCollator,
     collate_causal_lm,
     collate_images,
-    document_ids,
 )
 from llm.data.examples import Examples, label_ids, label_names, read_table, table_kind
 from llm.data.images import ImageStream, prepare_images, read_images
@@ -59,7 +58,6 @@ __all__ = [
     "Tokenizer",
     "check_vocab",
     "collate_causal_lm",
-    "document_ids",
     "inspect",
     "load_manifest",
     "prepare",

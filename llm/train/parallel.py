@@ -183,24 +183,21 @@ class SequenceParallel:
 # The data: each rank's slice of its group's samples
 # ----------------------------------------------------------------------------
 
-# what a (B, T) tensor of a batch is padded with up to a multiple of the group size
-PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0, "position_ids": 0}
-
 
 def slice_batch(batch: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
     """Rank `rank` of `size`'s positions of a token batch: every (B, T, ...) tensor is padded on the right
     to T' = a multiple of `size` and cut to positions [rank T'/size, (rank + 1) T'/size).
 
     Labels are already shifted (labels[:, t] is position t's target), so no target is lost at a slice's edge.
-    `position_ids` (absent: 0 .. T-1) stay the global positions. Padded positions get no target (-100) and no
-    key (`attention_mask` 0, made when the batch has none); `document_ids` continue with one more id, so the
-    padding is a document of its own. Per-sample tensors (B,) are kept whole."""
+    `position_ids` (absent: 0 .. T-1; (1, T): the same for every row) stay the global positions. Padded
+    positions get no target (-100) and no key (`attention_mask` 0, made when the batch has none);
+    `document_ids` continue with one more id, so the padding is a document of its own. Per-sample tensors
+    (B,) are kept whole."""
     ids = batch["input_ids"]
     b, t = ids.shape
     padded = -(-t // size) * size
     out = dict(batch)
-    if "position_ids" not in out:
-        out["position_ids"] = torch.arange(t, device=ids.device).expand(b, t)
+    out["position_ids"] = batch.get("position_ids", torch.arange(t, device=ids.device)).expand(b, t)
     if padded > t and "attention_mask" not in out:
         out["attention_mask"] = torch.ones_like(ids)
     width = padded // size
@@ -208,10 +205,10 @@ def slice_batch(batch: dict[str, torch.Tensor], rank: int, size: int) -> dict[st
         if value.dim() < 2 or value.shape[:2] != (b, t):
             continue
         if padded > t:
-            if key == "document_ids":
+            if key == "document_ids":  # a document after the last
                 fill = value[:, -1:] + 1
-            else:
-                fill = torch.full((), PAD_VALUES.get(key, 0), dtype=value.dtype, device=value.device)
+            else:  # labels: no target; attention_mask: no key; ids, positions: 0
+                fill = torch.full((), IGNORE_INDEX if key == "labels" else 0, dtype=value.dtype, device=value.device)
             value = torch.cat((value, fill.expand(b, padded - t, *value.shape[2:])), dim=1)
         out[key] = value[:, rank * width : (rank + 1) * width]
     return out

@@ -44,8 +44,9 @@ def test_slices_of_a_batch_put_together_give_the_padded_batch():
     assert (whole["labels"][:, 10:] == IGNORE_INDEX).all() and (whole["attention_mask"][:, 10:] == 0).all()
     assert (whole["document_ids"][:, 10:] == 2).all()  # a document after the last
     assert all(torch.equal(s["next_sentence_label"], batch["next_sentence_label"]) for s in slices)
-    # a batch that divides is only cut: no mask appears
-    assert "attention_mask" not in slice_batch({"input_ids": ids, "labels": ids}, 1, 2)
+    # a batch that divides is only cut: no mask appears; positions (1, T) hold for every row
+    half = slice_batch({"input_ids": ids, "position_ids": torch.arange(10)[None]}, 1, 2)
+    assert "attention_mask" not in half and torch.equal(half["position_ids"], torch.arange(5, 10).expand(2, 5))
 
 
 def refused(tmp_path, capsys, monkeypatch, world: int, **sections) -> str:
