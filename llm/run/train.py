@@ -224,7 +224,7 @@ def assemble(
     prepare_if_missing(recipe, dist.rank)
     # world = data x sequence x tensor: a sequence group reads its data-parallel rank's samples, each rank a slice
     mesh = parallel.Mesh.of(recipe.parallel, dist.world_size)
-    sequence = parallel.sequence_parallel(mesh, dist.device)
+    sequence = parallel.sequence_parallel(parallel.device_mesh(mesh, dist.device))
     per_rank = dict(
         seed=recipe.seed,
         micro_batch_size=recipe.train.micro_batch_size,

@@ -86,19 +86,20 @@ class Mesh:
 
 def device_mesh(mesh: Mesh, device: torch.device):
     """torch's DeviceMesh of `mesh` over the started default process group (every rank calls it), its
-    dimensions named data, sequence and tensor."""
+    dimensions named data, sequence and tensor; None when every rank is data parallel (DeepSpeed's world
+    group is then the only one)."""
+    if mesh.sequence == mesh.tensor == 1:
+        return None
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = (mesh.data, mesh.sequence, mesh.tensor)
-    return init_device_mesh(device.type, shape, mesh_dim_names=DIMS)
+    return init_device_mesh(device.type, (mesh.data, mesh.sequence, mesh.tensor), mesh_dim_names=DIMS)
 
 
-def sequence_parallel(mesh: Mesh, device: torch.device) -> SequenceParallel | None:
-    """This rank's `SequenceParallel` over the started world (every rank calls it), None when
-    mesh.sequence is 1."""
-    if mesh.sequence == 1:
+def sequence_parallel(device_mesh) -> SequenceParallel | None:
+    """This rank's `SequenceParallel` on a `device_mesh`; None without a sequence dimension."""
+    if device_mesh is None or device_mesh["sequence"].size() == 1:
         return None
-    return SequenceParallel(device_mesh(mesh, device)["sequence"].get_group())
+    return SequenceParallel(device_mesh["sequence"].get_group())
 
 
 def check_heads(config: ParallelConfig, n_heads: int, kv_heads: int, path: str = "model") -> None:
