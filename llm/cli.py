@@ -54,9 +54,15 @@ COMMANDS = {
     ),
     "distill": "train:distill",
     "bench": (
-        "Benchmarks: kernels, training, memory, data.",
+        "Benchmarks: kernels, training, memory, long sequences, data.",
         "llm bench train --help",
-        {"kernels": "bench:kernels", "train": "bench:train", "memory": "bench:memory", "data": "bench:data"},
+        {
+            "kernels": "bench:kernels",
+            "train": "bench:train",
+            "memory": "bench:memory",
+            "sequence": "bench:sequence",
+            "data": "bench:data",
+        },
     ),
     "plot": "plot:plot_run",
 }

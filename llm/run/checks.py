@@ -171,7 +171,7 @@ def run_task(recipe: RecipeConfig):
 
 
 def _check_shards(recipe: RecipeConfig, task) -> None:
-    from llm.data.shards import MANIFEST, ShardError, check_vocab
+    from llm.data.shards import MANIFEST, ShardError, check_vocab, load_manifest
 
     data, model = recipe.data, recipe.model
     vocab = model.vocab_size
@@ -196,6 +196,12 @@ def _check_shards(recipe: RecipeConfig, task) -> None:
             check_vocab(path, vocab)
         except ShardError as e:
             raise ConfigError(field, str(e)) from None
+        if data.document_mask and load_manifest(path)["tokenizer"].get("eos_id") is None:
+            raise ConfigError(
+                "data.document_mask",
+                f"{path}: the manifest names no EOS id, so its documents cannot be told apart "
+                "(prepare the shards with a tokenizer that has an EOS token)",
+            )
 
 
 def _check_tokenizer(recipe: RecipeConfig, task, prepare: bool) -> None:
@@ -247,6 +253,47 @@ def _check_tokenizer(recipe: RecipeConfig, task, prepare: bool) -> None:
                     "samples will be decoded with it",
                     stacklevel=2,
                 )
+
+
+# transforms that put virtual tokens in front of every sequence (a sequence-parallel slice has no front)
+VIRTUAL_TOKEN_TRANSFORMS = ("prefix", "prompt")
+
+
+def check_parallel(recipe: RecipeConfig, task, world_size: int) -> None:
+    """The `parallel:` sizes fit the launch, the model and the run (`llm.train.parallel`): sequence x tensor
+    divides `world_size`; sequence parallelism gets a task whose loss is per token (`Task.sequence_parallel`),
+    heads and key/value heads that divide over the group, and no virtual tokens or teacher. Raises ConfigError
+    naming the field."""
+    from llm.train.parallel import Mesh, check_heads
+
+    p = recipe.parallel
+    Mesh.of(p, world_size)
+    if p.tensor > 1:
+        raise ConfigError("parallel.tensor", f"{p.tensor}: this version of llm has no tensor parallelism; set it to 1")
+    if p.sequence == 1:
+        return
+    if not task.sequence_parallel:
+        raise ConfigError(
+            "parallel.sequence",
+            f"{p.sequence}: task {task.name!r} does not split its sequences over ranks (sequence parallelism trains "
+            "tasks whose loss is a mean over per-token labels: causal_lm, instruction)",
+        )
+    check_heads(p, recipe.model.n_heads, recipe.model.kv_heads)
+    for path, settings in recipe.transform_settings():
+        if settings.name in VIRTUAL_TOKEN_TRANSFORMS:
+            raise ConfigError(
+                path, f"{settings.name} tuning puts virtual tokens before each sequence, which parallel.sequence splits"
+            )
+    if recipe.distill.teacher:
+        raise ConfigError("distill.teacher", "the teacher runs on whole sequences; distill with parallel.sequence: 1")
+
+
+def check_document_mask(recipe: RecipeConfig, task) -> None:
+    """`data.document_mask` needs a task that reads packed documents (`Task.packs_documents`)."""
+    if recipe.data.document_mask and not task.packs_documents:
+        raise ConfigError(
+            "data.document_mask", f"task {task.name!r} does not pack documents into rows (causal_lm does)"
+        )
 
 
 def check_trackers(recipe: RecipeConfig) -> None:

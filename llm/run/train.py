@@ -37,6 +37,7 @@ from llm.run.prepare import prepare_if_missing
 from llm.run.recipe import RecipeConfig, load_finetune_recipe, load_recipe
 from llm.tasks import OPTIONS, Task, get_task
 from llm.train import checkpoint as ckpt
+from llm.train import parallel
 from llm.train.distributed import DistInfo, distributed
 from llm.train.engine import build_engine, deepspeed_config
 from llm.train.metrics import device_peak_flops
@@ -60,6 +61,8 @@ def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
         checks.check_paths(recipe, get_task(recipe.task))
     task = checks.run_task(recipe)
     task.check(recipe.model)
+    checks.check_document_mask(recipe, task)
+    checks.check_parallel(recipe, task, checks.launcher_world_size())
     checks.check_trackers(recipe)
     ds_json = ds_config(recipe, checks.launcher_world_size(), task)  # preset, batch
     if recipe.prune.sparsity:
@@ -75,7 +78,9 @@ def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
 
 def ds_config(recipe: RecipeConfig, world_size: int, task: Task) -> dict:
     """The run's DeepSpeed JSON for `world_size` ranks (see `llm.train.engine.deepspeed_config`)."""
-    return deepspeed_config(recipe.deepspeed, recipe.train, recipe.optim, world_size, task.min_micro_batch)
+    return deepspeed_config(
+        recipe.deepspeed, recipe.train, recipe.optim, world_size, task.min_micro_batch, recipe.parallel.sequence
+    )
 
 
 def dry_run_report(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> str:
@@ -184,12 +189,23 @@ def assemble(
     ds_json = ds_config(recipe, dist.world_size, task)
     seed_everything(recipe.seed)
     prepare_if_missing(recipe, dist.rank)
+    # world = data x sequence x tensor: a sequence group reads its data-parallel rank's samples, each rank a slice
+    mesh = parallel.Mesh.of(recipe.parallel, dist.world_size)
+    sequence = parallel.sequence_parallel(parallel.device_mesh(mesh, dist.device))
     per_rank = dict(
-        seed=recipe.seed, micro_batch_size=recipe.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size
+        seed=recipe.seed,
+        micro_batch_size=recipe.train.micro_batch_size,
+        rank=mesh.coordinates(dist.rank)[0],
+        world_size=mesh.data,
     )
     train_batches = task.batches(recipe.model, recipe.data, "train", **per_rank)
     val_batches = task.batches(recipe.model, recipe.data, "val", **per_rank)
     model = build_model(recipe, task).to(dist.device)
+    if sequence is not None:
+        train_batches = parallel.SequenceSlices(train_batches, sequence.rank, sequence.size)
+        if val_batches is not None:
+            val_batches = parallel.SequenceSlices(val_batches, sequence.rank, sequence.size)
+        model.transformer.set_sequence_parallel(sequence)
     seq = recipe.model.seq_len if recipe.model.is_image else recipe.data.seq_len
     flops_per_token = training_flops_per_token(model, seq)
     pruning = []
@@ -205,7 +221,7 @@ def assemble(
     validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
     peak, _ = device_peak_flops(dist.device, recipe.train.precision)
     all_callbacks = [validation, *pruning, *callbacks]
-    trainer = Trainer(recipe, dist, engine, model, task, train_batches, all_callbacks, flops_per_token, peak)
+    trainer = Trainer(recipe, dist, engine, model, task, train_batches, all_callbacks, flops_per_token, peak, sequence)
     trainer.resume(resume)  # first: a recipe the checkpoint refuses must not be recorded as the run's
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)

@@ -48,6 +48,10 @@ class Task:
     causal: ClassVar[bool | None] = None  # True/False: the trunk must (not) be causal; None: either
     language_model: ClassVar[bool] = False  # validation reports perplexity
     min_micro_batch: ClassVar[int] = 1
+    # reads packed documents from shards and can keep them apart (data.document_mask)
+    packs_documents: ClassVar[bool] = False
+    # a mean over per-token labels whose model takes position_ids: its sequences split over ranks (parallel.sequence)
+    sequence_parallel: ClassVar[bool] = False
     nested: ClassVar[bool] = True  # Hugging Face head models keep the trunk under a prefix ("bert.", ...)
 
     def __init__(self, options: Any = None, path: str = "task"):

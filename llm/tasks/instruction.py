@@ -103,6 +103,7 @@ class InstructionTask(CausalLMTask):
     name = "instruction"
     model_class = InstructionLM
     Options = InstructionOptions
+    packs_documents = False  # one example per row, never packed
 
     def hf_architecture(self, cfg):
         """A causal LM's; the template goes to the tokenizer's chat_template (`hf_chat_template`)."""

@@ -24,7 +24,8 @@ def test_gpu_suite_dry_run(tmp_path):
     assert proc.stdout.rstrip().splitlines()[-1].startswith("suite results:")
     suite = json.loads(next(tmp_path.glob("gpu_suite-*.json")).read_text())
     assert suite["dry_run"] is True
-    assert [s["step"] for s in suite["rows"]] == ["build csrc", "gpu tests", "bench kernels", "bench train"]
+    steps = ["build csrc", "gpu tests", "bench kernels", "bench train", "bench sequence"]
+    assert [s["step"] for s in suite["rows"]] == steps
     assert all(s["status"] == "ok" for s in suite["rows"])
     kernels = json.loads((tmp_path / suite["kernels_results"]).read_text())
     assert {r["op"] for r in kernels["rows"]} == {"rms_norm", "linear_cross_entropy"}
