@@ -1,0 +1,351 @@
+"""`--to gguf`: one GGUF file (model.gguf) that llama.cpp runs, its tokenizer inside.
+
+Causal LMs of two families, as llama.cpp names its architectures: GPT-2 (`gpt2`) and the LLaMA
+family (`llama` for LLaMA and Mistral, `qwen2` for q/k/v biases without others, `qwen3` for q/k
+norms). Tensor names, layouts and metadata keys follow llama.cpp's convert_hf_to_gguf.py (the names
+come from the `gguf` package's own tables):
+- our fused q/k/v projection is llama.cpp's `attn_qkv` for GPT-2 and separate `attn_q/k/v` for the
+  LLaMA family; our fused SwiGLU input is `ffn_gate` then `ffn_up` (gate first);
+- llama.cpp's `llama` architecture rotates adjacent pairs (GPT-J style) where Hugging Face and llm
+  pair dimension i with i + head_dim/2, so the rows of q and k are permuted within each head
+  (`LlamaModel.permute` in convert_hf_to_gguf.py); `qwen2`/`qwen3` rotate as we do (NeoX style);
+- Llama 3's rope scaling is llama.cpp's `rope_freqs` tensor: per frequency, the plain inverse
+  frequency over the scaled one (llama.cpp divides each angle by it);
+- a tied LM head is left out: llama.cpp then reads the token embedding as the output matrix.
+
+Tensor types (`--gguf-type`): norms, biases, 1-D tensors and GPT-2's position table stay f32, as
+convert_hf_to_gguf.py keeps them; every other matrix is f32, f16, Q8_0 or Q4_0, quantized by the
+`gguf` package's own numpy quantizers (bit-exact with ggml's reference), and f16 where a row is not
+a whole number of 32-value blocks. A model quantized by llm is written as it is where GGUF holds it
+exactly: int4 symmetric with one fp16 scale per 32 inputs is Q4_0 (d = scale, stored nibble q + 8).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llm.errors import UserError
+from llm.models import hf
+from llm.models.base import Model
+from llm.models.rope import rope_frequencies
+from llm.run.formats import require
+
+FILE = "model.gguf"
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
+CAUSAL_TASKS = ("causal_lm", "instruction")
+KEPT_TRANSFORMS = ("freeze", "quantize", "prune")  # what llama.cpp can hold: nothing, exact Q4_0, smaller shapes
+ROPE_SCALINGS = ("linear", "llama3")
+Q_BLOCK = 32  # values per Q8_0 / Q4_0 block, each with one fp16 scale
+
+
+def architecture(model: Model) -> str:
+    """llama.cpp's architecture for `model`: gpt2, llama, qwen2 or qwen3."""
+    cfg = model.config
+    return "gpt2" if cfg.family == "gpt" else hf.family_adapter("llama").model_type(cfg).replace("mistral", "llama")
+
+
+def check(model: Model) -> str | None:
+    """Why llama.cpp cannot run `model` as llm does, else None."""
+    cfg = model.config
+    if model.task not in CAUSAL_TASKS:
+        return f"llama.cpp runs causal LMs, not task {model.task!r}"
+    if cfg.family not in ("gpt", "llama"):
+        return f"llama.cpp's architectures that llm writes are GPT-2 and the LLaMA family, not {cfg.family!r}"
+    for t in model.transforms:
+        if t["name"] not in KEPT_TRANSFORMS:
+            return f"llama.cpp cannot hold the model's {t['name']!r} transform (merge or remove it first)"
+        if t["name"] == "quantize":
+            reason = _quantized_reason(t)
+            if reason:
+                return reason
+    arch = hf.family_adapter(cfg.family).architecture(cfg, "causal_lm", {})
+    try:
+        hf.family_adapter(cfg.family).check_exportable(cfg, arch)
+    except UserError as e:
+        return str(e)
+    if cfg.family == "gpt" and cfg.mlp != "gelu_tanh":
+        return f"llama.cpp's gpt2 uses the tanh GELU (model.mlp: gelu_tanh), got {cfg.mlp!r}"
+    kind = (cfg.rope_scaling or {}).get("rope_type")
+    if kind is not None and kind not in ROPE_SCALINGS:
+        return f"model.rope_scaling: llm writes {' and '.join(ROPE_SCALINGS)} scaling for llama.cpp, not {kind!r}"
+    shapes = {(b.attn.n_heads, b.attn.kv_heads) for b in model.transformer.blocks}
+    if len(shapes) > 1:
+        return f"llama.cpp needs every layer with the same heads, got (heads, kv heads) {sorted(shapes)}"
+    (heads, _), arch_name = shapes.pop(), architecture(model)
+    if arch_name in ("gpt2", "qwen2") and heads * cfg.head_dim != cfg.d_model:
+        return f"llama.cpp's {arch_name} needs n_heads * head_dim == d_model; structured pruning left {heads} heads"
+    return None
+
+
+def _quantized_reason(record: dict) -> str | None:
+    if record.get("method") != "int4":
+        return (
+            f"llm's {record.get('method')} quantization keeps one fp32 scale per output channel, GGUF's Q8_0 one "
+            "fp16 scale per 32 weights, so no GGUF type holds it exactly: convert the unquantized model with "
+            "--gguf-type q8_0"
+        )
+    if record.get("group_size") != Q_BLOCK:
+        return (
+            f"llm's int4 with group_size {record.get('group_size')} has no exact GGUF type (Q4_0 is int4 with one "
+            f"fp16 scale per {Q_BLOCK} weights): quantize with group_size {Q_BLOCK} or convert the unquantized model"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class Int4:
+    """An llm int4 weight: q int8 (N, K) in [-8, 7] and one fp16 scale per 32 inputs (N, K / 32); w = q * scale."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def rows(self, fn) -> Int4:
+        """The same rows re-ordered or picked by `fn` (applied to q and the scales alike)."""
+        return Int4(fn(self.q), fn(self.scale))
+
+
+def _split(w: torch.Tensor | Int4, sizes: list[int]) -> list:
+    """The row blocks of `w` of the given sizes (a fused q/k/v or gate/up matrix taken apart)."""
+    if isinstance(w, Int4):
+        return [Int4(q, s) for q, s in zip(w.q.split(sizes), w.scale.split(sizes))]
+    return list(w.split(sizes))
+
+
+def _permute(w: torch.Tensor | Int4, heads: int) -> torch.Tensor | Int4:
+    """Rows of q or k (weight or bias) from half-split rotary pairs (i, i + d/2) to adjacent ones (2i, 2i + 1),
+    per head: llama.cpp's `llama` rotation (convert_hf_to_gguf.py, LlamaModel.permute)."""
+    if isinstance(w, Int4):
+        return w.rows(lambda t: _permute(t, heads))
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _weights(model: Model) -> dict[str, torch.Tensor | Int4]:
+    """The model's tensors by state-dict name, an int4-quantized weight as `Int4`
+    (read through `llm.transforms.plain_state`: W.qdata packed, W.scale, W.zero_point)."""
+    from llm.compress.quantize import unpack_int4
+    from llm.transforms import plain_state
+
+    state = plain_state(model)
+    out = {}
+    for name, t in state.items():
+        base, _, part = name.rpartition(".")
+        if part == "qdata":
+            if bool(state[f"{base}.zero_point"].any()):
+                raise UserError(f"{base}: a nonzero zero point has no Q4_0 form (Q4_0 is symmetric)")
+            out[base] = Int4(unpack_int4(t), state[f"{base}.scale"])
+        elif part not in ("scale", "zero_point"):
+            out[name] = t.float()
+    return out
+
+
+def gguf_tensors(model: Model) -> dict[str, torch.Tensor | Int4]:
+    """llama.cpp's tensors of `model` by GGUF name, in llama.cpp's layouts (see the module docstring)."""
+    import gguf
+
+    arch, cfg, w = architecture(model), model.config, _weights(model)
+    names = gguf.TENSOR_NAMES
+    t = gguf.MODEL_TENSOR
+
+    def name(kind, suffix="weight", block=None) -> str:
+        return f"{names[kind].format(bid=block)}.{suffix}"
+
+    out = {name(t.TOKEN_EMBD): w["transformer.tok_embed.weight"]}
+    if arch == "gpt2":
+        out[name(t.POS_EMBD)] = w["transformer.pos_embed.weight"]
+    for suffix in ("weight", "bias"):
+        if f"transformer.norm.{suffix}" in w:
+            out[name(t.OUTPUT_NORM, suffix)] = w[f"transformer.norm.{suffix}"]
+    if "lm_head.weight" in w:  # absent when tied to the token embedding
+        out[name(t.OUTPUT)] = w["lm_head.weight"]
+    for i, block in enumerate(model.transformer.blocks):
+        ours = f"transformer.blocks.{i}"
+        attn, q_rows = block.attn, block.attn.n_heads * block.attn.head_dim
+        kv_rows = attn.kv_heads * attn.head_dim
+        for suffix in ("weight", "bias"):
+            parts = {
+                t.ATTN_NORM: f"{ours}.attn_norm",
+                t.FFN_NORM: f"{ours}.mlp_norm",
+                t.ATTN_OUT: f"{ours}.attn.proj",
+                t.FFN_DOWN: f"{ours}.mlp.fc_out",
+                t.ATTN_Q_NORM: f"{ours}.attn.q_norm",
+                t.ATTN_K_NORM: f"{ours}.attn.k_norm",
+            }
+            for kind, layer in parts.items():
+                if f"{layer}.{suffix}" in w:
+                    out[name(kind, suffix, i)] = w[f"{layer}.{suffix}"]
+            qkv, fc_in = w.get(f"{ours}.attn.qkv.{suffix}"), w.get(f"{ours}.mlp.fc_in.{suffix}")
+            if arch == "gpt2":
+                if qkv is not None:
+                    out[name(t.ATTN_QKV, suffix, i)] = qkv
+                    out[name(t.FFN_UP, suffix, i)] = fc_in
+                continue
+            if qkv is not None:
+                q, k, v = _split(qkv, [q_rows, kv_rows, kv_rows])
+                if arch == "llama":
+                    q, k = _permute(q, attn.n_heads), _permute(k, attn.kv_heads)
+                out.update({name(t.ATTN_Q, suffix, i): q, name(t.ATTN_K, suffix, i): k, name(t.ATTN_V, suffix, i): v})
+            if fc_in is not None:
+                gate, up = _split(fc_in, [fc_in.shape[0] // 2] * 2)
+                out.update({name(t.FFN_GATE, suffix, i): gate, name(t.FFN_UP, suffix, i): up})
+    if (cfg.rope_scaling or {}).get("rope_type") == "llama3":
+        plain = rope_frequencies(cfg.head_dim, cfg.rope_theta, None, cfg.max_seq_len)[0]
+        scaled = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)[0]
+        out[name(t.ROPE_FREQS)] = plain / scaled
+    return out
+
+
+def _tensor_type(gguf_name: str, tensor: torch.Tensor | Int4, gguf_type: str):
+    """The GGML type of one tensor: Q4_0 for an llm int4 weight; f32 for norms, biases, 1-D tensors and
+    position tables; else `gguf_type`, f16 where a row is not whole blocks (convert_hf_to_gguf.py's rules)."""
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    if isinstance(tensor, Int4):
+        return types.Q4_0
+    kept = gguf_name.endswith(("_norm.weight", ".bias")) or gguf_name.startswith(("position_embd", "rope_freqs"))
+    if tensor.dim() <= 1 or kept or gguf_type == "f32":
+        return types.F32
+    if gguf_type == "f16" or tensor.shape[-1] % Q_BLOCK:
+        return types.F16
+    return types[gguf_type.upper()]
+
+
+def q4_0_blocks(w: Int4) -> np.ndarray:
+    """Q4_0 blocks of an llm int4 weight (N, K) -> uint8 (N, K / 32 * 18): per block of 32 inputs the fp16
+    scale d, then 16 bytes whose low nibbles hold values 0..15 and high nibbles values 16..31, each stored as
+    q + 8 (ggml's block_q4_0; gguf.quants.Q4_0 reads it back as d * (nibble - 8))."""
+    n, k = w.q.shape
+    nibbles = (w.q.reshape(n, k // Q_BLOCK, Q_BLOCK).to(torch.int16) + 8).to(torch.uint8)
+    packed = nibbles[..., : Q_BLOCK // 2] | (nibbles[..., Q_BLOCK // 2 :] << 4)
+    d = w.scale.to(torch.float16).reshape(n, k // Q_BLOCK, 1).view(torch.uint8)  # 2 bytes, little-endian
+    return np.ascontiguousarray(torch.cat((d, packed), dim=-1).reshape(n, -1).numpy())
+
+
+def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, gguf_type: str | None = None) -> None:
+    """`gguf_type`: f32 (default for a float model), f16, q8_0 or q4_0; an llm int4 model is written as
+    q4_0, exactly, and takes no other. Raises UserError without a tokenizer (llama.cpp tokenizes with it)."""
+    gguf = require("gguf")
+    quantized = any(t["name"] == "quantize" for t in model.transforms)
+    if gguf_type is None:
+        gguf_type = "q4_0" if quantized else "f32"
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf-type: expected one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    if quantized and gguf_type != "q4_0":
+        raise UserError(
+            f"--gguf-type {gguf_type}: the model is llm int4 (group 32), which GGUF holds exactly as q4_0; "
+            "leave --gguf-type out, or convert the unquantized model"
+        )
+    if tokenizer is None:
+        raise UserError("--to gguf needs the model's tokenizer.json beside it (llama.cpp tokenizes with it)")
+    arch, cfg = architecture(model), model.config
+    writer = gguf.GGUFWriter(Path(out_dir) / FILE, arch)
+    tensors = gguf_tensors(model)
+    d_ff = tensors[f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_DOWN].format(bid=0)}.weight"].shape[1]
+    _add_hyperparameters(writer, model, arch, d_ff)
+    add_tokenizer(writer, tokenizer, cfg)
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+    writer.add_file_type(gguf.LlamaFileType[file_types[gguf_type]])
+    for gguf_name, tensor in tensors.items():
+        kind = _tensor_type(gguf_name, tensor, gguf_type)
+        if isinstance(tensor, Int4):
+            data = q4_0_blocks(tensor)
+        else:
+            data = gguf.quants.quantize(tensor.contiguous().numpy(), kind)
+        writer.add_tensor(gguf_name, data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_hyperparameters(writer, model: Model, arch: str, d_ff: int) -> None:
+    """The `{arch}.*` keys llama.cpp reads (convert_hf_to_gguf.py's set_gguf_parameters), heads and `d_ff`
+    as the layers have them, so that a structurally pruned model is described as it is."""
+    import gguf
+
+    cfg, attn = model.config, model.transformer.blocks[0].attn
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_feed_forward_length(d_ff)
+    writer.add_head_count(attn.n_heads)
+    writer.add_head_count_kv(attn.kv_heads)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+        return
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    if (cfg.rope_scaling or {}).get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+
+
+def add_tokenizer(writer, path: Path, cfg) -> None:
+    """The tokenizer.ggml.* keys of a GPT-2-style byte-level BPE tokenizer.json (what `llm data tokenizer`
+    trains and GPT-2 ships): llama.cpp's "gpt2" model with GPT-2's pre-tokenizer regex ("gpt-2"), the
+    byte-level token strings and merges as tokenizer.json spells them, one entry per id of the model's
+    vocabulary (ids the tokenizer lacks are "[PAD{id}]", type UNUSED), added special tokens of type CONTROL
+    and other added tokens USER_DEFINED, the special ids of the model config (else the tokenizer's), and
+    add_bos_token as the tokenizer's own post-processor does (convert_hf_to_gguf.py, _set_vocab_gpt2).
+
+    Raises UserError naming the file for a tokenizer that llama.cpp would split otherwise, or one with more
+    ids than the model's vocabulary."""
+    import gguf
+
+    from llm.data.tokenizer import Tokenizer
+
+    tok = Tokenizer(path)
+    spec = json.loads(tok.path.read_text(encoding="utf-8"))
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    byte_level = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+    normalizer = (spec.get("normalizer") or {}).get("type")
+    if model.get("type") != "BPE" or not byte_level or normalizer is not None:
+        raise UserError(
+            f"{tok.path}: llm writes byte-level BPE tokenizers with GPT-2's pre-tokenizer for llama.cpp (model BPE, "
+            f"pre_tokenizer ByteLevel with its regex and no prefix space, no normalizer); got model "
+            f"{model.get('type')!r}, pre_tokenizer {pre.get('type')!r}, normalizer {normalizer!r}"
+        )
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"{tok.path}: {tok.vocab_size} tokens, more than the model's vocab_size {cfg.vocab_size}")
+    vocab = {i: text for text, i in tok.tokenizer.get_vocab(with_added_tokens=True).items()}
+    added = tok.tokenizer.get_added_tokens_decoder()
+    types, tokens, kinds = gguf.TokenType, [], []
+    for i in range(cfg.vocab_size):
+        tokens.append(vocab.get(i, f"[PAD{i}]"))
+        if i not in vocab:
+            kinds.append(types.UNUSED)
+        elif i in added:
+            kinds.append(types.CONTROL if added[i].special else types.USER_DEFINED)
+        else:
+            kinds.append(types.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(kinds)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    eos = cfg.eos_ids[0] if cfg.eos_ids else tok.eos_id
+    bos = cfg.bos_token_id if cfg.bos_token_id is not None else tok.special_id("bos")
+    if bos is None and hf.family_adapter(cfg.family).bos_is_eos:
+        bos = eos
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else tok.pad_id
+    for add, token_id in ((writer.add_bos_token_id, bos), (writer.add_eos_token_id, eos)):
+        if token_id is not None:
+            add(token_id)
+    for add, token_id in ((writer.add_pad_token_id, pad), (writer.add_unk_token_id, tok.special_id("unk"))):
+        if token_id is not None:
+            add(token_id)
+    first = tok.tokenizer.encode("a", add_special_tokens=True).ids[:1]
+    writer.add_add_bos_token(bos is not None and first == [bos])
