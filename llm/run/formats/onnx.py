@@ -9,15 +9,18 @@ The graph always applies the attention mask (llm skips a mask of ones; the resul
 Exported with torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`, which needs
 onnxscript): on torch 2.13 the TorchScript exporter fails on the trunk (it traces SDPA's `enable_gqa`
 as a tensor), and the dynamo exporter is torch's supported path. `int8` then quantizes every MatMul
-weight to int8 with ONNX Runtime's dynamic quantization (`onnxruntime.quantization.quantize_dynamic`:
-per-tensor weight scales, activations quantized per batch at run time), the graph written in place
-of the fp32 one. The tokenizer's files go beside the graph, and the task, its labels and the input
-names into the graph's metadata.
+weight to int8 with ONNX Runtime's dynamic quantization (`onnxruntime.quantization.quantize_dynamic`
+after its recommended `quant_pre_process`: per-tensor weight scales, activations quantized per batch
+at run time); model.onnx is then the int8 graph. The tokenizer's files go beside the graph, and the
+task, its labels and the input names into the graph's metadata.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,12 +72,33 @@ def example_inputs(model: Model, batch: int = 2, seq: int = 8) -> dict[str, torc
 
 
 def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, int8: bool = False) -> None:
-    """`int8`: quantize the weights of the graph's matrix products to int8 (ONNX Runtime's dynamic quantization)."""
+    """`int8`: quantize the weights of the graph's matrix products to int8 (ONNX Runtime's dynamic quantization).
+    Puts `model` in eval mode."""
     require("onnxscript")
     onnx = require("onnx")
     if int8:
         require("onnxruntime")
-    model.eval()
+    out_dir, large = Path(out_dir), sum(p.numel() * p.element_size() for p in model.parameters()) >= PROTOBUF_LIMIT
+    path = out_dir / FILE
+    exported = out_dir / "fp32" / FILE if int8 else path
+    inputs = export(model.eval(), exported, large)
+    if int8:
+        quantize_int8(exported, path, large)
+    graph = onnx.load(str(path), load_external_data=False)
+    metadata = {"llm.task": model.task, "llm.inputs": json.dumps(list(inputs)), "llm.int8": json.dumps(int8)}
+    if getattr(model.options, "labels", None):
+        metadata["llm.labels"] = json.dumps(list(model.options.labels))
+    onnx.helper.set_model_props(graph, metadata)
+    onnx.save(graph, str(path))
+    if tokenizer is not None:
+        from llm.data.tokenizer import Tokenizer
+
+        Tokenizer(tokenizer).save_hf(out_dir, None if model.config.is_image else model.config.max_seq_len)
+
+
+def export(model: Model, path: Path, large: bool) -> dict[str, torch.Tensor]:
+    """Export the forward of `model` (in eval mode) to `path` (weights in `path`.data where `large`); returns the
+    example inputs by name. The exporter's notes about torchvision and its own deprecations are kept quiet."""
     inputs = example_inputs(model)
     with torch.no_grad():
         out = model(**inputs)
@@ -84,34 +108,36 @@ def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, int8: b
     if not model.config.is_image:
         seq = torch.export.Dim("sequence", max=model.config.max_seq_len)
         axes = {name: {0: batch, 1: seq} for name in inputs}
-    path = Path(out_dir) / FILE
-    program = torch.onnx.export(
-        Forward(model, tuple(inputs), outputs).eval(),
-        tuple(inputs.values()),
-        input_names=list(inputs),
-        output_names=list(outputs),
-        dynamic_shapes=tuple(axes[name] for name in inputs),
-        opset_version=OPSET,
-        dynamo=True,
-        verbose=False,
-    )
-    large = sum(p.numel() * p.element_size() for p in model.parameters()) >= PROTOBUF_LIMIT
-    exported = path.with_name("model.fp32.onnx") if int8 else path
-    program.save(str(exported), external_data=large)
-    if int8:
-        from onnxruntime.quantization import quantize_dynamic
+    log, level = logging.getLogger("torch.onnx"), logging.getLogger("torch.onnx").level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=".*axis name")
+            program = torch.onnx.export(
+                Forward(model, tuple(inputs), outputs).eval(),
+                tuple(inputs.values()),
+                input_names=list(inputs),
+                output_names=list(outputs),
+                dynamic_shapes=(tuple(axes[name] for name in inputs),),  # one entry: Forward.forward's *tensors
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+    finally:
+        log.setLevel(level)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=large)
+    return inputs
 
-        quantize_dynamic(exported, path, use_external_data_format=large)
-        for file in Path(out_dir).glob(f"{exported.name}*"):
-            file.unlink()
-    graph = onnx.load(str(path), load_external_data=False)
-    labels = getattr(model.options, "labels", None)
-    metadata = {"llm.task": model.task, "llm.inputs": json.dumps(list(inputs)), "llm.int8": json.dumps(int8)}
-    if labels:
-        metadata["llm.labels"] = json.dumps(list(labels))
-    onnx.helper.set_model_props(graph, metadata)
-    onnx.save(graph, str(path))
-    if tokenizer is not None:
-        from llm.data.tokenizer import Tokenizer
 
-        Tokenizer(tokenizer).save_hf(out_dir, None if model.config.is_image else model.config.max_seq_len)
+def quantize_int8(exported: Path, path: Path, large: bool) -> None:
+    """ONNX Runtime's dynamic int8 quantization of the graph at `exported` into `path`, after its recommended
+    pre-processing (shape inference, graph optimization); the folder of `exported` is removed afterwards."""
+    from onnxruntime.quantization import quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = exported.with_name("prepared.onnx")
+    quant_pre_process(exported, prepared, save_as_external_data=large)
+    quantize_dynamic(prepared, path, use_external_data_format=large)
+    shutil.rmtree(exported.parent)
