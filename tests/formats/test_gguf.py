@@ -37,6 +37,25 @@ def tokenizer(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def spm_tokenizer(tmp_path_factory):
+    """A SentencePiece-style BPE as LLaMA 2 and Mistral ship it: byte fallback to "<0xXX>" tokens, words marked
+    by a leading "▁" (trained split at spaces, applied unsplit, as SentencePiece does), "<s>" put in front."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(TEXT * 20, trainer)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Metaspace(prepend_scheme="first", split=False)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
 def llama_cpp_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
     """llama.cpp's `llama` rotates adjacent pairs: within each head, rows (i, i + d/2) become (2i, 2i + 1)."""
     d = w.shape[0] // heads
@@ -129,6 +148,18 @@ def test_an_llm_int4_model_is_exact_q4_0_and_int8_is_refused(tokenizer, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]  # nothing left of the refused ones
 
 
+def test_a_sentencepiece_style_tokenizer_is_llama_cpps_llama_model(spm_tokenizer, tmp_path):
+    write_format(build(LLAMA), tmp_path, "gguf", spm_tokenizer)
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "model.gguf").fields.items()}
+    types, tokens = fields["tokenizer.ggml.token_type"], fields["tokenizer.ggml.tokens"]
+    assert fields["tokenizer.ggml.model"] == "llama" and fields["tokenizer.ggml.add_bos_token"] is True
+    assert [types[i] for i in range(3)] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    assert all(types[i] == gguf.TokenType.BYTE and tokens[i] == f"<0x{i - 3:02X}>" for i in range(3, 259))
+    scores = fields["tokenizer.ggml.scores"]
+    merged = [i for i in range(259, len(tokens)) if types[i] == gguf.TokenType.NORMAL and len(tokens[i]) > 1]
+    assert merged and sorted(merged, key=lambda i: -scores[i]) == merged  # BPE's merge order: the trained ids'
+
+
 def test_what_gguf_cannot_hold_is_one_line_and_leaves_nothing(tokenizer, tmp_path, capsys, monkeypatch):
     bert = build(dict(GPT2, family="bert", task="masked_lm", causal=False, norm_position="post"))
     save_pretrained(bert, tmp_path / "bert", tokenizer)
@@ -166,9 +197,11 @@ def trained(spec: dict, tokenizer, steps: int = 150):
     return model.eval(), tok
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_llama_cpp_greedy_tokens_equal_llms(arch, tokenizer, tmp_path):
+@pytest.mark.parametrize("arch", [*FAMILIES, "llama-sentencepiece"])
+def test_llama_cpp_greedy_tokens_equal_llms(arch, tokenizer, spm_tokenizer, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a benchmark extra, not installed here")
+    if arch == "llama-sentencepiece":
+        arch, tokenizer = "llama", spm_tokenizer
     model, tok = trained(FAMILIES[arch], tokenizer)
     write_format(model, tmp_path, "gguf", tokenizer)
     runner = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, n_threads=1, verbose=False)

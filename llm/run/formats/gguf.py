@@ -23,6 +23,7 @@ exactly: int4 symmetric with one fp16 scale per 32 inputs is Q4_0 (d = scale, st
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,49 +294,82 @@ def _add_hyperparameters(writer, model: Model, arch: str, d_ff: int) -> None:
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
 
 
-def add_tokenizer(writer, path: Path, cfg) -> None:
-    """The tokenizer.ggml.* keys of a GPT-2-style byte-level BPE tokenizer.json (what `llm data tokenizer`
-    trains and GPT-2 ships): llama.cpp's "gpt2" model with GPT-2's pre-tokenizer regex ("gpt-2"), the
-    byte-level token strings and merges as tokenizer.json spells them, one entry per id of the model's
-    vocabulary (ids the tokenizer lacks are "[PAD{id}]", type UNUSED), added special tokens of type CONTROL
-    and other added tokens USER_DEFINED, the special ids of the model config (else the tokenizer's), and
-    add_bos_token as the tokenizer's own post-processor does (convert_hf_to_gguf.py, _set_vocab_gpt2).
+def tokenizer_model(spec: dict) -> str | None:
+    """llama.cpp's tokenizer model for a tokenizer.json (parsed): "gpt2" for byte-level BPE with GPT-2's
+    pre-tokenizer (what `llm data tokenizer` trains, GPT-2's own), "llama" for SentencePiece-style BPE
+    (byte fallback, words marked by a leading "▁": LLaMA 1/2, Mistral, TinyLlama); None for any other."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    normalizer = spec.get("normalizer") or {}
+    if model.get("type") != "BPE":
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return "gpt2" if not normalizer else None
+    if not model.get("byte_fallback"):
+        return None
+    metaspace = pre.get("type") == "Metaspace" and pre.get("replacement") == "▁" and not pre.get("split", True)
+    metaspace = metaspace and pre.get("prepend_scheme", "always") in ("first", "always") and not normalizer
+    steps = [(n.get("type"), n.get("prepend") or n.get("content")) for n in normalizer.get("normalizers", [])]
+    prepend_replace = not pre and steps == [("Prepend", "▁"), ("Replace", "▁")]
+    return "llama" if metaspace or prepend_replace else None
 
-    Raises UserError naming the file for a tokenizer that llama.cpp would split otherwise, or one with more
-    ids than the model's vocabulary."""
+
+def add_tokenizer(writer, path: Path, cfg) -> None:
+    """The tokenizer.ggml.* keys, as convert_hf_to_gguf.py writes them (_set_vocab_gpt2, _set_vocab_llama_hf):
+    one token per id of the model's vocabulary, spelt as tokenizer.json spells it (ids it lacks are
+    "[PAD{id}]", type UNUSED); added special tokens CONTROL, other added tokens USER_DEFINED, "<0xXX>" BYTE;
+    the special ids of the model config (else the tokenizer's); add_bos_token as the tokenizer's own
+    post-processor does. "gpt2" models carry the merges; "llama" models a score per token instead, which
+    llama.cpp's SentencePiece merging maximises: minus the rank of the first merge that makes the token, so
+    that it merges in BPE's order (0 for tokens no merge makes).
+
+    Raises UserError naming the file for a tokenizer that llama.cpp would split otherwise (`tokenizer_model`),
+    or one with more ids than the model's vocabulary."""
     import gguf
 
     from llm.data.tokenizer import Tokenizer
 
     tok = Tokenizer(path)
     spec = json.loads(tok.path.read_text(encoding="utf-8"))
-    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    byte_level = pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
-    normalizer = (spec.get("normalizer") or {}).get("type")
-    if model.get("type") != "BPE" or not byte_level or normalizer is not None:
+    kind = tokenizer_model(spec)
+    if kind is None:
+        got = ", ".join(
+            f"{part} {(spec.get(part) or {}).get('type')!r}" for part in ("model", "pre_tokenizer", "normalizer")
+        )
         raise UserError(
-            f"{tok.path}: llm writes byte-level BPE tokenizers with GPT-2's pre-tokenizer for llama.cpp (model BPE, "
-            f"pre_tokenizer ByteLevel with its regex and no prefix space, no normalizer); got model "
-            f"{model.get('type')!r}, pre_tokenizer {pre.get('type')!r}, normalizer {normalizer!r}"
+            f"{tok.path}: llama.cpp reads byte-level BPE with GPT-2's pre-tokenizer, or SentencePiece-style BPE "
+            f"(byte fallback, Metaspace); got {got}"
         )
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"{tok.path}: {tok.vocab_size} tokens, more than the model's vocab_size {cfg.vocab_size}")
     vocab = {i: text for text, i in tok.tokenizer.get_vocab(with_added_tokens=True).items()}
-    added = tok.tokenizer.get_added_tokens_decoder()
+    added, unk = tok.tokenizer.get_added_tokens_decoder(), spec["model"].get("unk_token")
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in spec["model"].get("merges", [])]
     types, tokens, kinds = gguf.TokenType, [], []
     for i in range(cfg.vocab_size):
-        tokens.append(vocab.get(i, f"[PAD{i}]"))
-        if i not in vocab:
+        text = vocab.get(i)
+        tokens.append(f"[PAD{i}]" if text is None else text)
+        if text is None:
             kinds.append(types.UNUSED)
+        elif kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+            kinds.append(types.BYTE)
+        elif kind == "llama" and text == unk:
+            kinds.append(types.UNKNOWN)
         elif i in added:
             kinds.append(types.CONTROL if added[i].special else types.USER_DEFINED)
         else:
             kinds.append(types.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_model(kind)
+    writer.add_tokenizer_pre("gpt-2" if kind == "gpt2" else "default")
     writer.add_token_list(tokens)
     writer.add_token_types(kinds)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    if kind == "gpt2":
+        writer.add_token_merges([" ".join(m) for m in merges])
+    else:
+        rank = {}
+        for r, (a, b) in enumerate(merges):
+            rank.setdefault(a + b, r)
+        writer.add_token_scores([-float(rank.get(t, 0)) for t in tokens])
+        writer.add_add_space_prefix(True)
     eos = cfg.eos_ids[0] if cfg.eos_ids else tok.eos_id
     bos = cfg.bos_token_id if cfg.bos_token_id is not None else tok.special_id("bos")
     if bos is None and hf.family_adapter(cfg.family).bos_is_eos:
