@@ -86,21 +86,19 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
     model, tokenizer = load_model(args.model).eval(), find_tokenizer(args.model)
-    work = Path(args.work)
+    folders = {"onnxruntime fp32": Path(args.work) / "fp32", "onnxruntime int8": Path(args.work) / "int8"}
     runners = {"llm fp32": model}
-    for name, int8 in (("onnxruntime fp32", False), ("onnxruntime int8", True)):
-        folder = work / name.split()[1]
-        write_format(model, folder, "onnx", tokenizer, **({"int8": True} if int8 else {}))
+    for name, folder in folders.items():
+        write_format(model, folder, "onnx", tokenizer, **({"int8": True} if "int8" in name else {}))
         runners[name] = OnnxRuntime(folder)
     batches = held_out_batches(model, args.val, tokenizer, args.seq_len, args.batch_size)
     speed = report.forward_speed(runners, batches[0], args.rounds)
-    base = speed["llm fp32"]
     rows = []
     for name, runner in runners.items():
-        size = sum(f.stat().st_size for f in (work / name.split()[1]).glob("model.onnx*")) if name != "llm fp32" else None
+        size = sum(f.stat().st_size for f in folders[name].glob("model.onnx*")) / 2**20 if name in folders else None
         rows.append({"model": name, "accuracy": accuracy(runner, batches), "examples_per_s": speed[name],
-                     "speedup": speed[name] / base, "file_mb": size and size / 2**20})  # fmt: skip
-    headers = {"examples_per_s": "examples/s", "file_mb": "file (MiB)"}
+                     "speedup": speed[name] / speed["llm fp32"], "file_mib": size})  # fmt: skip
+    headers = {"examples_per_s": "examples/s", "file_mib": "model.onnx (MiB)"}
     notes = {"speedup": "examples/s over llm fp32's, same batch, rounds interleaved"}
     print(format_table(rows, headers=headers, notes=notes))
     shape = list(batches[0]["input_ids"].shape)
