@@ -42,12 +42,14 @@ CAUSAL_TASKS = ("causal_lm", "instruction")
 KEPT_TRANSFORMS = ("freeze", "quantize", "prune")  # what llama.cpp can hold: nothing, exact Q4_0, smaller shapes
 ROPE_SCALINGS = ("linear", "llama3")
 Q_BLOCK = 32  # values per Q8_0 / Q4_0 block, each with one fp16 scale
+# a tokenizer's kind (`tokenizer_kind`) -> llama.cpp's tokenizer model and pre-tokenizer names
+LLAMA_CPP_TOKENIZERS = {"byte-level": ("gpt2", "gpt-2"), "sentencepiece": ("llama", "default")}
 
 
-def architecture(model: Model) -> str:
-    """llama.cpp's architecture for `model`: gpt2, llama, qwen2 or qwen3."""
-    cfg = model.config
-    return "gpt2" if cfg.family == "gpt" else hf.family_adapter("llama").model_type(cfg).replace("mistral", "llama")
+def layout(model: Model) -> hf.GGUFLayout:
+    """llama.cpp's architecture for `model` and how it holds it (its family adapter says); UserError naming
+    what it cannot hold."""
+    return hf.family_adapter(model.config.family).gguf_layout(model.config)
 
 
 def check(model: Model) -> str | None:
@@ -55,31 +57,24 @@ def check(model: Model) -> str | None:
     cfg = model.config
     if model.task not in CAUSAL_TASKS:
         return f"llama.cpp runs causal LMs, not task {model.task!r}"
-    if cfg.family not in ("gpt", "llama"):
-        return f"llama.cpp's architectures that llm writes are GPT-2 and the LLaMA family, not {cfg.family!r}"
     for t in model.transforms:
         if t["name"] not in KEPT_TRANSFORMS:
             return f"llama.cpp cannot hold the model's {t['name']!r} transform (merge or remove it first)"
-        if t["name"] == "quantize":
-            reason = _quantized_reason(t)
-            if reason:
-                return reason
-    arch = hf.family_adapter(cfg.family).architecture(cfg, "causal_lm", {})
+        if t["name"] == "quantize" and _quantized_reason(t):
+            return _quantized_reason(t)
     try:
-        hf.family_adapter(cfg.family).check_exportable(cfg, arch)
+        arch = layout(model)
     except UserError as e:
         return str(e)
-    if cfg.family == "gpt" and cfg.mlp != "gelu_tanh":
-        return f"llama.cpp's gpt2 uses the tanh GELU (model.mlp: gelu_tanh), got {cfg.mlp!r}"
     kind = (cfg.rope_scaling or {}).get("rope_type")
     if kind is not None and kind not in ROPE_SCALINGS:
         return f"model.rope_scaling: llm writes {' and '.join(ROPE_SCALINGS)} scaling for llama.cpp, not {kind!r}"
     shapes = {(b.attn.n_heads, b.attn.kv_heads) for b in model.transformer.blocks}
     if len(shapes) > 1:
         return f"llama.cpp needs every layer with the same heads, got (heads, kv heads) {sorted(shapes)}"
-    (heads, _), arch_name = shapes.pop(), architecture(model)
-    if arch_name in ("gpt2", "qwen2") and heads * cfg.head_dim != cfg.d_model:
-        return f"llama.cpp's {arch_name} needs n_heads * head_dim == d_model; structured pruning left {heads} heads"
+    heads = shapes.pop()[0]
+    if arch.full_heads and heads * cfg.head_dim != cfg.d_model:
+        return f"llama.cpp's {arch.arch} needs n_heads * head_dim == d_model; structured pruning left {heads} heads"
     return None
 
 
@@ -152,7 +147,7 @@ def gguf_tensors(model: Model) -> dict[str, torch.Tensor | Int4]:
     """llama.cpp's tensors of `model` by GGUF name, in llama.cpp's layouts (see the module docstring)."""
     import gguf
 
-    arch, cfg, w = architecture(model), model.config, _weights(model)
+    arch, cfg, w = layout(model), model.config, _weights(model)
     names = gguf.TENSOR_NAMES
     t = gguf.MODEL_TENSOR
 
@@ -160,7 +155,7 @@ def gguf_tensors(model: Model) -> dict[str, torch.Tensor | Int4]:
         return f"{names[kind].format(bid=block)}.{suffix}"
 
     out = {name(t.TOKEN_EMBD): w["transformer.tok_embed.weight"]}
-    if arch == "gpt2":
+    if "transformer.pos_embed.weight" in w:  # learned positions (GPT-2)
         out[name(t.POS_EMBD)] = w["transformer.pos_embed.weight"]
     for suffix in ("weight", "bias"):
         if f"transformer.norm.{suffix}" in w:
@@ -184,14 +179,14 @@ def gguf_tensors(model: Model) -> dict[str, torch.Tensor | Int4]:
                 if f"{layer}.{suffix}" in w:
                     out[name(kind, suffix, i)] = w[f"{layer}.{suffix}"]
             qkv, fc_in = w.get(f"{ours}.attn.qkv.{suffix}"), w.get(f"{ours}.mlp.fc_in.{suffix}")
-            if arch == "gpt2":
+            if arch.fused_qkv:
                 if qkv is not None:
                     out[name(t.ATTN_QKV, suffix, i)] = qkv
                     out[name(t.FFN_UP, suffix, i)] = fc_in
                 continue
             if qkv is not None:
                 q, k, v = _split(qkv, [q_rows, kv_rows, kv_rows])
-                if arch == "llama":
+                if arch.adjacent_rotary:
                     q, k = _permute(q, attn.n_heads), _permute(k, attn.kv_heads)
                 out.update({name(t.ATTN_Q, suffix, i): q, name(t.ATTN_K, suffix, i): k, name(t.ATTN_V, suffix, i): v})
             if fc_in is not None:
@@ -247,11 +242,11 @@ def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, gguf_ty
         )
     if tokenizer is None:
         raise UserError("--to gguf needs the model's tokenizer.json beside it (llama.cpp tokenizes with it)")
-    arch, cfg = architecture(model), model.config
-    writer = gguf.GGUFWriter(Path(out_dir) / FILE, arch)
+    cfg = model.config
+    writer = gguf.GGUFWriter(Path(out_dir) / FILE, layout(model).arch)
     tensors = gguf_tensors(model)
     d_ff = tensors[f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_DOWN].format(bid=0)}.weight"].shape[1]
-    _add_hyperparameters(writer, model, arch, d_ff)
+    _add_hyperparameters(writer, model, d_ff)
     add_tokenizer(writer, tokenizer, cfg)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
     writer.add_file_type(gguf.LlamaFileType[file_types[gguf_type]])
@@ -268,7 +263,7 @@ def write(model: Model, out_dir: Path, tokenizer: Path | None = None, *, gguf_ty
     writer.close()
 
 
-def _add_hyperparameters(writer, model: Model, arch: str, d_ff: int) -> None:
+def _add_hyperparameters(writer, model: Model, d_ff: int) -> None:
     """The `{arch}.*` keys llama.cpp reads (convert_hf_to_gguf.py's set_gguf_parameters), heads and `d_ff`
     as the layers have them, so that a structurally pruned model is described as it is."""
     import gguf
@@ -280,37 +275,38 @@ def _add_hyperparameters(writer, model: Model, arch: str, d_ff: int) -> None:
     writer.add_feed_forward_length(d_ff)
     writer.add_head_count(attn.n_heads)
     writer.add_head_count_kv(attn.kv_heads)
-    if arch == "gpt2":
-        writer.add_layer_norm_eps(cfg.norm_eps)
-        return
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.head_dim)
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
+    if cfg.norm == "layernorm":
+        writer.add_layer_norm_eps(cfg.norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    if cfg.position == "rotary":
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_rope_dimension_count(cfg.head_dim)
     if (cfg.rope_scaling or {}).get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
 
 
-def tokenizer_model(spec: dict) -> str | None:
-    """llama.cpp's tokenizer model for a tokenizer.json (parsed): "gpt2" for byte-level BPE with GPT-2's
-    pre-tokenizer (what `llm data tokenizer` trains, GPT-2's own), "llama" for SentencePiece-style BPE
-    (byte fallback, words marked by a leading "▁": LLaMA 1/2, Mistral, TinyLlama); None for any other."""
+def tokenizer_kind(spec: dict) -> str | None:
+    """The kind of a tokenizer.json (parsed) that llama.cpp reads: "byte-level" BPE with GPT-2's
+    pre-tokenizer (what `llm data tokenizer` trains, GPT-2's own), "sentencepiece" style BPE (byte
+    fallback, words marked by a leading "▁": LLaMA 1/2, Mistral, TinyLlama); None for any other."""
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     normalizer = spec.get("normalizer") or {}
     if model.get("type") != "BPE":
         return None
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        return "gpt2" if not normalizer else None
+        return "byte-level" if not normalizer else None
     if not model.get("byte_fallback"):
         return None
     metaspace = pre.get("type") == "Metaspace" and pre.get("replacement") == "▁" and not pre.get("split", True)
     metaspace = metaspace and pre.get("prepend_scheme", "always") in ("first", "always") and not normalizer
     steps = [(n.get("type"), n.get("prepend") or n.get("content")) for n in normalizer.get("normalizers", [])]
     prepend_replace = not pre and steps == [("Prepend", "▁"), ("Replace", "▁")]
-    return "llama" if metaspace or prepend_replace else None
+    return "sentencepiece" if metaspace or prepend_replace else None
 
 
 def add_tokenizer(writer, path: Path, cfg) -> None:
@@ -318,11 +314,12 @@ def add_tokenizer(writer, path: Path, cfg) -> None:
     one token per id of the model's vocabulary, spelt as tokenizer.json spells it (ids it lacks are
     "[PAD{id}]", type UNUSED); added special tokens CONTROL, other added tokens USER_DEFINED, "<0xXX>" BYTE;
     the special ids of the model config (else the tokenizer's); add_bos_token as the tokenizer's own
-    post-processor does. "gpt2" models carry the merges; "llama" models a score per token instead, which
-    llama.cpp's SentencePiece merging maximises: minus the rank of the first merge that makes the token, so
-    that it merges in BPE's order (0 for tokens no merge makes).
+    post-processor does. Byte-level BPE is llama.cpp's "gpt2" model with the merges; SentencePiece-style BPE
+    its "llama" model with a score per token instead, which llama.cpp's SentencePiece merging maximises:
+    minus the rank of the first merge that makes the token, so that it merges in BPE's order (0 for tokens no
+    merge makes).
 
-    Raises UserError naming the file for a tokenizer that llama.cpp would split otherwise (`tokenizer_model`),
+    Raises UserError naming the file for a tokenizer that llama.cpp would split otherwise (`tokenizer_kind`),
     or one with more ids than the model's vocabulary."""
     import gguf
 
@@ -330,7 +327,7 @@ def add_tokenizer(writer, path: Path, cfg) -> None:
 
     tok = Tokenizer(path)
     spec = json.loads(tok.path.read_text(encoding="utf-8"))
-    kind = tokenizer_model(spec)
+    kind = tokenizer_kind(spec)
     if kind is None:
         got = ", ".join(
             f"{part} {(spec.get(part) or {}).get('type')!r}" for part in ("model", "pre_tokenizer", "normalizer")
@@ -350,19 +347,19 @@ def add_tokenizer(writer, path: Path, cfg) -> None:
         tokens.append(f"[PAD{i}]" if text is None else text)
         if text is None:
             kinds.append(types.UNUSED)
-        elif kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+        elif kind == "sentencepiece" and re.fullmatch(r"<0x[0-9A-F]{2}>", text):
             kinds.append(types.BYTE)
-        elif kind == "llama" and text == unk:
+        elif kind == "sentencepiece" and text == unk:
             kinds.append(types.UNKNOWN)
         elif i in added:
             kinds.append(types.CONTROL if added[i].special else types.USER_DEFINED)
         else:
             kinds.append(types.NORMAL)
-    writer.add_tokenizer_model(kind)
-    writer.add_tokenizer_pre("gpt-2" if kind == "gpt2" else "default")
+    writer.add_tokenizer_model(LLAMA_CPP_TOKENIZERS[kind][0])
+    writer.add_tokenizer_pre(LLAMA_CPP_TOKENIZERS[kind][1])
     writer.add_token_list(tokens)
     writer.add_token_types(kinds)
-    if kind == "gpt2":
+    if kind == "byte-level":
         writer.add_token_merges([" ".join(m) for m in merges])
     else:
         rank = {}
