@@ -179,19 +179,18 @@ def gguf_tensors(model: Model) -> dict[str, torch.Tensor | Int4]:
                 if f"{layer}.{suffix}" in w:
                     out[name(kind, suffix, i)] = w[f"{layer}.{suffix}"]
             qkv, fc_in = w.get(f"{ours}.attn.qkv.{suffix}"), w.get(f"{ours}.mlp.fc_in.{suffix}")
-            if arch.fused_qkv:
-                if qkv is not None:
-                    out[name(t.ATTN_QKV, suffix, i)] = qkv
-                    out[name(t.FFN_UP, suffix, i)] = fc_in
-                continue
-            if qkv is not None:
+            if qkv is not None and arch.fused_qkv:
+                out[name(t.ATTN_QKV, suffix, i)] = qkv
+            elif qkv is not None:
                 q, k, v = _split(qkv, [q_rows, kv_rows, kv_rows])
                 if arch.adjacent_rotary:
                     q, k = _permute(q, attn.n_heads), _permute(k, attn.kv_heads)
                 out.update({name(t.ATTN_Q, suffix, i): q, name(t.ATTN_K, suffix, i): k, name(t.ATTN_V, suffix, i): v})
-            if fc_in is not None:
+            if fc_in is not None and cfg.mlp == "swiglu":
                 gate, up = _split(fc_in, [fc_in.shape[0] // 2] * 2)
                 out.update({name(t.FFN_GATE, suffix, i): gate, name(t.FFN_UP, suffix, i): up})
+            elif fc_in is not None:
+                out[name(t.FFN_UP, suffix, i)] = fc_in
     if (cfg.rope_scaling or {}).get("rope_type") == "llama3":
         plain = rope_frequencies(cfg.head_dim, cfg.rope_theta, None, cfg.max_seq_len)[0]
         scaled = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)[0]
