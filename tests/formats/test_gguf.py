@@ -148,6 +148,20 @@ def test_an_llm_int4_model_is_exact_q4_0_and_int8_is_refused(tokenizer, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int4"]  # nothing left of the refused ones
 
 
+def test_a_structurally_pruned_model_keeps_its_smaller_shapes(tokenizer, tmp_path):
+    from llm.compress.prune import prune_structured
+
+    write_format(prune_structured(build(LLAMA), heads=1, neurons=16), tmp_path / "llama", "gguf", tokenizer)
+    reader = gguf.GGUFReader(tmp_path / "llama" / "model.gguf")
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert (fields["llama.attention.head_count"], fields["llama.attention.head_count_kv"]) == (2, 1)
+    assert fields["llama.feed_forward_length"] == 80 and fields["llama.attention.key_length"] == 16
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}  # ggml order: (inputs, outputs)
+    assert shapes["blk.1.attn_q.weight"] == (64, 32) and shapes["blk.1.attn_output.weight"] == (32, 64)
+    with pytest.raises(UserError, match=r"llama.cpp's gpt2 needs n_heads \* head_dim == d_model"):
+        write_format(prune_structured(build(GPT2), heads=1), tmp_path / "gpt", "gguf", tokenizer)
+
+
 def test_a_sentencepiece_style_tokenizer_is_llama_cpps_llama_model(spm_tokenizer, tmp_path):
     write_format(build(LLAMA), tmp_path, "gguf", spm_tokenizer)
     fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "model.gguf").fields.items()}
@@ -197,12 +211,16 @@ def trained(spec: dict, tokenizer, steps: int = 150):
     return model.eval(), tok
 
 
-@pytest.mark.parametrize("arch", [*FAMILIES, "llama-sentencepiece"])
+@pytest.mark.parametrize("arch", [*FAMILIES, "llama-sentencepiece", "llama-pruned"])
 def test_llama_cpp_greedy_tokens_equal_llms(arch, tokenizer, spm_tokenizer, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a benchmark extra, not installed here")
-    if arch == "llama-sentencepiece":
-        arch, tokenizer = "llama", spm_tokenizer
-    model, tok = trained(FAMILIES[arch], tokenizer)
+    from llm.compress.prune import prune_structured
+
+    variant = arch.partition("-")[2]
+    model, tok = trained(FAMILIES[arch.partition("-")[0]], spm_tokenizer if variant == "sentencepiece" else tokenizer)
+    if variant == "pruned":  # one kv group and 16 neurons fewer in every block
+        model = prune_structured(model, heads=1, neurons=16)
+    tokenizer = tok.path
     write_format(model, tmp_path, "gguf", tokenizer)
     runner = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, n_threads=1, verbose=False)
     for prompt in ("the cat", "hello world,"):
