@@ -1,6 +1,7 @@
 """`llm convert --to gguf`: the gguf package's reader returns llm's tensors under llama.cpp's names and layouts
 (f32 exactly; Q8_0 / Q4_0 blocks as the gguf package's own quantizer makes them; an llm int4 model as exact Q4_0),
-and, where llama-cpp-python is installed, llama.cpp tokenizes as llm does and its greedy tokens equal llm's."""
+and, where llama-cpp-python is installed, llama.cpp tokenizes as llm does, its greedy tokens equal llm's and its logits
+match (rel < 1e-3)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from llm.errors import UserError
 from llm.run.convert import write_format
 from llm.run.loader import save_pretrained
 from llm.tasks.hf import hf_state_dict
-from tests.conftest import build
+from tests.conftest import build, rel_err
 from tests.models.test_generation import train_tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -212,7 +213,7 @@ def trained(spec: dict, tokenizer, steps: int = 150):
 
 
 @pytest.mark.parametrize("arch", [*FAMILIES, "llama-sentencepiece", "llama-pruned"])
-def test_llama_cpp_greedy_tokens_equal_llms(arch, tokenizer, spm_tokenizer, tmp_path):
+def test_llama_cpp_tokenizes_decodes_and_scores_as_llm(arch, tokenizer, spm_tokenizer, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a benchmark extra, not installed here")
     from llm.compress.prune import prune_structured
 
@@ -222,7 +223,7 @@ def test_llama_cpp_greedy_tokens_equal_llms(arch, tokenizer, spm_tokenizer, tmp_
         model = prune_structured(model, heads=1, neurons=16)
     tokenizer = tok.path
     write_format(model, tmp_path, "gguf", tokenizer)
-    runner = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, n_threads=1, verbose=False)
+    runner = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
     for prompt in ("the cat", "hello world,"):
         ids = tok.encode(prompt)
         assert runner.tokenize(prompt.encode(), add_bos=False, special=False) == ids
@@ -233,3 +234,10 @@ def test_llama_cpp_greedy_tokens_equal_llms(arch, tokenizer, spm_tokenizer, tmp_
             if len(theirs) == len(ours):
                 break
         assert theirs == ours, prompt
+        # the logits along the way too: so small a model's greedy tokens barely depend on positions (q/k rows
+        # left in Hugging Face's rotary order still give them; their logits are off by ~1e-2, right ones ~3e-5)
+        runner.reset()
+        runner.eval(ids + ours)
+        with torch.no_grad():
+            ref = model(torch.tensor([ids + ours])).logits[0]
+        assert rel_err(torch.from_numpy(np.array(runner.scores[: len(ids + ours)])), ref) < 1e-3, prompt
