@@ -16,6 +16,7 @@ Prints a table and writes JSON under benchmarks/results/ (or $OUT).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -102,8 +103,13 @@ def main() -> int:
     notes = {"speedup": "examples/s over llm fp32's, same batch, rounds interleaved"}
     print(format_table(rows, headers=headers, notes=notes))
     shape = list(batches[0]["input_ids"].shape)
+    import onnx
+    import onnxruntime
+
     path = write_results("onnx_classifier", rows, args.out, model=args.model, val=args.val, rounds=args.rounds,
-                         timed_batch=shape, examples=sum(b["labels"].numel() for b in batches))  # fmt: skip
+                         timed_batch=shape, examples=sum(b["labels"].numel() for b in batches),
+                         onnx=onnx.__version__, onnxruntime=onnxruntime.__version__,
+                         load_average=os.getloadavg())  # fmt: skip
     print(f"wrote {path}")
     return 0
 
