@@ -12,8 +12,8 @@ as a tensor), and the dynamo exporter is torch's supported path. `int8` then qua
 weight to int8 with ONNX Runtime's dynamic quantization (`onnxruntime.quantization.quantize_dynamic`
 after its recommended `quant_pre_process`: one weight scale per output channel, which kept the MiniLM
 sentiment classifier 0.4 points closer to fp32 than one per tensor at the same speed; activations
-quantized per batch at run time); model.onnx is then the int8 graph. The tokenizer's files go beside the graph, and the
-task, its labels and the input names into the graph's metadata.
+quantized per batch at run time); model.onnx is then the int8 graph. The tokenizer's files go beside
+the graph, and the task, its labels and the input names into the graph's metadata.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from llm.models.base import Model
 from llm.run.formats import require
 
 FILE = "model.onnx"
-OPSET = 18  # the dynamo exporter's own opset; ONNX Runtime >= 1.14 runs it
+OPSET = 20  # torch 2.13's default, pinned; ONNX Runtime runs it from 1.17 on
 OUTPUTS = ("logits", "nsp_logits", "pooled", "hidden_states")  # ModelOutput fields, in this order
 PROTOBUF_LIMIT = 2**31  # bytes; larger weights go to an external data file beside the graph
 
@@ -109,7 +109,8 @@ def export(model: Model, path: Path, large: bool) -> dict[str, torch.Tensor]:
     if not model.config.is_image:
         seq = torch.export.Dim("sequence", max=model.config.max_seq_len)
         axes = {name: {0: batch, 1: seq} for name in inputs}
-    log, level = logging.getLogger("torch.onnx"), logging.getLogger("torch.onnx").level
+    log = logging.getLogger("torch.onnx")
+    level = log.level
     log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
