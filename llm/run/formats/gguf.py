@@ -33,6 +33,7 @@ import torch
 from llm.errors import UserError
 from llm.models import hf
 from llm.models.base import Model
+from llm.models.config import ModelConfig
 from llm.models.rope import rope_frequencies
 from llm.run.formats import require
 
@@ -60,8 +61,8 @@ def check(model: Model) -> str | None:
     for t in model.transforms:
         if t["name"] not in KEPT_TRANSFORMS:
             return f"llama.cpp cannot hold the model's {t['name']!r} transform (merge or remove it first)"
-        if t["name"] == "quantize" and _quantized_reason(t):
-            return _quantized_reason(t)
+        if t["name"] == "quantize" and (reason := _quantized_reason(t)):
+            return reason
     try:
         arch = layout(model)
     except UserError as e:
@@ -308,7 +309,7 @@ def tokenizer_kind(spec: dict) -> str | None:
     return "sentencepiece" if metaspace or prepend_replace else None
 
 
-def add_tokenizer(writer, path: Path, cfg) -> None:
+def add_tokenizer(writer, path: Path, cfg: ModelConfig) -> None:
     """The tokenizer.ggml.* keys, as convert_hf_to_gguf.py writes them (_set_vocab_gpt2, _set_vocab_llama_hf):
     one token per id of the model's vocabulary, spelt as tokenizer.json spells it (ids it lacks are
     "[PAD{id}]", type UNUSED); added special tokens CONTROL, other added tokens USER_DEFINED, "<0xXX>" BYTE;
@@ -371,10 +372,8 @@ def add_tokenizer(writer, path: Path, cfg) -> None:
     if bos is None and hf.family_adapter(cfg.family).bos_is_eos:
         bos = eos
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else tok.pad_id
-    for add, token_id in ((writer.add_bos_token_id, bos), (writer.add_eos_token_id, eos)):
-        if token_id is not None:
-            add(token_id)
-    for add, token_id in ((writer.add_pad_token_id, pad), (writer.add_unk_token_id, tok.special_id("unk"))):
+    special = [(writer.add_bos_token_id, bos), (writer.add_eos_token_id, eos), (writer.add_pad_token_id, pad)]
+    for add, token_id in [*special, (writer.add_unk_token_id, tok.special_id("unk"))]:
         if token_id is not None:
             add(token_id)
     first = tok.tokenizer.encode("a", add_special_tokens=True).ids[:1]
