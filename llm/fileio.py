@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -78,8 +79,11 @@ def replace_dir(target: str | Path):
     rename-exchange (Linux renameat2); where the file system cannot exchange, the old directory is
     renamed aside and the new one renamed in, and a reader may briefly find no directory. A kill at
     any point leaves the old or the new one in place; the next call (or `recover_dir`) removes what
-    is left. On an exception inside the block nothing changes and the staging folder is removed."""
+    is left. On an exception inside the block nothing changes and the staging folder is removed.
+    Raises NotADirectoryError, before anything is written, where `target` is a file."""
     target = Path(target)
+    if target.exists() and not target.is_dir():  # an exchange would swap the file out and leave it as staging
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory", str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(target)
     staging = _staging(target)

@@ -37,6 +37,13 @@ def test_an_error_inside_leaves_the_old_directory_and_no_staging(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_file_in_the_way_is_refused_and_kept(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"), replace_dir(tmp_path / "out"):
+        pass
+    assert files(tmp_path) == {"out": "a file"}
+
+
 @pytest.mark.parametrize("moment", ["building", "moved_aside"])
 def test_a_killed_writer_leaves_the_old_or_new_directory_and_the_next_one_cleans_up(tmp_path, moment):
     """SIGKILL while the new directory is being built, or (on a file system without an atomic
