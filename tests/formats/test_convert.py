@@ -42,7 +42,7 @@ def untouched(root) -> bool:
 
 def test_a_format_that_cannot_hold_the_model_says_what_is_missing_and_which_can(gpt, capsys):
     err = one_line_error(capsys, [str(gpt / "gpt"), str(gpt / "out"), "--to", "sentence-transformers"])
-    assert "a causal_lm model is no embedding model" in err and "(formats that can: llm, hf)" in err
+    assert "a causal_lm model is no embedding model" in err and "(formats that can: llm, hf, gguf, onnx)" in err
     assert untouched(gpt)
 
 
