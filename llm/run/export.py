@@ -3,11 +3,11 @@ the adapter beside it, or llm's own model directory where Hugging Face cannot ho
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from llm.adapt import export as adapt_export
 from llm.errors import UserError
+from llm.fileio import replace_dir
 from llm.log import logger
 from llm.models import hf
 from llm.models.base import Model
@@ -71,15 +71,12 @@ def export_artifacts(model: Model, out_dir: str | Path, tokenizer=None, base_mod
             arch = None
     elif arch is not None and adapt_export.has_virtual_tokens(model):
         adapter = adapt_export.virtual_adapter(model)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    if arch is None:
-        loader.save_pretrained(model, staging, tokenizer)
-    else:
-        to_hf(adapt_export.plain(model), staging, tokenizer)
-    if adapter is not None:
-        adapt_export.write_adapter(staging / "adapter", *adapter)
-    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier export of another format must not linger
-    staging.replace(out_dir)
+    with replace_dir(out_dir, replaces=loader.MODEL_CONFIGS) as staging:  # an earlier export of another format goes
+        if arch is None:
+            loader.save_pretrained(model, staging, tokenizer)
+        else:
+            to_hf(adapt_export.plain(model), staging, tokenizer)
+        if adapter is not None:
+            adapt_export.write_adapter(staging / "adapter", *adapter)
     written = str(out_dir / "adapter") if adapter is not None else None
     return {"export": str(out_dir), "format": "llm" if arch is None else "hf", "adapter": written}
