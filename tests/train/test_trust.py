@@ -221,7 +221,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing_partial(
 
 
 def test_a_metrics_line_is_appended_whole_or_not_at_all(tmp_path):
-    writer = MetricsWriter(tmp_path, tensorboard=False)
+    writer = MetricsWriter(tmp_path)
     writer.write({"step": 1, "loss": 1.0})
     size = (tmp_path / "metrics.jsonl").stat().st_size
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -238,7 +238,7 @@ def test_a_metrics_line_is_appended_whole_or_not_at_all(tmp_path):
 
     with open(tmp_path / "metrics.jsonl", "a") as f:  # a crash mid-line
         f.write('{"step": 4, "lo')
-    MetricsWriter(tmp_path, tensorboard=False).close()
+    MetricsWriter(tmp_path).close()
     assert (tmp_path / "metrics.jsonl").read_text().endswith('"loss": 3.0}\n')
 
 
