@@ -195,3 +195,70 @@ def torch_load(f, allowed: list = (), error: type[UserError] = UserError, what: 
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(f"{name}: not a readable {what} file (truncated or damaged?): {reason}") from None
+
+
+# ----------------------------------------------------------------------------
+# A file held by one process at a time
+# ----------------------------------------------------------------------------
+
+
+class Held(UserError):
+    """A lock file that another process holds; `holder` is what it wrote into the file."""
+
+    def __init__(self, path: Path, holder: str):
+        self.holder = holder
+        super().__init__(f"{path}: held by {holder}")
+
+
+@contextlib.contextmanager
+def held(path: str | Path, holder: str):
+    """Hold an exclusive lock on file `path` (created if missing) for the block, with `holder` (who:
+    pid, host) written into it for whoever is refused.
+
+    The lock is flock(2): the kernel drops it when the process ends, however it ends, so a killed
+    holder leaves nothing behind. Across nodes it holds where the file system arbitrates flock
+    (NFSv4, NFSv3 with lockd: Linux emulates flock with byte-range locks there; Lustre mounted with
+    -o flock, not -o localflock). A file system without locks (ENOLCK, EOPNOTSUPP) holds nothing:
+    the block runs with a warning. Raises `Held` when another process holds it."""
+    from llm.log import logger
+
+    with _lock_file(path, exclusive=True) as (fd, other, error):
+        if other is not None:
+            raise Held(Path(path), other)
+        if error is not None:
+            logger.warning(f"{path}: this file system cannot lock ({error}); a second job is not refused")
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{holder}\n".encode(), 0)
+        yield
+
+
+def holder_of(path: str | Path) -> str | None:
+    """Who holds the lock `held` takes on file `path` (what they wrote into it), None when nobody does.
+    Takes a shared lock and drops it at once: probes do not refuse each other."""
+    if not Path(path).is_file():
+        return None
+    with _lock_file(path, exclusive=False) as (_, other, _):
+        return other
+
+
+@contextlib.contextmanager
+def _lock_file(path: str | Path, exclusive: bool):
+    """(fd, the holder's text when another process holds the lock else None, the OSError of a file
+    system that cannot lock else None), the lock held for the block when it was free."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield fd, os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process", None
+        except OSError as e:
+            yield fd, None, e
+        else:
+            yield fd, None, None
+    finally:
+        os.close(fd)
