@@ -192,7 +192,7 @@ def torch_load(f, allowed: list = (), error: type[UserError] = UserError, what: 
         ) from None
     except FileNotFoundError:
         raise
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
+    except Exception as e:  # damaged bytes fail anywhere in torch's reader: KeyError, struct.error, RuntimeError...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(f"{name}: not a readable {what} file (truncated or damaged?): {reason}") from None
 

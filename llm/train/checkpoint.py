@@ -131,7 +131,7 @@ def find_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     candidates = complete_steps(path)[::-1]
     latest = path / LATEST
     if latest.is_file():
-        named = path / latest.read_text().strip()
+        named = path / latest.read_bytes().decode(errors="replace").strip()
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
