@@ -154,7 +154,7 @@ def load_safetensors(path: str | Path) -> dict:
 _torch_load_lock = threading.Lock()
 
 
-def torch_load(f, allowed: list = (), error: type[UserError] = UserError, what: str = "torch", **kwargs):
+def torch_load(f, allowed=(), error: type[UserError] = UserError, what: str = "torch", **kwargs):
     """`torch.load(f, weights_only=True)`: tensors, plain data and the `allowed` globals only.
 
     Libraries add their own types to torch's allow-list for the whole process when imported (torchao
@@ -252,13 +252,13 @@ def _lock_file(path: str | Path, exclusive: bool):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        other = error = None
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield fd, os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process", None
+            other = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         except OSError as e:
-            yield fd, None, e
-        else:
-            yield fd, None, None
+            error = e
+        yield fd, other, error
     finally:
         os.close(fd)

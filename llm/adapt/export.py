@@ -228,8 +228,7 @@ def load_virtual_adapter(model: Model, path: str | Path) -> Model:
     run on a meta copy of the model, `llm.models.fit`): adapter_config.json names prefix and prompt
     transforms only (no LoRA, which export merges or writes in PEFT's layout; no pruning or
     quantization), whose sizes its base bounds, and adapter_model.safetensors holds exactly their
-    tensors, in their shapes. Raises UserError naming
-    the file and field otherwise."""
+    tensors, in their shapes. Raises UserError naming the file and field otherwise."""
     path = Path(path)
     file = path / ADAPTER_CONFIG
     config = read_adapter_config(path)
