@@ -166,7 +166,7 @@ def torch_load(f, allowed=(), error: type[UserError] = UserError, what: str = "t
 
     import torch
 
-    name = str(getattr(f, "name", f))
+    name = str(f) if isinstance(f, (str, os.PathLike)) else str(getattr(f, "name", f))  # a path, or an open file
     try:
         with _torch_load_lock:
             registered = torch.serialization.get_safe_globals()
