@@ -21,6 +21,8 @@ FORMATS = {
     "gguf": gguf,
     "onnx": onnx,
 }
+# files that mark a directory as an earlier output of some format (anything else is not replaced)
+OUTPUTS = ("config.json", "config.yaml", "modules.json", "model.gguf", "model.onnx")
 KIND_NAMES = {"hf": "Hugging Face directory", "llm": "llm model directory", "checkpoint": "training checkpoint"}
 
 
@@ -46,7 +48,7 @@ def write_format(model: Model, output: str | Path, to: str, tokenizer: Path | No
     if reason is not None:
         raise UserError(f"--to {to} cannot hold this model: {reason} (formats that can: {', '.join(holders(model))})")
     try:
-        with replace_dir(output) as staging:
+        with replace_dir(output, replaces=OUTPUTS) as staging:
             fmt.write(model, staging, tokenizer, **options)
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
