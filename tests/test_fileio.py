@@ -39,8 +39,9 @@ def test_an_error_inside_leaves_the_old_directory_and_no_staging(tmp_path):
 
 def test_a_file_in_the_way_is_refused_and_kept(tmp_path):
     (tmp_path / "out").write_text("a file")
-    with pytest.raises(NotADirectoryError, match="exists and is not a directory"), replace_dir(tmp_path / "out", replaces=("a",)):
-        pass
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        with replace_dir(tmp_path / "out", replaces=("a",)):
+            pass
     assert files(tmp_path) == {"out": "a file"}
 
 
