@@ -66,12 +66,11 @@ setup(
             "transformers>=4.45",
             "scikit-learn",
             "pillow",
-            "torchao==0.18.*",
+            "torchao==0.18.*",  # a test reference: llm's quantization grid and layouts are torchao's
             "peft>=0.21",
             "wandb",
             "mlflow-skinny",
         ],
-        "compress": ["torchao==0.18.*"],  # llm compress quantize, and loading quantized models
         "wandb": ["wandb"],  # logging.wandb: true (offline by default)
         "mlflow": ["mlflow-skinny"],  # logging.mlflow: true (local file store by default)
         "mpi": ["mpi4py", "openmpi"],

@@ -80,12 +80,6 @@ def environment() -> dict:
     import torch as t
 
     versions = {"torch": t.__version__, "python": platform.python_version()}
-    try:
-        import torchao
-
-        versions["torchao"] = torchao.__version__
-    except ImportError:
-        pass
     return {
         "cpu": platform.processor() or platform.machine(),
         "threads": t.get_num_threads(),
