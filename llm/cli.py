@@ -54,9 +54,16 @@ COMMANDS = {
     ),
     "distill": "train:distill",
     "bench": (
-        "Benchmarks: kernels, training, memory, data.",
+        "Benchmarks: kernels, training, memory, data, inference (decode, classify).",
         "llm bench train --help",
-        {"kernels": "bench:kernels", "train": "bench:train", "memory": "bench:memory", "data": "bench:data"},
+        {
+            "kernels": "bench:kernels",
+            "train": "bench:train",
+            "memory": "bench:memory",
+            "data": "bench:data",
+            "decode": "bench:decode",
+            "classify": "bench:classify",
+        },
     ),
     "plot": "plot:plot_run",
 }
