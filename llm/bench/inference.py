@@ -136,15 +136,16 @@ def _need(module: str, install: str) -> None:
         raise PeerMissing(f"not installed (pip install {install})")
 
 
-def _convert(model_dir: Path, out: Path, **options) -> Path:
-    """`llm convert` of the model to another format (issue 24's exporters); PeerMissing until they exist."""
-    from llm.errors import UserError
+def _convert(model_dir: Path, out: Path, to: str, **options) -> Path:
+    """`llm convert` of the model to format `to` (issue 24's exporters); PeerMissing while it lacks the format."""
+    import typing
+
     from llm.run.convert import convert
 
-    try:
-        convert(str(model_dir), str(out), **options)
-    except UserError as e:
-        raise PeerMissing(f"pending: llm convert {' '.join(f'--{k} {v}' for k, v in options.items())}: {e}") from None
+    if to not in typing.get_args(typing.get_type_hints(convert)["to"]):
+        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items())
+        raise PeerMissing(f"pending: `llm convert --to {to} {flags}` is not built yet")
+    convert(str(model_dir), str(out), to=to, **options)
     return out
 
 

@@ -213,3 +213,16 @@ def test_state_dict_round_trips_through_load_state_dict():
     ids = torch.randint(0, 200, (2, 5))
     assert torch.equal(other(ids).logits, model(ids).logits)
     assert isinstance(other.lm_head.weight, QuantizedWeight)
+
+
+def test_the_quantized_head_gives_the_loss_of_its_logits():
+    """QuantizedLMHead: the mean cross-entropy of its own logits over labels != -100, as LMHead's fused loss."""
+    model = quantized(build(SMALL).eval(), "int8")
+    ids = torch.randint(0, 200, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits.double().flatten(0, 1)
+    keep = labels.flatten() != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], labels.flatten()[keep])
+    assert rel_err(out.loss.double(), expected) < 1e-6
