@@ -303,8 +303,10 @@ def _lazy(module: str, op: str, attr: str | None = None) -> Callable:
 
 
 def _lazy_check(module: str, op: str) -> Callable[..., str | None]:
+    checker = functools.cache(lambda: getattr(_imported(module), f"{op}_unsupported", None))
+
     def check(**call):
-        fn = getattr(_imported(module), f"{op}_unsupported", None)
+        fn = checker()
         return fn(**call) if fn is not None else None
 
     return check
