@@ -226,3 +226,22 @@ def test_the_quantized_head_gives_the_loss_of_its_logits():
     keep = labels.flatten() != -100
     expected = torch.nn.functional.cross_entropy(logits[keep], labels.flatten()[keep])
     assert rel_err(out.loss.double(), expected) < 1e-6
+
+
+def test_a_cpu_without_the_kernels_runs_every_layer_correctly_with_one_line(monkeypatch, caplog):
+    """No kernel build for this CPU: one warning for the whole model (the dispatcher's), none per layer, and the
+    outputs of the torch path."""
+    from llm.kernels import cpu_quant_linear
+
+    model = quantized(build(SMALL).eval(), "int4")
+    ids = torch.randint(0, 200, (2, 9))
+    expected = model(ids).logits
+    fresh = quantized(build(SMALL).eval(), "int4")
+    fresh.load_state_dict(model.state_dict())
+    monkeypatch.setattr(cpu_quant_linear, "unavailable", lambda device, op: "this CPU lacks AVX2 (a test)")
+    with caplog.at_level(logging.WARNING, logger="llm"):
+        logits = fresh(ids).logits
+        fresh(ids)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "this CPU lacks AVX2 (a test)" in lines[0] and "using torch" in lines[0]
+    assert rel_err(logits, expected) < 1e-5
