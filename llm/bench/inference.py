@@ -346,8 +346,11 @@ def speed_table(rows: list[dict], missing: dict) -> str:
 
 
 def _write(name: str, rows: list[dict], missing: dict, out_dir, title: str, **extra) -> Path:
+    from llm.kernels import cpu_build
+
     print(speed_table(rows, missing))
-    path = write_results(name, rows, out_dir, not_measured=missing, **extra)
+    isa = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "kernel_builds": cpu_build.cpu_isas()}
+    path = write_results(name, rows, out_dir, not_measured=missing, cpu_isa=isa, **extra)
     plot(rows, path.with_suffix(".png"), title)
     print(f"wrote {path} and {path.with_suffix('.png').name}")
     return path
