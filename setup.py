@@ -70,7 +70,11 @@ setup(
             "peft>=0.21",
             "wandb",
             "mlflow-skinny",
+            "compressed-tensors",  # tests of llm convert --to hf of quantized models
+            "sentence-transformers>=6",  # tests of llm convert --to sentence-transformers
         ],
+        # llm convert --to FORMAT: the packages the formats are written with (each imported only there)
+        "deploy": ["compressed-tensors", "sentence-transformers>=6"],
         "wandb": ["wandb"],  # logging.wandb: true (offline by default)
         "mlflow": ["mlflow-skinny"],  # logging.mlflow: true (local file store by default)
         "mpi": ["mpi4py", "openmpi"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite: everything a GPU run measures, in one call (8 minutes on an H200).
+# The GPU suite: everything a GPU run measures, in one call (8 minutes on an H200, before bench sequence).
 #
 #   benchmarks/gpu_suite.sh            # on a CUDA machine (torch, triton, pyarrow; no index needed)
 #   benchmarks/gpu_suite.sh --dry-run  # on a CPU: every step in a cheap form, to check the script
@@ -10,20 +10,23 @@
 # triton, deepspeed, pytest and llm must import and, unless --dry-run, a CUDA GPU must be seen:
 # otherwise one line names what is missing and the suite exits 3 (no GPU: 2) before any step.
 #
-# Steps, each with its own time limit (seconds, sum 455) inside one overall limit (SUITE_SECONDS,
-# default 480, which the setup counts against too): build csrc/ into llm._C for this card (110);
+# Steps, each with its own time limit (seconds, sum 545) inside one overall limit (SUITE_SECONDS,
+# default 570, which the setup counts against too): build csrc/ into llm._C for this card (110);
 # import llm._C (15); the gpu-marked tests (90); `llm bench kernels` at the target shapes (130:
 # norms hidden 4096/8192 bf16, attention seq 4096 head dim 128 causal bf16 fwd and fwd+bwd,
 # cross-entropy vocabulary 128k); 2:4 semi-structured sparsity against dense bf16 Linear layers
 # (benchmarks/sparse_24.py, 20); a short `llm bench train` (90: bf16, one rank, GPT-2 124M and
 # 355M, ZeRO 0 and 3, eager; compiled points: LLM_SUITE_TRAIN_ARGS="... --modes eager compiled", whose
-# compilation does not fit this step's limit). A failed step is recorded and the suite goes on.
+# compilation does not fit this step's limit); `llm bench sequence` (90: peak memory per rank
+# against sequence length, 16k-128k, for sequence-parallel 1, 2 and 4 where there are that many
+# GPUs, and the longest within 4 GiB). A failed step is recorded and the suite goes on.
 #
 # $OUT (default benchmarks/results/) receives at most 8 files: gpu_suite-<date>.json (steps,
 # environment: card, driver, torch/CUDA/triton/deepspeed versions, the suite's command, the
-# wheels used), kernels-/train-<date>.json and .png, sparse_24-<date>.json, gpu_suite_table.txt (the short table,
-# also printed last) and gpu_suite_logs.tar.gz (gpu_suite.log and the steps' TSV; both stay
-# unpacked in $OUT while the suite runs, so a run cut short still returns them).
+# wheels used; the 2:4 rows, folded in from sparse_24-<date>.json), kernels-/train-<date>.json and
+# .png, sequence-<date>.json, gpu_suite_table.txt (the short table, also printed last) and
+# gpu_suite_logs.tar.gz (gpu_suite.log and the steps' TSV; both stay unpacked in $OUT while the
+# suite runs, so a run cut short still returns them).
 set -uo pipefail
 
 DRY_RUN=0
@@ -43,7 +46,7 @@ STEPS="$OUT/gpu_suite_steps.tsv"
 : >"$LOG"
 : >"$STEPS"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-DEADLINE=$((SECONDS + ${SUITE_SECONDS:-480}))
+DEADLINE=$((SECONDS + ${SUITE_SECONDS:-570}))
 SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/llm-gpu-suite.XXXXXX")"
 trap 'rm -rf "$SCRATCH"' EXIT
 touch "$SCRATCH/start"
@@ -163,6 +166,7 @@ if ((DRY_RUN)); then
   step "bench kernels" 120 "$PY" -m llm bench kernels --quick --ops rms_norm linear_cross_entropy --repeat 2
   step "sparse 2:4" 60 "$PY" benchmarks/sparse_24.py --dry-run
   step "bench train" 60 "$PY" -m llm bench train --help
+  step "bench sequence" 60 "$PY" -m llm bench sequence --help
 else
   ARCH=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
   step "build csrc" 110 env LLM_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
@@ -173,6 +177,8 @@ else
   # shellcheck disable=SC2086  # LLM_SUITE_TRAIN_ARGS is a list of flags
   step "bench train" 90 "$PY" -m llm bench train \
     ${LLM_SUITE_TRAIN_ARGS:---models gpt2-124m gpt2-355m --stages 0 3 --ranks 1 --precision bf16 --seq-len 2048 --micro-batch 4 --modes eager}
+  step "bench sequence" 90 "$PY" -m llm bench sequence --sequences 1 2 4 --first-seq-len 16384 \
+    --max-seq-len 131072 --budget-mib 4096
 fi
 
 echo "== log: $LOG (bundled into $OUT/gpu_suite_logs.tar.gz at the end)"

@@ -54,12 +54,13 @@ COMMANDS = {
     ),
     "distill": "train:distill",
     "bench": (
-        "Benchmarks: kernels, training, memory, data, inference (decode, classify).",
+        "Benchmarks: kernels, training, memory, long sequences, data, inference (decode, classify).",
         "llm bench train --help",
         {
             "kernels": "bench:kernels",
             "train": "bench:train",
             "memory": "bench:memory",
+            "sequence": "bench:sequence",
             "data": "bench:data",
             "decode": "bench:decode",
             "classify": "bench:classify",

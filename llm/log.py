@@ -1,18 +1,70 @@
-"""Logging for the library: one `llm` logger, rank-aware.
+"""Logging for the library: one `llm` logger, rank-aware, and dependencies kept quiet.
 
 Rank 0 logs at INFO by default; the other ranks stay quiet except for errors,
 unless the level is DEBUG (`LLM_LOG_LEVEL=DEBUG`), where every rank logs with
 its rank in front. Lines keep the `llm: ` prefix that the command's errors use,
 so a job's log reads as one voice.
+
+What a dependency says that means nothing for the run is llm's DEBUG, not the
+user's terminal: the log records `CHATTER` names (from importing this module on),
+deprecation warnings raised inside a dependency (from `setup_logging` on, as every
+command starts), and what DeepSpeed prints while it starts (`dependency_output`).
+Their warnings and errors about the run itself are left as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
+import warnings
 
 logger = logging.getLogger("llm")
+
+# (logger, text in the message) of records that say nothing about an llm run
+CHATTER = (
+    ("torchao", "Failed to load"),  # its CUDA and CUTLASS kernels, which a CPU-only torch cannot load
+    ("torch.utils._pytree", "register_constant()"),  # a deprecation torchao's import triggers in torch
+    # ZeRO-3's module hooks cannot see into ModelOutput (a dataclass); llm's ZeRO-3 runs match ZeRO-0's
+    # (tests/train/test_zero.py), so the hook it means is not one llm needs
+    ("DeepSpeed", "unknown inputs or outputs type"),
+)
+# deprecations a dependency raises from its own code (the warning's module is not llm's)
+DEPENDENCY = r"(?!llm(\.|$))"
+DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+class _Chatter(logging.Filter):
+    """Passes a dependency's record unless `CHATTER` names it; those go to the llm logger at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if any(record.name == name and part in text for name, part in CHATTER):
+            logger.debug(f"{record.name}: {text}")
+            return False
+        return True
+
+
+_CHATTER = _Chatter()
+for _name in {name for name, _ in CHATTER}:
+    logging.getLogger(_name).addFilter(_CHATTER)
+
+
+@contextlib.contextmanager
+def dependency_output(what: str):
+    """What a dependency prints to stdout inside the block (DeepSpeed's "... built successfully"),
+    logged at DEBUG under `what`; printed to stderr after all when the block raises."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    except BaseException:
+        sys.stderr.write(buffer.getvalue())
+        raise
+    for line in buffer.getvalue().splitlines():
+        logger.debug(f"{what}: {line}")
 
 
 def short_list(names: list[str], shown: int = 8) -> str:
@@ -43,3 +95,6 @@ def setup_logging(rank: int = 0, level: str | None = None) -> None:
     logger.handlers[:] = [handler]
     logger.propagate = False
     logger.setLevel(numeric if rank == 0 or every_rank else logging.ERROR)
+    if not every_rank:
+        for category in DEPRECATIONS:
+            warnings.filterwarnings("ignore", category=category, module=DEPENDENCY)

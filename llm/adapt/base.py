@@ -35,13 +35,17 @@ class Transform:
     `Settings`; it may resolve a setting for the record (prompt tuning stores the ids of its
     `init_text`). `save_state(tensors)`: the model's state dict with this transform's tensors
     replaced by plain ones. `load_state(model, tensors, where)`: copies those plain tensors into
-    the transformed model; returns (the other tensors, the state-dict names it filled)."""
+    the transformed model; returns (the other tensors, the state-dict names it filled).
+    `training_only`: the settings that steer training alone (dropout, initialisation, what trains
+    beside): a later run may change them and still continue the tensors this transform trained
+    (`llm.run.init_from`); the others shape those tensors or what they compute."""
 
     name: str
     Settings: type
     apply: Callable[[Model, Any, str], Model]
     save_state: Callable[[Tensors], Tensors] | None = None
     load_state: Callable[[Model, Tensors, str], tuple[Tensors, set[str]]] | None = None
+    training_only: tuple[str, ...] = ()
 
 
 def record(settings) -> dict:

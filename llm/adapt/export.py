@@ -69,14 +69,22 @@ def _module(tensor_name: str) -> str:
 
 
 def peft_lora(
-    model: Model, rules: list[Rule], base_prefix: str, architecture: str, base_model: str | None = None
+    model: Model,
+    rules: list[Rule],
+    base_prefix: str,
+    architecture: str,
+    base_model: str | None = None,
+    tied: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """(adapter_config.json as a dict, adapter tensors) for the LoRA layers of whole `model`.
 
     `rules` map our tensors to the Hugging Face ones of `architecture` (trunk and head);
-    rules with `base` sit under `base_prefix` ("transformer." for GPT2LMHeadModel).
-    Raises UserError when a layer has no Hugging Face counterpart or a slice layout PEFT
-    cannot express."""
+    rules with `base` sit under `base_prefix` ("transformer." for GPT2LMHeadModel). `tied`: our
+    tensor -> the Hugging Face tensors transformers ties to it (`Task.hf_tied`); a trained tensor
+    is saved under those names too, with PEFT's `ensure_weight_tying`, since PEFT's copy of a saved
+    module leaves the base's tied twin as it was (peft#2399). Raises UserError naming what PEFT
+    cannot hold: a layer without a Hugging Face counterpart, a slice layout it cannot express, a
+    module both adapted and trained in full, or a trained tensor outside every rule (a prefix)."""
     by_ours = {r.ours: r for r in rules}
     cfg = model.config
     hf_name = lambda rule, theirs: (base_prefix if rule.base else "") + _module(theirs)
@@ -130,21 +138,32 @@ def peft_lora(
         alpha_pattern[module] = layer.lora_alpha * len(pairs)
     if settings is None:
         raise UserError("the model has no LoRA adapter to export")
-    lora_targets = set(targets)
-    modules_to_save = []
+    # modules trained in full (PEFT's modules_to_save), each saved whole: every Hugging Face tensor in it
+    theirs: dict[str, torch.Tensor] = {}  # Hugging Face name -> tensor, of the whole model
+    owner: dict[str, str] = {}  # Hugging Face name -> our tensor
+    state, tied = model.state_dict(), tied or {}
+    for rule in rules:
+        prefix = base_prefix if rule.base else ""
+        for name, tensor in zip(rule.theirs, to_theirs(rule, state[rule.ours], cfg)):
+            theirs[prefix + name], owner[prefix + name] = tensor, rule.ours
+        for twin in tied.get(rule.ours, ()):  # outside the trunk prefix
+            theirs[twin], owner[twin] = state[rule.ours], rule.ours
     head_task = next((t for suffix, t in PEFT_TASK.items() if architecture.endswith(suffix)), None)
     trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
-    for rule in rules:
-        is_head = head_task == "SEQ_CLS" and not rule.base  # a classification head is (re)trained: always saved
-        if not is_head and rule.ours not in trained:
-            continue
-        for theirs, tensor in zip(rule.theirs, to_theirs(rule, model.state_dict()[rule.ours], cfg)):
-            module = hf_name(rule, theirs)
-            if module in lora_targets:
-                raise UserError(f"{module} is both adapted by LoRA and trained in full; PEFT cannot hold both")
-            if module not in modules_to_save:
-                modules_to_save.append(module)
-            save(f"{base_prefix if rule.base else ''}{theirs}", tensor)
+    heads = {r.ours for r in rules if head_task == "SEQ_CLS" and not r.base}  # a new classifier: always saved
+    saved = list(dict.fromkeys(_module(name) for name, ours in owner.items() if ours in trained | heads))
+    saved = [m for m in saved if not any(m.startswith(other + ".") for other in saved)]  # the outermost
+    lost = trained - set(owner.values())
+    if lost:
+        raise UserError(f"PEFT's LoRA adapter cannot hold {', '.join(sorted(lost))}, trained beside the adapters")
+    for module in saved:
+        adapted = [t for t in targets if t == module or t.startswith(module + ".")]
+        if adapted:
+            raise UserError(f"{adapted[0]} is both adapted by LoRA and trained in full; PEFT cannot hold both")
+        for name, tensor in theirs.items():
+            if name.startswith(module + "."):
+                save(name, tensor)
+    twins = {f"base_model.model.{twin}" for names in tied.values() for twin in names}
     config = {
         "peft_type": "LORA",
         "task_type": head_task or ("FEATURE_EXTRACTION" if architecture.endswith("Model") else None),
@@ -154,7 +173,8 @@ def peft_lora(
         "target_modules": targets,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
-        "modules_to_save": modules_to_save or None,
+        "modules_to_save": saved or None,
+        "ensure_weight_tying": bool(twins & set(tensors)),  # PEFT keeps a saved tied embedding tied
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "init_lora_weights": True,

@@ -223,7 +223,7 @@ def apply(model: Model, s: LoRASettings, path: str = "lora") -> Model:
     return model
 
 
-TRANSFORM = Transform("lora", LoRASettings, apply)
+TRANSFORM = Transform("lora", LoRASettings, apply, training_only=("dropout", "trainable"))
 
 
 def adapted_layers(model: nn.Module) -> list[tuple[str, LoRAMixin]]:

@@ -139,7 +139,7 @@ def apply(model: Model, s: PrefixSettings, path: str = "prefix") -> Model:
     return model
 
 
-TRANSFORM = Transform("prefix", PrefixSettings, apply)
+TRANSFORM = Transform("prefix", PrefixSettings, apply, training_only=("init", "trainable"))
 
 
 @torch.no_grad()

@@ -119,4 +119,6 @@ def apply(model: Model, s: PromptSettings, path: str = "prompt") -> Model:
     return model
 
 
-TRANSFORM = Transform("prompt", PromptSettings, apply)
+TRANSFORM = Transform(
+    "prompt", PromptSettings, apply, training_only=("init_ids", "init_text", "tokenizer", "trainable")
+)

@@ -18,9 +18,11 @@ from llm.bench.ranks import run_on_ranks
 
 
 def bench_recipe(model: str, stage: int, cfg: dict, run_dir: str) -> dict:
-    """A recipe mapping: the named model config, synthetic data, no checkpoints, no logging files."""
+    """A recipe mapping: the named model config (with cfg's "model_fields" on top), synthetic data, cfg's
+    "sequence" ranks per sample (parallel.sequence, 1 by default), no checkpoints, no logging files."""
     return {
-        "model": {"base": model},
+        "model": {"base": model, **cfg.get("model_fields", {})},
+        "parallel": {"sequence": cfg.get("sequence", 1)},
         "data": {"source": "synthetic", "seq_len": cfg["seq_len"]},
         "run_dir": run_dir,
         "train": {"micro_batch_size": cfg["micro_batch"], "max_steps": 10**6, "precision": cfg["precision"],

@@ -33,11 +33,16 @@ from llm.log import logger
 @dataclasses.dataclass
 class BlockInput:
     """One batch at a block's input: hidden (B, T, d), rotary (cos, sin) or None, key padding mask (B, T) bool
-    (True: a real token) or None (all real)."""
+    (True: a real token) or None (all real), document ids (B, T) of packed rows or None."""
 
     hidden: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor] | None
     mask: torch.Tensor | None
+    document_ids: torch.Tensor | None = None
+
+    def through(self, block: nn.Module) -> torch.Tensor:
+        """The block's output for this input."""
+        return block(self.hidden, self.rope, self.mask, document_ids=self.document_ids)
 
     def real(self) -> torch.Tensor:
         """(B, T) bool: the positions that count."""
@@ -80,7 +85,7 @@ class Calibration:
 
     def forward(self, block: nn.Module) -> list[torch.Tensor]:
         """The block's outputs, one (B, T, d) per batch of this rank."""
-        return [block(x.hidden, x.rope, x.mask) for x in self.inputs]
+        return [x.through(block) for x in self.inputs]
 
     def linear_stats(self, block: nn.Module) -> dict[str, LinearStats]:
         """Input statistics of every Linear in the block (names relative to it), over one forward pass."""
@@ -102,7 +107,7 @@ class Calibration:
         try:
             for x in self.inputs:
                 real = x.real()
-                block(x.hidden, x.rope, x.mask)
+                x.through(block)
         finally:
             for h in handles:
                 h.remove()
@@ -115,7 +120,7 @@ class Calibration:
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for x, target in zip(self.inputs, targets):
             real = x.real()
-            total[0] += (block(x.hidden, x.rope, x.mask) - target)[real].double().pow(2).sum()
+            total[0] += (x.through(block) - target)[real].double().pow(2).sum()
             total[1] += real.sum()
         total = self.all_reduce(total)
         return float(total[0] / total[1])
@@ -145,8 +150,8 @@ class _Catcher(nn.Module):
         super().__init__()
         self.inputs = inputs
 
-    def forward(self, x, rope=None, key_padding_mask=None, cache=None, prefix=None):
-        self.inputs.append(BlockInput(x, rope, key_padding_mask))
+    def forward(self, x, rope=None, key_padding_mask=None, cache=None, prefix=None, document_ids=None):
+        self.inputs.append(BlockInput(x, rope, key_padding_mask, document_ids))
         raise _Captured
 
 
@@ -214,6 +219,6 @@ def calibrate(
         block.to(device)
         compress_block(f"transformer.blocks.{i}", block, calibration)
         for x in inputs:
-            x.hidden = block(x.hidden, x.rope, x.mask)
+            x.hidden = x.through(block)
         block.to(home)
         logger.info(f"calibrated block {i + 1}/{len(trunk.blocks)} on {tokens:,} tokens")

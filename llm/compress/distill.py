@@ -10,7 +10,8 @@ averaged over positions with a label (labels != IGNORE_INDEX); T^2 keeps the sof
 the scale of the hard term's as T changes. L_hard is the student's own task loss (its output.loss).
 The optional hidden-state term matches the students's final hidden states, mapped to the teacher's
 width by a learned projection P (no bias), to the teacher's (FitNets, Romero et al. 2015), over the
-same positions.
+same positions where labels are per token, else over the real tokens (the attention mask: a
+classifier's padding never counts).
 
 `Distiller` wraps the student for the engine: the student and P are its submodules (trained,
 sharded, checkpointed); the teacher is deliberately not one. It is a plain frozen module in eval mode,
@@ -135,8 +136,11 @@ class Distiller(nn.Module):
         loss, _ = distillation_loss(out.logits, teacher.logits, labels, out.loss, self.temperature, self.alpha)
         if self.proj is not None:
             h_s, h_t = out.hidden_states, teacher.hidden_states.to(out.hidden_states.dtype)
+            counted = batch.get("attention_mask")  # a classifier's padded texts: the real tokens
             if h_s.dim() == 3 and labels.shape == h_s.shape[:2]:
-                mask = (labels != IGNORE_INDEX).to(h_s.dtype)[..., None]
+                counted = labels != IGNORE_INDEX
+            if h_s.dim() == 3 and counted is not None:
+                mask = counted.to(h_s.dtype)[..., None]
                 err = ((self.proj(h_s) - h_t) ** 2 * mask).sum() / (mask.sum() * h_t.shape[-1]).clamp(min=1)
             else:
                 err = F.mse_loss(self.proj(h_s), h_t)

@@ -55,15 +55,26 @@ def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 @torch.no_grad()
 def input_norms(model: nn.Module, batches, max_batches: int) -> dict[str, torch.Tensor]:
-    """||X_j||_2 over every token of up to `max_batches` batches, per input feature of each prunable
-    Linear: {name: (in_features,) float64}. Memory: one vector per layer (forward pre-hooks sum x^2)."""
+    """||X_j||_2 over the real tokens of up to `max_batches` batches, per input feature of each prunable
+    Linear: {name: (in_features,) float64}. Padding (the attention mask's zeros) never counts
+    (locuslab/wanda#79: counted, it shifts the keep/prune decisions of short texts in a padded batch);
+    a soft prompt's positions do, as the blocks see them. Memory: one vector per layer (forward
+    pre-hooks sum x^2)."""
     sums: dict[str, torch.Tensor] = {}
-    hooks = []
+    real = None  # (B, T) bool: which rows of the running block's input are tokens (None: all)
+
+    def block_hook(_block, args):
+        nonlocal real
+        x, mask = args[0], args[2]  # mask (B, keys): a prefix's keys first, then the block's rows
+        real = None if mask is None else mask[:, -x.shape[1] :]
+
+    hooks = [block.register_forward_pre_hook(block_hook) for block in model.transformer.blocks]
     for name, m in prunable_linears(model):
 
         def hook(_module, args, name=name):
-            x = args[0].detach().to(torch.float64)
-            s = x.pow(2).flatten(0, -2).sum(0)
+            x = args[0].detach()
+            x = x[real] if real is not None else x.flatten(0, -2)
+            s = x.to(torch.float64).pow(2).sum(0)
             sums[name] = sums[name] + s if name in sums else s
 
         hooks.append(m.register_forward_pre_hook(hook))

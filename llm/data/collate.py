@@ -8,13 +8,43 @@ from __future__ import annotations
 
 import torch
 
-from llm.kernels.reference import IGNORE_INDEX
+from llm.kernels.reference import IGNORE_INDEX, document_bounds
 
 
 def collate_causal_lm(batch) -> dict[str, torch.Tensor]:
     """Windows of seq_len + 1 tokens -> input_ids and labels shifted by one (both seq_len long)."""
     windows = batch if isinstance(batch, torch.Tensor) else torch.stack(list(batch))
     return {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
+
+
+def document_ids(input_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) int64: the document of each position of packed rows whose documents end with `eos_id`
+    (an EOS belongs to the document it ends; the next token starts a new one)."""
+    ends = (input_ids == eos_id).long()
+    return ends.cumsum(1) - ends
+
+
+class PackedDocuments:
+    """`collate_causal_lm` for packed windows whose documents end with EOS (as `llm data prepare` writes
+    them), with each document kept apart: `document_ids` (attention stays inside a document),
+    `position_ids` from 0 at each document's first token, and no target at an EOS (the next document's
+    first token is not predicted from the document before it; every document keeps its own targets,
+    its EOS included). So each document gets the logits and loss terms it gets alone, as with Hugging
+    Face's DataCollatorWithFlattening; a document cut by the window's start counts from its first token
+    in the window."""
+
+    def __init__(self, eos_id: int):
+        self.eos_id = eos_id
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        out = collate_causal_lm(batch)
+        ids = out["input_ids"]
+        docs = document_ids(ids, self.eos_id)
+        start, _ = document_bounds(docs)
+        out["position_ids"] = torch.arange(ids.shape[1]) - start
+        out["labels"] = out["labels"].masked_fill(ids == self.eos_id, IGNORE_INDEX)
+        out["document_ids"] = docs
+        return out
 
 
 def _pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from llm.config import check, join, positive
+from llm.config import ConfigError, check, join, positive
 
 
 @dataclasses.dataclass
@@ -54,6 +54,9 @@ class DataConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     seq_len: int = 256
+    # packed causal-LM windows keep their documents apart: attention, positions and targets stop at each EOS
+    # (llm.data.PackedDocuments)
+    document_mask: bool = False
     num_workers: int = 0
     prepare: PrepareConfig | None = None
 
@@ -62,6 +65,8 @@ class DataConfig:
         check(self.num_workers >= 0, join(path, "num_workers"), f"must be >= 0, got {self.num_workers}")
         if self.source == "shards":
             check(self.train is not None, join(path, "train"), "source 'shards' needs a train shard directory")
+        elif self.document_mask:
+            raise ConfigError(join(path, "document_mask"), "needs shards (synthetic samples hold no documents)")
         if isinstance(self.train, list):
             check(bool(self.train), join(path, "train"), "a blend needs at least one {path, weight}")
             check(sum(e.weight for e in self.train) > 0, join(path, "train"), "a blend needs a positive total weight")

@@ -88,15 +88,39 @@ class Tokenizer:
         finally:
             self.tokenizer.encode_special_tokens = previous
 
+    def encode_template(self, template: str, text: str, slot: str = "{prompt}") -> list[int]:
+        """Token ids of `template` with its one `slot` replaced by `text`: the special tokens the
+        template spells are control tokens, whatever `text` spells stays ordinary text.
+
+        The filled template is encoded as one string, special tokens recognised, as transformers'
+        `apply_chat_template` does (so an export's chat template reproduces these ids); where `text`
+        itself spells a special token, the template's parts and `text` are encoded apart instead."""
+        before, after = template.split(slot)
+        start, end = len(before), len(before) + len(text)
+        previous = self.tokenizer.encode_special_tokens
+        self.tokenizer.encode_special_tokens = False
+        try:
+            encoding = self.tokenizer.encode(before + text + after, add_special_tokens=False)
+        finally:
+            self.tokenizer.encode_special_tokens = previous
+        special = set(self.special_ids)
+        spans = [span for i, span in zip(encoding.ids, encoding.offsets) if i in special]
+        if not any(s < end and e > start for s, e in spans):
+            return encoding.ids
+        return self.encode(before, ordinary=False) + self.encode(text) + self.encode(after, ordinary=False)
+
     def token(self, kind: str) -> str | None:
         """The spelling of special token `kind` ("eos", "pad", ...) in this vocabulary, or None."""
         token_id = self.special_id(kind)
         return None if token_id is None else self.tokenizer.id_to_token(token_id)
 
-    def save_hf(self, out_dir: str | Path, model_max_length: int | None = None) -> list[Path]:
+    def save_hf(
+        self, out_dir: str | Path, model_max_length: int | None = None, chat_template: str | None = None
+    ) -> list[Path]:
         """tokenizer.json, tokenizer_config.json and special_tokens_map.json in `out_dir`, so that
         `transformers.AutoTokenizer.from_pretrained(out_dir)` loads this tokenizer with its special
-        tokens named (eos, bos, pad, unk, cls, sep, mask: those the vocabulary has)."""
+        tokens named (eos, bos, pad, unk, cls, sep, mask: those the vocabulary has) and
+        `chat_template` (Jinja) when given."""
         import json
 
         from llm.fileio import write_atomic
@@ -111,6 +135,8 @@ class Tokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **special}
         if model_max_length is not None:
             config["model_max_length"] = model_max_length
+        if chat_template is not None:
+            config["chat_template"] = chat_template
         paths = [out / "tokenizer.json", out / "tokenizer_config.json", out / "special_tokens_map.json"]
         if self.path.resolve() != paths[0].resolve():
             write_atomic(paths[0], self.path.read_bytes())

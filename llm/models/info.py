@@ -10,7 +10,19 @@ output projection is a matmul and counts.
 Model-state memory for mixed-precision Adam is 16 bytes per parameter: 2 for
 the half-precision weights, 2 for their gradients, 12 for the fp32 master copy
 and the two moments. ZeRO-1 shards the 12, ZeRO-2 also the gradients, ZeRO-3
-everything (Rajbhandari et al., 2020).
+everything (Rajbhandari et al., 2020). Tensor parallelism over t ranks splits
+every layer's weights t ways first; ZeRO then shards over the other ranks.
+
+Activation memory follows Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models", eq. 2-3): a layer keeps
+s b h (10 + 24/t + 5 a s / (h t)) bytes of 16-bit activations for backward (s
+sequence, b micro-batch, h d_model, a heads, t tensor-parallel ranks; MHA and a
+4h GELU MLP, whose constants other shapes only approximate). The 5 a s^2 b term
+is attention's scores, softmax and dropout mask, which a fused attention kernel
+(flash attention) never stores. Ulysses sequence parallelism over N ranks leaves
+each rank s/N positions of every tensor outside attention and a/N heads of every
+position inside it: every term divides by N. Activation checkpointing keeps each
+layer's 2 s b h input bytes and one layer's activations while it is recomputed.
 """
 
 from __future__ import annotations
@@ -51,28 +63,56 @@ def zero_memory_per_rank(n_params: int, ranks: int, stage: int) -> dict[str, flo
     return {"weights": weights, "grads": grads, "optimizer": optimizer, "total": weights + grads + optimizer}
 
 
+def activation_memory_per_rank(
+    cfg: ModelConfig, seq_len: int, micro_batch: int = 1, sequence: int = 1, tensor: int = 1
+) -> dict[str, float]:
+    """Bytes of activations a rank keeps for backward (16-bit, see the module docstring): "eager" (attention
+    scores stored), "fused" (flash attention), "checkpointed" (fused, with activation checkpointing)."""
+    s, b, h, a, t = seq_len / sequence, micro_batch, cfg.d_model, cfg.n_heads, tensor
+    per_layer = s * b * h * (10 + 24 / t)
+    scores = s * b * 5 * a * seq_len / t
+    layers = cfg.n_layers
+    return {
+        "eager": layers * (per_layer + scores),
+        "fused": layers * per_layer,
+        "checkpointed": layers * 2 * s * b * h + per_layer,
+    }
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
-def format_model_info(model, ranks: int = 8, seq_len: int | None = None) -> str:
-    """Parameters, FLOPs per token and the ZeRO memory table of a built `model` (meta device is fine)."""
+def format_model_info(
+    model, ranks: int = 8, seq_len: int | None = None, micro_batch: int = 1, sequence: int = 1, tensor: int = 1
+) -> str:
+    """Parameters, FLOPs per token, and the memory per rank of a built `model` (meta device is fine) on `ranks`
+    ranks = data x `sequence` x `tensor`: the ZeRO table of model states and the activations of a micro-batch."""
     cfg = model.config
     n = model.num_parameters()
     seq = seq_len or cfg.seq_len
     flops = training_flops_per_token(model, seq)
     unit = "patch" if cfg.is_image else "token"
+    layout = f"{ranks} ranks = {ranks // (sequence * tensor)} data x {sequence} sequence x {tensor} tensor"
     lines = [
         f"model: {cfg.family} {model.task}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
         f"{cfg.n_heads} heads ({cfg.kv_heads} kv), d_ff {cfg.d_ff}, {cfg.norm} {cfg.norm_position}-norm, "
         f"{cfg.position} positions, {cfg.mlp}",
         f"parameters: {n:,}",
         f"training FLOPs per {unit} (seq {seq}): {flops:,.0f} ({flops / 1e9:,.2f} GFLOP)",
-        f"model-state memory per rank, mixed-precision Adam (16 bytes/param), {ranks} ranks:",
+        f"model-state memory per rank, mixed-precision Adam (16 bytes/param), {layout}:",
         f"  {'ZeRO':<6}{'weights':>16}{'grads':>16}{'optimizer':>16}{'total':>16}",
     ]
     for stage in range(4):
-        m = zero_memory_per_rank(n, ranks, stage)
+        m = zero_memory_per_rank(n / tensor, ranks // tensor, stage)
         cells = "".join(f"{_gib(m[k]):>16}" for k in ("weights", "grads", "optimizer", "total"))
         lines.append(f"  {stage:<6}{cells}")
+    act = activation_memory_per_rank(cfg, seq, micro_batch, sequence, tensor)
+    lines += [
+        f"activation memory per rank, 16-bit, micro-batch {micro_batch} of seq {seq}, {seq // sequence} positions "
+        "per rank (Korthikanti et al. 2022, eq. 2-3, divided by the sequence size):",
+        f"  eager attention (scores stored){_gib(act['eager']):>20}",
+        f"  fused attention (flash){_gib(act['fused']):>28}",
+        f"  fused + activation checkpointing{_gib(act['checkpointed']):>19}",
+    ]
     return "\n".join(lines)

@@ -106,7 +106,13 @@ class Attention(nn.Module):
     One fused projection makes q, k and v; `cache` (a KVCache) holds earlier keys
     and values during generation. `prefix` (k, v), each (B, kv_heads, n, head_dim),
     are keys and values put in front of the sequence's own (prefix tuning); they
-    take no rotary angle and, with a cache, are written into it once.
+    take no rotary angle and, with a cache, are written into it once. `document_ids`
+    (B, T) keep each query inside its document of a packed row (`kernels.attention`).
+
+    `sequence_parallel` (set by `Transformer.set_sequence_parallel`; None on one rank) is
+    Ulysses sequence parallelism: x holds this rank's T/N positions, and attention runs on
+    every position of H/N heads between two all-to-alls (llm.train.parallel); the masks
+    given are then the whole sequence's.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -122,6 +128,7 @@ class Attention(nn.Module):
         # Qwen3: RMSNorm over each head of q and k, before rotary
         self.q_norm = Norm(self.head_dim, "rmsnorm", cfg.norm_eps, False) if cfg.qk_norm else None
         self.k_norm = Norm(self.head_dim, "rmsnorm", cfg.norm_eps, False) if cfg.qk_norm else None
+        self.sequence_parallel = None
 
     def forward(
         self,
@@ -130,6 +137,7 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         cache=None,
         prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
@@ -144,6 +152,9 @@ class Attention(nn.Module):
             k, v = torch.cat((prefix[0].to(k.dtype), k), dim=2), torch.cat((prefix[1].to(v.dtype), v), dim=2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        sp = self.sequence_parallel
+        if sp is not None:
+            q, k, v = sp.to_head_shards(q), sp.to_head_shards(k), sp.to_head_shards(v)
         y = kernels.attention(
             q,
             k,
@@ -151,7 +162,10 @@ class Attention(nn.Module):
             causal=self.causal,
             key_padding_mask=key_padding_mask,
             dropout_p=self.dropout_p if self.training else 0.0,
+            document_ids=document_ids,
         )
+        if sp is not None:
+            y = sp.to_sequence_shards(y)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -187,11 +201,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, key_padding_mask=None, cache=None, prefix=None):
+    def forward(self, x, rope=None, key_padding_mask=None, cache=None, prefix=None, document_ids=None):
         if self.pre_norm:
-            x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_padding_mask, cache, prefix))
+            x = x + self.dropout(self.attn(self.attn_norm(x), rope, key_padding_mask, cache, prefix, document_ids))
             return x + self.dropout(self.mlp(self.mlp_norm(x)))
-        x = self.attn_norm(x + self.dropout(self.attn(x, rope, key_padding_mask, cache, prefix)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, rope, key_padding_mask, cache, prefix, document_ids)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 

@@ -81,6 +81,11 @@ class Transformer(nn.Module):
     (prefix tuning: the input keeps positions from 0). Either way the returned
     hidden states are the input tokens' only, so heads, labels and pooling are
     unchanged, and `attention_mask` covers the input tokens only.
+
+    A third slot, `sequence_parallel` (`set_sequence_parallel`), splits every sequence over
+    the ranks of a sequence-parallel group (Ulysses, llm.train.parallel): the inputs are this
+    rank's consecutive T/N positions, masks and document ids are gathered to the whole
+    sequence once per forward, and each attention layer exchanges heads for positions.
     """
 
     def __init__(self, cfg: ModelConfig, mask_token: bool = False):
@@ -108,6 +113,14 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
         self.prompt: nn.Module | None = None
         self.prefix: nn.Module | None = None
+        self.sequence_parallel = None
+
+    def set_sequence_parallel(self, sequence_parallel) -> None:
+        """Split sequences over a sequence-parallel group: `sequence_parallel` is a
+        `llm.train.parallel.SequenceParallel` (its rank, size and exchanges), None for one rank."""
+        self.sequence_parallel = sequence_parallel
+        for block in self.blocks:
+            block.attn.sequence_parallel = sequence_parallel
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -153,6 +166,8 @@ class Transformer(nn.Module):
         given = f"{'input_ids' if inputs_embeds is None else 'inputs_embeds'} ({b}, {t})"
         if position_ids is None:
             start = cache.length - cache.virtual if cache is not None and cache.length else 0
+            if self.sequence_parallel is not None:  # this rank's slice of the sequence
+                start = self.sequence_parallel.rank * t
             position_ids = torch.arange(start, start + t, device=x.device)[None]
         elif position_ids.dim() != 2 or position_ids.shape[-1] != t or position_ids.shape[0] not in (1, b):
             raise ValueError(f"position_ids {tuple(position_ids.shape)} do not fit {given}")
@@ -251,20 +266,30 @@ class Transformer(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         interpolate_pos_encoding: bool = False,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, d_model) of input_ids (B, T) or pixel_values (B, C, H, W).
 
         `inputs_embeds` (B, T, d) replaces the word embeddings of `input_ids`;
         `prefix` gives per-layer (k, v) prefixes (else the `prefix` slot does);
-        `position_ids` (B or 1, T) number the input tokens, from 0 by default. Every input is
-        checked against the config first; a mismatch raises ValueError (TypeError for a wrong
-        dtype) naming the input, its shape and the config field it contradicts."""
+        `position_ids` (B or 1, T) number the input tokens, from 0 by default; `document_ids`
+        (B, T) integer name the document of each token of packed rows (a run of equal ids is
+        one document), which attention does not cross (give position_ids restarting at each
+        document for the positions a document gets alone). Every input is checked against the
+        config first; a mismatch raises ValueError (TypeError for a wrong dtype) naming the
+        input, its shape and the config field it contradicts."""
         fresh = cache is None or cache.length == 0  # virtual tokens enter now (later they sit in the cache)
         batch = next((t.shape[0] for t in (input_ids, inputs_embeds, pixel_values) if t is not None), 0)
         if prefix is None and self.prefix is not None and fresh:
             prefix = self.prefix(batch)
         n_prefix = prefix[0][0].shape[2] if prefix is not None else 0
         prompt = self.prompt(batch) if self.prompt is not None and fresh else None
+        sp = self.sequence_parallel
+        if (document_ids is not None or sp is not None) and (
+            cache is not None or prefix is not None or prompt is not None or self.cfg.is_image
+        ):
+            what = "document_ids" if document_ids is not None else "sequence parallelism"
+            raise ValueError(f"{what}: needs a text model without a KV cache, a soft prompt or a prefix")
         if self.cfg.is_image:
             if pixel_values is None:
                 raise ValueError("a vit model takes pixel_values (batch, channels, height, width)")
@@ -289,6 +314,11 @@ class Transformer(nn.Module):
                     f"attention_mask {tuple(attention_mask.shape)} must be (batch, seq) = "
                     f"({x.shape[0]}, {past + inputs})"
                 )
+        if document_ids is not None and tuple(document_ids.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"document_ids {tuple(document_ids.shape)} must be (batch, seq) = {tuple(x.shape[:2])}")
+        if sp is not None:  # attention sees the whole sequence
+            attention_mask = sp.gather_sequence(attention_mask) if attention_mask is not None else None
+            document_ids = sp.gather_sequence(document_ids) if document_ids is not None else None
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.to(torch.bool)
             virtual = (
@@ -299,9 +329,9 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_prefix = prefix[i] if prefix is not None else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, rope, mask, cache, layer_prefix, use_reentrant=False)
+                x = checkpoint(block, x, rope, mask, cache, layer_prefix, document_ids, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache, layer_prefix)
+                x = block(x, rope, mask, cache, layer_prefix, document_ids)
         if cache is not None:
             cache.length += x.shape[1] + n_prefix
             if fresh:

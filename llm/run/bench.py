@@ -100,6 +100,41 @@ def memory(
                       out_dir=out)  # fmt: skip
 
 
+def sequence(
+    *,
+    model: str = "llama-tiny",
+    set: list[str] | None = None,
+    sequences: tuple[int, ...] = (1, 2, 4),
+    first_seq_len: int = 1024,
+    max_seq_len: int = 65536,
+    budget_mib: float = 256.0,
+    png: bool = False,
+    out: str | None = None,
+) -> Path:
+    """Peak memory per rank against sequence length under sequence parallelism (parallel.sequence), and the
+    longest sequence each size fits in a memory budget (table, JSON; --png draws it).
+
+    Args:
+        model: a model preset (its heads and key/value heads must divide by every size)
+        set: model fields, KEY=VALUE (default: n_heads=8 n_kv_heads=4, which llama-tiny needs for size 4)
+        sequences: sequence-parallel sizes, each run on that many local ranks (one per GPU on a GPU)
+        first_seq_len: the first length; each size doubles it until a step passes the budget
+        max_seq_len: the longest length tried
+        budget_mib: the step's memory per rank (its peak less what the rank held before it) that must fit
+        png: also draw the curves
+        out: results folder (default: $OUT or benchmarks/results/)
+
+    Example:
+        llm bench sequence --sequences 1 2 4 --budget-mib 256
+    """
+    from llm.bench import sequence as suite
+    from llm.config import apply_overrides
+
+    fields = apply_overrides({}, list(set) if set is not None else ["n_heads=8", "n_kv_heads=4"])
+    return suite.run(model=model, fields=fields, sequences=list(sequences), first_seq_len=first_seq_len,
+                     max_seq_len=max_seq_len, budget_mib=budget_mib, png=png, out_dir=out)  # fmt: skip
+
+
 def data(
     *,
     stdlib_bytes: int = 20_000_000,

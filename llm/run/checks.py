@@ -138,8 +138,40 @@ def check_teacher(recipe: RecipeConfig) -> None:
         )
 
 
+def run_task(recipe: RecipeConfig):
+    """The recipe's task with what the run decides before it starts (`Task.with_data`): a classifier's
+    label map is the recipe's `labels`, else that of the model the run starts from (`init_from`, else
+    `distill.teacher`) where its training data's labels are among them, else the data's. A distillation
+    teacher that classifies must name the same classes in the same order as the student (the KL term
+    compares their logits class by class). Raises ConfigError naming the field."""
+    from llm.run import loader
+    from llm.tasks import get_task
+    from llm.tasks.classification import ClassificationTask
+
+    starts = {}
+    for field, path in (("init_from", recipe.init_from), ("distill.teacher", recipe.distill.teacher)):
+        if path:
+            try:
+                starts[field] = loader.load_task(path)
+            except UserError as e:
+                raise ConfigError(field, str(e)) from None
+    start = starts.get("init_from") or starts.get("distill.teacher")
+    task = get_task(recipe.task).with_data(recipe.data, start)
+    teacher = starts.get("distill.teacher")
+    if isinstance(task, ClassificationTask) and isinstance(teacher, ClassificationTask):
+        ours, theirs = task.label_names(), teacher.label_names()
+        unnamed = task.options.labels is None or teacher.options.labels is None
+        if len(ours) != len(theirs) or (not unnamed and ours != theirs):
+            raise ConfigError(
+                "distill.teacher",
+                f"{recipe.distill.teacher}: the teacher's labels ({', '.join(theirs)}) are not the student's "
+                f"({', '.join(ours)}) in the same order; the KL term compares their logits class by class",
+            )
+    return task
+
+
 def _check_shards(recipe: RecipeConfig, task) -> None:
-    from llm.data.shards import MANIFEST, ShardError, check_vocab
+    from llm.data.shards import MANIFEST, ShardError, check_vocab, load_manifest
 
     data, model = recipe.data, recipe.model
     vocab = model.vocab_size
@@ -164,6 +196,12 @@ def _check_shards(recipe: RecipeConfig, task) -> None:
             check_vocab(path, vocab)
         except ShardError as e:
             raise ConfigError(field, str(e)) from None
+        if data.document_mask and load_manifest(path)["tokenizer"].get("eos_id") is None:
+            raise ConfigError(
+                "data.document_mask",
+                f"{path}: the manifest names no EOS id, so its documents cannot be told apart "
+                "(prepare the shards with a tokenizer that has an EOS token)",
+            )
 
 
 def _check_tokenizer(recipe: RecipeConfig, task, prepare: bool) -> None:
@@ -217,6 +255,47 @@ def _check_tokenizer(recipe: RecipeConfig, task, prepare: bool) -> None:
                 )
 
 
+# transforms that put virtual tokens in front of every sequence (a sequence-parallel slice has no front)
+VIRTUAL_TOKEN_TRANSFORMS = ("prefix", "prompt")
+
+
+def check_parallel(recipe: RecipeConfig, task, world_size: int) -> None:
+    """The `parallel:` sizes fit the launch, the model and the run (`llm.train.parallel`): sequence x tensor
+    divides `world_size`; sequence parallelism gets a task whose loss is per token (`Task.sequence_parallel`),
+    heads and key/value heads that divide over the group, and no virtual tokens or teacher. Raises ConfigError
+    naming the field."""
+    from llm.train.parallel import Mesh, check_heads
+
+    p = recipe.parallel
+    Mesh.of(p, world_size)
+    if p.tensor > 1:
+        raise ConfigError("parallel.tensor", f"{p.tensor}: this version of llm has no tensor parallelism; set it to 1")
+    if p.sequence == 1:
+        return
+    if not task.sequence_parallel:
+        raise ConfigError(
+            "parallel.sequence",
+            f"{p.sequence}: task {task.name!r} does not split its sequences over ranks (sequence parallelism trains "
+            "tasks whose loss is a mean over per-token labels: causal_lm, instruction)",
+        )
+    check_heads(p, recipe.model.n_heads, recipe.model.kv_heads)
+    for path, settings in recipe.transform_settings():
+        if settings.name in VIRTUAL_TOKEN_TRANSFORMS:
+            raise ConfigError(
+                path, f"{settings.name} tuning puts virtual tokens before each sequence, which parallel.sequence splits"
+            )
+    if recipe.distill.teacher:
+        raise ConfigError("distill.teacher", "the teacher runs on whole sequences; distill with parallel.sequence: 1")
+
+
+def check_document_mask(recipe: RecipeConfig, task) -> None:
+    """`data.document_mask` needs a task that reads packed documents (`Task.packs_documents`)."""
+    if recipe.data.document_mask and not task.packs_documents:
+        raise ConfigError(
+            "data.document_mask", f"task {task.name!r} does not pack documents into rows (causal_lm does)"
+        )
+
+
 def check_trackers(recipe: RecipeConfig) -> None:
     """The optional trackers the recipe turns on are installed."""
     import importlib.util
@@ -259,9 +338,7 @@ def check_resume(recipe: RecipeConfig, resume: str, task=None) -> Path | None:
     saved = yaml.safe_load((step_dir / "recipe.yaml").read_text()) or {}
     current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
     if task is None:
-        from llm.tasks import get_task
-
-        task = get_task(recipe.task).with_data(recipe.data)
+        task = run_task(recipe)
     current["task"] = task.to_dict()  # as the run records it (see llm.run.train.assemble)
     state = ckpt.trainer_state(step_dir, 0)
     saved_world = state.get("world_size") or len(list(step_dir.glob("trainer_rank_*.pt")))

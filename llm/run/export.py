@@ -1,41 +1,13 @@
-"""Export a trained (possibly adapted) model: a Hugging Face directory of the merged model and
-the adapter beside it, or llm's own model directory where Hugging Face cannot hold the model."""
+"""A run's export: the trained (possibly adapted) model as a Hugging Face directory where
+transformers can hold it, else as llm's own model directory; the same writers as `llm convert`."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from llm.adapt import export as adapt_export
-from llm.errors import UserError
-from llm.log import logger
-from llm.models import hf
 from llm.models.base import Model
-from llm.run import loader
-from llm.tasks import task_of
-from llm.tasks.hf import hf_rules, task_of_architecture, to_hf
-
-# Transforms a Hugging Face export can carry: merged (lora), beside it (prefix, prompt) or moot (freeze).
-EXPORTABLE = ("lora", "prefix", "prompt", "freeze")
-
-
-def hf_form(model: Model) -> str | None:
-    """The Hugging Face architecture that holds all `model` computes and all llm needs to rebuild it,
-    else None: a task or pooling transformers lacks (mean pooling, an instruction template), a
-    field the architecture cannot express, or a transform other than those of EXPORTABLE (pruning,
-    quantization)."""
-    cfg, task = model.config, task_of(model)
-    arch = task.hf_architecture(cfg)  # a LLaMA-family model with Qwen's fields is named for Qwen
-    if arch is None or any(t["name"] not in EXPORTABLE for t in model.transforms):
-        return None
-    try:
-        hf.family_adapter(cfg.family).check_exportable(cfg, arch)
-    except UserError:
-        return None
-    if arch not in hf.architectures():
-        return None
-    read_back = task_of_architecture(arch, task.hf_config(cfg))  # the task from_hf will read the export as
-    return arch if read_back.resolved(cfg) == task.resolved(cfg) else None
+from llm.run.convert import write_format
+from llm.run.formats import hf
 
 
 def export_artifacts(model: Model, out_dir: str | Path, tokenizer=None, base_model: str | None = None) -> dict:
@@ -44,42 +16,15 @@ def export_artifacts(model: Model, out_dir: str | Path, tokenizer=None, base_mod
 
     `model` must be whole (not ZeRO-3 partitioned): on a run, the copy that
     `llm.run.train.gathered_copy` makes (all ranks gather, then rank 0 exports).
-    Where `hf_form(model)` names an architecture:
-    - `out_dir/`: a Hugging Face directory (config.json, model.safetensors, and
-      `tokenizer`'s tokenizer.json when given) of the model with every transform
-      removed: LoRA merged into the weights (W + alpha/r * B @ A), a prefix or soft
-      prompt left out (so it is the frozen base plus whatever trained in full);
-    - `out_dir/adapter/` for LoRA: PEFT's layout (adapter_config.json +
-      adapter_model.safetensors) that `peft.PeftModel.from_pretrained(base, dir)`
-      loads on the untouched Hugging Face base; `base_model` (e.g. the run's
-      init_from) is recorded as its base_model_name_or_path;
-    - `out_dir/adapter/` for prefix or prompt tuning: llm's layout (see
-      `llm.adapt.export`); `llm.run.loader.load_model(out_dir)` puts it back on the base;
-    - no adapter/ for full fine-tuning or freezing.
-    Otherwise `out_dir/` is an llm model directory (`loader.save_pretrained`: config.yaml with
-    the task and transforms, model.safetensors, tokenizer.json), which loses nothing.
-    A LoRA layout that PEFT cannot express also gives the llm directory (with a warning)."""
+    Where `llm.run.formats.hf.check(model)` passes, `out_dir/` is a Hugging Face directory
+    (`llm.run.formats.hf`: LoRA merged, the adapter beside it in adapter/, PEFT's layout for LoRA
+    with `base_model`, e.g. the run's init_from, as its base_model_name_or_path; llm's for a prefix
+    or soft prompt). Otherwise it is an llm model directory (config.yaml with the task and
+    transforms, model.safetensors, tokenizer.json), which loses nothing."""
     out_dir = Path(out_dir)
-    arch = hf_form(model)
-    adapter = None
-    if arch is not None and adapt_export.has_lora(model):
-        prefix, rules = hf_rules(model.config, task_of(model))
-        try:
-            adapter = adapt_export.peft_lora(model, rules, prefix, arch, base_model)
-        except UserError as e:  # a layout PEFT cannot express: keep everything in llm's format instead
-            logger.warning(f"{out_dir}: exported as an llm model directory, not Hugging Face + PEFT: {e}")
-            arch = None
-    elif arch is not None and adapt_export.has_virtual_tokens(model):
-        adapter = adapt_export.virtual_adapter(model)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    if arch is None:
-        loader.save_pretrained(model, staging, tokenizer)
-    else:
-        to_hf(adapt_export.plain(model), staging, tokenizer)
-    if adapter is not None:
-        adapt_export.write_adapter(staging / "adapter", *adapter)
-    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier export of another format must not linger
-    staging.replace(out_dir)
-    written = str(out_dir / "adapter") if adapter is not None else None
-    return {"export": str(out_dir), "format": "llm" if arch is None else "hf", "adapter": written}
+    if hf.check(model) is None:
+        write_format(model, out_dir, "hf", tokenizer, base_model=base_model)
+        adapter = out_dir / "adapter"
+        return {"export": str(out_dir), "format": "hf", "adapter": str(adapter) if adapter.is_dir() else None}
+    write_format(model, out_dir, "llm", tokenizer)
+    return {"export": str(out_dir), "format": "llm", "adapter": None}

@@ -28,7 +28,8 @@ def generate_text(
 
     Prints (and returns) each prompt followed by its continuation, from the causal LM at `model` (any
     path the loader reads) and its tokenizer.json. An instruction-tuned model gets each prompt inside
-    the template saved with it.
+    the template saved with it (the template's special tokens are control tokens, the prompt is
+    text); a plain causal LM's prompt is read as transformers reads it, special tokens included.
 
     Args:
         model: llm model directory, Hugging Face directory or checkpoint
@@ -51,16 +52,17 @@ def generate_text(
     lm = load_model(model, dtype=dtype)
     if lm.task not in ("causal_lm", "instruction"):
         raise UserError(f"{model}: a {lm.task!r} model; generation needs a causal_lm or instruction model")
-    # an instruction model wraps each prompt in the template it was tuned with
-    prompts = [lm.options.format(p) for p in prompt] if lm.task == "instruction" else list(prompt)
     tok_path = tokenizer or find_tokenizer(model)
     if tok_path is None:
         raise UserError(f"{model}: no tokenizer.json beside the model or its run directory; pass --tokenizer")
     tok = Tokenizer(tok_path)
 
-    encoded = tok.encode_batch(prompts)
+    if lm.task == "instruction":  # each prompt in the template it was tuned with
+        encoded = [lm.options.encode(tok, p) for p in prompt]
+    else:
+        encoded = tok.encode_batch(list(prompt), ordinary=False)
     vocab = lm.config.vocab_size
-    for text, ids in zip(prompts, encoded):
+    for text, ids in zip(prompt, encoded):
         if not ids:
             raise UserError(f"prompt {text!r} encodes to no tokens")
         if max(ids) >= vocab:

@@ -27,7 +27,7 @@ from llm.fileio import write_atomic
 from llm.log import logger, short_list
 from llm.models.base import Model, tied_aliases
 from llm.models.config import ModelConfig
-from llm.tasks import get_task
+from llm.tasks import Task, get_task
 from llm.train import checkpoint as ckpt
 
 CONFIG, WEIGHTS, TOKENIZER = "config.yaml", "model.safetensors", "tokenizer.json"
@@ -193,6 +193,32 @@ def load_model(path: str | Path, tag: str | None = None, dtype: str | torch.dtyp
         return model
     model = load_pretrained(path) if kind == "llm" else load_checkpoint_model(path, tag)
     return model.to(dtype) if dtype is not None else model
+
+
+def load_task(path: str | Path, tag: str | None = None) -> Task:
+    """The task, with its options (a classifier's label names in its head's row order), of the model
+    `load_model(path, tag)` would load, read from its description alone (no weights). Raises UserError
+    naming the path when it is no model."""
+    from llm.config import load_yaml
+
+    kind = model_kind(path)
+    if kind == "hf":
+        from llm.models.hf import architecture_of, read_hf_config
+        from llm.tasks.hf import task_of_architecture
+
+        config = read_hf_config(Path(path))
+        return task_of_architecture(architecture_of(config, str(Path(path) / "config.json")), config)
+    if kind == "llm":
+        description = Path(path) / CONFIG
+    else:
+        description = ckpt.find_checkpoint(checkpoint_dir(Path(path)), tag) / "model.yaml"
+    if not description.is_file():
+        raise UserError(f"{description}: not found (a checkpoint written by llm holds its model's description)")
+    described = load_yaml(description)
+    try:
+        return get_task((described.get("task") if isinstance(described, dict) else None) or "causal_lm")
+    except ConfigError as e:
+        raise UserError(f"{description}: {e}") from None
 
 
 def find_tokenizer(path: str | Path, levels: int = 3) -> Path | None:

@@ -2,7 +2,8 @@
 
 Each section is a dataclass beside its code: `model:` (llm.models.config), `data:`
 (llm.data.config), `train:` and `checkpoint:` (llm.train.config), `optim:` and `schedule:`
-(llm.train.schedule), `deepspeed:` (llm.train.engine), `logging:` (llm.train.trackers),
+(llm.train.schedule), `deepspeed:` (llm.train.engine), `parallel:` (llm.train.parallel),
+`logging:` (llm.train.trackers),
 `faults:` (llm.train.distributed), `distill:` (llm.compress.distill), `prune:`
 (llm.compress.prune). The plug-ins resolve through their registries as the recipe loads, into
 typed settings: `task:` (llm.tasks.OPTIONS), `transforms[i]` (llm.transforms.SETTINGS) and
@@ -30,6 +31,7 @@ from llm.run import loader
 from llm.train.config import CheckpointConfig, TrainConfig
 from llm.train.distributed import FaultConfig
 from llm.train.engine import DeepSpeedConfig
+from llm.train.parallel import ParallelConfig
 from llm.train.schedule import OptimConfig, ScheduleConfig
 from llm.train.trackers import LoggingConfig
 
@@ -59,6 +61,7 @@ class RecipeConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     deepspeed: DeepSpeedConfig = dataclasses.field(default_factory=DeepSpeedConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)

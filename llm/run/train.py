@@ -29,14 +29,15 @@ from llm.config import ConfigError
 from llm.errors import UserError
 from llm.fileio import write_atomic
 from llm.log import logger, setup_logging
-from llm.models.base import Model, tied_aliases
+from llm.models.base import Model
 from llm.models.info import training_flops_per_token
-from llm.run import checks, loader
+from llm.run import checks, init_from, loader
 from llm.run.export import export_artifacts
 from llm.run.prepare import prepare_if_missing
 from llm.run.recipe import RecipeConfig, load_finetune_recipe, load_recipe
 from llm.tasks import OPTIONS, Task, get_task
 from llm.train import checkpoint as ckpt
+from llm.train import parallel
 from llm.train.distributed import DistInfo, distributed
 from llm.train.engine import build_engine, deepspeed_config
 from llm.train.metrics import device_peak_flops
@@ -52,15 +53,16 @@ def seed_everything(seed: int) -> None:
 def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
     """The checks that need no process group but more than the recipe's own fields (loading it
     checked those): every path and vocabulary (`llm.run.checks.check_paths`: data, tokenizer,
-    init_from, distill.teacher), the label map the task's training data decides, the task's fit
+    init_from, distill.teacher), the label map the run decides (`llm.run.checks.run_task`), the task's fit
     with the model, the trackers, the preset and the batch arithmetic for the launcher's world
     size, pruning's engine needs. Returns the task. `paths=False` leaves out the files (inside a
     started run, where rank 0 may be preparing them)."""
-    task = get_task(recipe.task)
     if paths:
-        checks.check_paths(recipe, task)
-    task = task.with_data(recipe.data)
+        checks.check_paths(recipe, get_task(recipe.task))
+    task = checks.run_task(recipe)
     task.check(recipe.model)
+    checks.check_document_mask(recipe, task)
+    checks.check_parallel(recipe, task, checks.launcher_world_size())
     checks.check_trackers(recipe)
     ds_json = ds_config(recipe, checks.launcher_world_size(), task)  # preset, batch
     if recipe.prune.sparsity:
@@ -76,7 +78,9 @@ def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
 
 def ds_config(recipe: RecipeConfig, world_size: int, task: Task) -> dict:
     """The run's DeepSpeed JSON for `world_size` ranks (see `llm.train.engine.deepspeed_config`)."""
-    return deepspeed_config(recipe.deepspeed, recipe.train, recipe.optim, world_size, task.min_micro_batch)
+    return deepspeed_config(
+        recipe.deepspeed, recipe.train, recipe.optim, world_size, task.min_micro_batch, recipe.parallel.sequence
+    )
 
 
 def dry_run_report(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -> str:
@@ -102,47 +106,15 @@ def load_teacher(recipe: RecipeConfig) -> Model:
 
 
 def build_model(recipe: RecipeConfig, task: Task) -> Model:
-    """The recipe's model with the task's head, `init_from` weights, then its transforms.
-
-    From `init_from` every tensor of the shared body (trunk, pooler) loads and must fit; head
-    tensors load where the task and shapes agree, the others are freshly initialised (logged)."""
+    """The recipe's model with the task's head, then its transforms; from `init_from`, with the
+    weights and whatever the earlier run trained carried over (`llm.run.init_from`)."""
     model = task.build_model(recipe.model)
+    steps = recipe.transform_settings()
     if recipe.init_from:
-        init = loader.load_model(recipe.init_from)
-        if init.config.family != recipe.model.family:
-            raise ConfigError(
-                "init_from",
-                f"{recipe.init_from}: a {init.config.family} model ({init.task}); the run builds a "
-                f"{recipe.model.family} model for task {task.name!r}",
-            )
-        for spec in init.transforms:  # a pruned model's smaller shapes come with it; its weights follow
-            if spec["name"] == "quantize":
-                raise ConfigError("init_from", f"{recipe.init_from}: a quantized model cannot be trained further")
-            if spec["name"] == "prune":
-                model = transforms.apply_transform(model, spec, "init_from")
-        own, state = model.state_dict(), init.state_dict()
-        body = ("transformer.", "pooler.")
-        loaded = {}
-        for key, tensor in state.items():
-            if key not in own:
-                continue
-            if own[key].shape != tensor.shape:
-                if key.startswith(body):
-                    raise ConfigError(
-                        "init_from",
-                        f"{recipe.init_from}: {key} has shape {tuple(tensor.shape)}, "
-                        f"the recipe's model needs {tuple(own[key].shape)}",
-                    )
-                continue
-            loaded[key] = tensor
-        result = model.load_state_dict(loaded, strict=False)
-        fresh = sorted(set(result.missing_keys) - tied_aliases(model))
-        logger.info(
-            f"init_from {recipe.init_from} ({init.task}): loaded {len(loaded)} tensors; "
-            f"freshly initialised: {', '.join(fresh) if fresh else 'none'}"
-        )
-    for path, settings in recipe.transform_settings():
-        model = transforms.apply_transform(model, settings, path)
+        model = init_from.build(model, recipe.init_from, steps)
+    else:
+        for path, settings in steps:
+            model = transforms.apply_transform(model, settings, path)
     if recipe.train.activation_checkpointing:
         model.set_gradient_checkpointing(True)
     return model
@@ -217,12 +189,23 @@ def assemble(
     ds_json = ds_config(recipe, dist.world_size, task)
     seed_everything(recipe.seed)
     prepare_if_missing(recipe, dist.rank)
+    # world = data x sequence x tensor: a sequence group reads its data-parallel rank's samples, each rank a slice
+    mesh = parallel.Mesh.of(recipe.parallel, dist.world_size)
+    sequence = parallel.sequence_parallel(parallel.device_mesh(mesh, dist.device))
     per_rank = dict(
-        seed=recipe.seed, micro_batch_size=recipe.train.micro_batch_size, rank=dist.rank, world_size=dist.world_size
+        seed=recipe.seed,
+        micro_batch_size=recipe.train.micro_batch_size,
+        rank=mesh.coordinates(dist.rank)[0],
+        world_size=mesh.data,
     )
     train_batches = task.batches(recipe.model, recipe.data, "train", **per_rank)
     val_batches = task.batches(recipe.model, recipe.data, "val", **per_rank)
     model = build_model(recipe, task).to(dist.device)
+    if sequence is not None:
+        train_batches = parallel.SequenceSlices(train_batches, sequence.rank, sequence.size)
+        if val_batches is not None:
+            val_batches = parallel.SequenceSlices(val_batches, sequence.rank, sequence.size)
+        model.transformer.set_sequence_parallel(sequence)
     seq = recipe.model.seq_len if recipe.model.is_image else recipe.data.seq_len
     flops_per_token = training_flops_per_token(model, seq)
     pruning = []
@@ -238,7 +221,7 @@ def assemble(
     validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
     peak, _ = device_peak_flops(dist.device, recipe.train.precision)
     all_callbacks = [validation, *pruning, *callbacks]
-    trainer = Trainer(recipe, dist, engine, model, task, train_batches, all_callbacks, flops_per_token, peak)
+    trainer = Trainer(recipe, dist, engine, model, task, train_batches, all_callbacks, flops_per_token, peak, sequence)
     trainer.resume(resume)  # first: a recipe the checkpoint refuses must not be recorded as the run's
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)
@@ -285,7 +268,7 @@ def sample(model: Model, recipe: RecipeConfig) -> str:
     from llm.models.generation import generate
 
     tok = Tokenizer(recipe.data.tokenizer)
-    ids = tok.encode(recipe.logging.sample_prompt) or [tok.eos_id or 0]
+    ids = tok.encode(recipe.logging.sample_prompt, ordinary=False) or [tok.eos_id or 0]
     g = torch.Generator().manual_seed(recipe.seed)
     out = generate(
         model, torch.tensor([ids]), max_new_tokens=recipe.logging.sample_tokens, temperature=0.8, top_k=40, generator=g
@@ -297,7 +280,6 @@ def train(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -
     """Train a recipe to its end; on rank 0 export the final model and print a sample when asked.
     `overwrite`: start afresh in a run directory that holds an earlier run (see `check_run_dir`)."""
     started = time.perf_counter()
-    check_recipe(recipe)  # fail in milliseconds, before any process group
     task = check_recipe(recipe)  # fail in milliseconds, before any process group
     checks.check_resume(recipe, resume, task)
     check_run_dir(recipe, resume, overwrite)

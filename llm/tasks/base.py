@@ -48,6 +48,10 @@ class Task:
     causal: ClassVar[bool | None] = None  # True/False: the trunk must (not) be causal; None: either
     language_model: ClassVar[bool] = False  # validation reports perplexity
     min_micro_batch: ClassVar[int] = 1
+    # reads packed documents from shards and can keep them apart (data.document_mask)
+    packs_documents: ClassVar[bool] = False
+    # a mean over per-token labels whose model takes position_ids: its sequences split over ranks (parallel.sequence)
+    sequence_parallel: ClassVar[bool] = False
     nested: ClassVar[bool] = True  # Hugging Face head models keep the trunk under a prefix ("bert.", ...)
 
     def __init__(self, options: Any = None, path: str = "task"):
@@ -126,8 +130,10 @@ class Task:
         """(stream, collate) reading this rank's examples of a file (JSONL, CSV, Parquet, images)."""
         raise UserError(f"{path}: task {self.name!r} reads shard directories (manifest.json), not files")
 
-    def with_data(self, data: DataConfig) -> Task:
-        """This task with the options its training data decides (a classifier's label map)."""
+    def with_data(self, data: DataConfig, start: Task | None = None) -> Task:
+        """This task with the options its training data decides (a classifier's label map); `start`:
+        the task of the model the run starts from (`init_from`, else a distillation teacher), whose
+        options may decide them instead."""
         return self
 
     def synthetic_batch(self, corpus, indices: list[int], cfg: ModelConfig, seq_len: int) -> dict:
@@ -161,12 +167,18 @@ class Task:
     # -- metrics ------------------------------------------------------------------------
 
     def eval_sums(self, batch: dict[str, torch.Tensor], output) -> dict[str, float]:
-        """Sums of one validation batch; summed over batches and ranks, then `eval_metrics`."""
-        return {"loss": float(output.loss.float().item()), "batches": 1.0}
+        """Sums of one validation batch; summed over batches and ranks, then `eval_metrics`. The
+        model's loss is a mean over `loss_tokens(batch)` terms, so it counts as that many (a short
+        last batch weighs what its examples do)."""
+        terms = self.loss_tokens(batch)  # 0: a batch with no label (its loss is NaN) adds nothing
+        loss = float(output.loss.float().item()) * terms if terms else 0.0
+        return {"loss": loss, "loss_terms": float(terms), "batches": 1.0}
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        """Validation metrics from the summed `eval_sums`: the mean loss (and perplexity for LMs)."""
-        loss = sums["loss"] / sums["batches"]
+        """Validation metrics from the summed `eval_sums`: the mean loss over every loss term of every
+        batch and rank, as one batch holding them all would give (scikit-learn's log_loss for a
+        classifier), and perplexity exp(mean token loss) for LMs."""
+        loss = sums["loss"] / max(sums["loss_terms"], 1.0)
         out = {"val_loss": loss}
         if self.language_model:
             out["val_ppl"] = math.exp(min(loss, 50.0))
@@ -187,9 +199,14 @@ class Task:
         """The head's tensors and their Hugging Face names (outside the trunk prefix)."""
         return []
 
+    def hf_tied(self, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+        """Our tensor -> the Hugging Face tensors (outside the trunk prefix) that transformers ties to
+        it: GPT2LMHeadModel's lm_head.weight is its wte.weight. They hold no weights of their own."""
+        return {}
+
     def hf_ignored(self, cfg: ModelConfig) -> tuple[str, ...]:
         """Hugging Face tensors that duplicate tied ones (read nowhere, never written)."""
-        return ()
+        return tuple(name for names in self.hf_tied(cfg).values() for name in names)
 
     def hf_options(self, config: dict) -> dict:
         """Task options read from a Hugging Face config.json (e.g. the label names)."""
@@ -198,6 +215,11 @@ class Task:
     def hf_config(self, cfg: ModelConfig) -> dict:
         """Entries the task adds to an exported config.json."""
         return {}
+
+    def hf_chat_template(self, eos_token: str | None) -> str | None:
+        """The Jinja chat template the task puts into an exported tokenizer (None: none); `eos_token`
+        is the spelling of the model's EOS (None: no tokenizer, or no EOS)."""
+        return None
 
     @property
     def mask_token(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llm.errors import UserError
 from llm.models.base import Model
 from llm.models.config import ModelConfig
 from llm.models.hf import linear_rules
@@ -41,10 +42,14 @@ class CausalLM(Model):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_logits: bool = True,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """input_ids (B, T) int -> logits (B, T, vocab) and, with labels (B, T), the mean token loss."""
+        """input_ids (B, T) int -> logits (B, T, vocab) and, with labels (B, T), the mean token loss.
+        `document_ids` (B, T) keep attention inside each document of packed rows (see Transformer)."""
         check_token_labels(labels, input_ids)
-        h = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        h = self.transformer(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, document_ids=document_ids
+        )
         logits, loss = self.lm_head(h, labels, return_logits)
         return ModelOutput(logits=logits, loss=loss, hidden_states=h)
 
@@ -54,18 +59,37 @@ class CausalLM(Model):
         return generate(self, input_ids, **kwargs)
 
 
+def shard_eos_id(path) -> int:
+    """The EOS id that ends each document of a token shard directory (its manifest's tokenizer);
+    UserError naming data.document_mask when the manifest has none."""
+    from llm.data import load_manifest
+
+    eos = load_manifest(path)["tokenizer"].get("eos_id")
+    if eos is None:
+        raise UserError(
+            f"data.document_mask: {path}: the manifest names no EOS id, so its documents cannot be told apart "
+            "(prepare the shards with a tokenizer that has an EOS token)"
+        )
+    return int(eos)
+
+
 class CausalLMTask(Task):
     name = "causal_lm"
     model_class = CausalLM
     families = ("gpt", "llama", "bert")
     causal = True
     language_model = True
+    packs_documents = True
+    sequence_parallel = True
 
     def shard_stream(self, cfg, data, path, seed, rank, world_size):
-        from llm.data import PackedTokens, check_vocab, collate_causal_lm
+        from llm.data import PackedDocuments, PackedTokens, check_vocab, collate_causal_lm
 
         check_vocab(path, cfg.vocab_size)
-        return PackedTokens(path, data.seq_len, seed, rank, world_size), collate_causal_lm
+        stream = PackedTokens(path, data.seq_len, seed, rank, world_size)
+        if not data.document_mask:
+            return stream, collate_causal_lm
+        return stream, PackedDocuments(shard_eos_id(path))
 
     def synthetic_batch(self, corpus, indices, cfg, seq_len):
         windows = torch.stack([corpus.text(i, seq_len + 1) for i in indices])
@@ -74,5 +98,5 @@ class CausalLMTask(Task):
     def hf_head_rules(self, cfg):
         return [] if cfg.tie_embeddings else linear_rules("lm_head", "lm_head", bias=False, base=False)
 
-    def hf_ignored(self, cfg) -> tuple[str, ...]:
-        return ("lm_head.weight",) if cfg.tie_embeddings else ()
+    def hf_tied(self, cfg):
+        return {"transformer.tok_embed.weight": ("lm_head.weight",)} if cfg.tie_embeddings else {}

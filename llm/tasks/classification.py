@@ -31,6 +31,10 @@ class LabelOptions:
             raise ConfigError(f"{path}.num_labels", f"must be >= 2, got {self.num_labels}")
 
 
+# the head's tensors whose rows are the labels (dim 0), in both classifiers
+LABEL_ROWS = ("classifier.weight", "classifier.bias")
+
+
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
     """Mean cross-entropy of logits (B, num_labels) against labels (B,) int64, in fp32."""
     return F.cross_entropy(upcast(logits), labels.view(-1)) if labels is not None else None
@@ -48,23 +52,49 @@ class ClassificationTask(Task):
         """The label names found in the training data at `path` (None: the data does not say)."""
         return None
 
-    def with_data(self, data):
-        """The task with num_labels and labels read from data.train when the recipe gives no labels."""
-        if self.options.labels is not None or data.source != "shards" or data.train is None:
+    def with_data(self, data, start=None):
+        """The task with its label map decided, when the recipe gives no `labels`: the names of the
+        model the run starts from (`start`) where its head's rows are named and the training data's
+        labels are among them (so each row keeps its name, as transformers' run_glue.py keeps a
+        model's label2id), else the training data's (sorted; `dataset_labels`); num_labels follows."""
+        if self.options.labels is not None:
             return self
-        blend = isinstance(data.train, list)
-        fields = [f"data.train[{i}].path" for i in range(len(data.train))] if blend else ["data.train"]
-        found = [(f, p, self.dataset_labels(data, p)) for f, p in zip(fields, data.train_paths)]
-        names = found[0][2]
-        for field, path, other in found[1:]:  # a blend's parts must agree on the label set
-            if other != names:
-                raise ConfigError(field, f"{path}: labels {other} differ from {found[0][1]}'s {names}")
+        names = None
+        if data.source == "shards" and data.train is not None:
+            blend = isinstance(data.train, list)
+            fields = [f"data.train[{i}].path" for i in range(len(data.train))] if blend else ["data.train"]
+            found = [(f, p, self.dataset_labels(data, p)) for f, p in zip(fields, data.train_paths)]
+            names = found[0][2]
+            for field, path, other in found[1:]:  # a blend's parts must agree on the label set
+                if other != names:
+                    raise ConfigError(field, f"{path}: labels {other} differ from {found[0][1]}'s {names}")
+            if names is not None and len(names) < 2:
+                raise ConfigError(fields[0], f"{found[0][1]}: a classifier needs at least 2 labels, found {names}")
+        named = start.options.labels if isinstance(start, ClassificationTask) else None
+        if named is not None and (names is None or set(names) <= set(named)):
+            names = named
         if names is None:
             return self
-        if len(names) < 2:
-            raise ConfigError(fields[0], f"{found[0][1]}: a classifier needs at least 2 labels, found {names}")
-        options = dataclasses.replace(self.options, num_labels=len(names), labels=names)
+        options = dataclasses.replace(self.options, num_labels=len(names), labels=list(names))
         return type(self)(dataclasses.asdict(options))
+
+    def head_from(self, start, state: dict, fresh: dict) -> tuple[dict, str]:
+        """`state`, the weights of a model of task `start` that a run begins from, with the head's rows
+        (LABEL_ROWS) in this task's label order: each label's row from `start` where it names the
+        label, else from `fresh` (the new model's own initialisation). Returns (state, what changed in
+        words, "" when nothing did: either side's rows are unnamed, or named alike)."""
+        theirs, ours = getattr(start.options, "labels", None), self.options.labels
+        if not isinstance(start, ClassificationTask) or theirs is None or ours is None or theirs == ours:
+            return state, ""
+        index = {name: i for i, name in enumerate(theirs)}
+        state = dict(state)
+        for key in LABEL_ROWS:
+            if key in state and key in fresh:
+                rows = [state[key][index[n]] if n in index else fresh[key][i] for i, n in enumerate(ours)]
+                state[key] = torch.stack(rows)
+        new = [n for n in ours if n not in index]
+        note = f"classifier rows by label name ({', '.join(theirs)} -> {', '.join(ours)})"
+        return state, note + (f", fresh rows for {', '.join(new)}" if new else "")
 
     def eval_sums(self, batch, output):
         sums = super().eval_sums(batch, output)
@@ -96,6 +126,22 @@ class ClassificationTask(Task):
 
     def label_names(self) -> list[str]:
         return self.options.labels or [f"LABEL_{i}" for i in range(self.options.num_labels)]
+
+    def data_names(self) -> list[str]:
+        """What a data label must read to be each row's class: the labels' names, or for a model whose
+        rows are unnamed (Hugging Face's LABEL_0, LABEL_1, ...) the row index, as integer labels give it."""
+        return self.options.labels or [str(i) for i in range(self.options.num_labels)]
+
+    def rows_of(self, classes: list[str], path) -> list[int]:
+        """The model's row for each of the data's class names `classes` (by name, never by position).
+        Raises UserError naming `path` and the first class the model lacks."""
+        from llm.errors import UserError
+
+        index = {name: i for i, name in enumerate(self.data_names())}
+        for name in classes:
+            if name not in index:
+                raise UserError(f"{path}: class {name!r} is not one of the model's labels ({', '.join(index)})")
+        return [index[name] for name in classes]
 
     def hf_options(self, config):
         id2label = config.get("id2label") or {}

@@ -18,12 +18,19 @@ from llm.models.base import Model, tied_aliases
 from llm.models.config import ModelConfig
 from llm.tasks import TASKS, get_task, task_of
 from llm.tasks.base import Task
+from llm.tasks.instruction import InstructionOptions
 
 
-def task_of_architecture(arch: str, config: dict) -> Task:
-    """The task, with its options, that a Hugging Face model of architecture `arch` and
-    config.json `config` reads as (e.g. BertForPreTraining: masked_lm with nsp, the labels of id2label)."""
+def task_of_architecture(arch: str, config: dict, chat_template: str | None = None) -> Task:
+    """The task, with its options, that a Hugging Face model of architecture `arch`, config.json
+    `config` and tokenizer chat template `chat_template` reads as (e.g. BertForPreTraining: masked_lm
+    with nsp, the labels of id2label; a causal LM with the chat template an instruction model exports:
+    that instruction task)."""
     _, name, implied = hf.architectures()[arch]
+    if name == "causal_lm" and chat_template is not None:
+        options = InstructionOptions.from_chat_template(chat_template)
+        if options is not None:
+            return get_task({"name": "instruction", **dataclasses.asdict(options)})
     task_class = TASKS[name]
     return task_class({**implied, **task_class({}, "task").hf_options(config)})
 
@@ -78,8 +85,11 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
         generation = hf.read_hf_config(path, "generation_config.json")
 
     prefix = adapter.prefix if TASKS[source_name].nested else ""
+    tensors = hf.read_hf_weights(path)
+    if isinstance(config.get("quantization_config"), dict):
+        tensors = dequantized(tensors, config["quantization_config"], str(file))
     weights, stored = {}, {}  # stored: each key as the checkpoint spells it, for warnings
-    for name, tensor in hf.read_hf_weights(path).items():
+    for name, tensor in tensors.items():
         key = name.removeprefix(prefix)
         for legacy, today in adapter.legacy_names.items():
             key = key.replace(legacy, today)
@@ -89,7 +99,7 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
         cfg = build_config(ModelConfig, fields, "model")
         if not cfg.is_image:
             cfg = dataclasses.replace(cfg, **special_tokens(config, generation, cfg.vocab_size, str(path)))
-        source_task = task_of_architecture(arch, config)
+        source_task = task_of_architecture(arch, config, hf.read_chat_template(path))
         target = source_task if task is None else get_task(task)
         model = target.build_model(cfg)
     except ConfigError as e:
@@ -128,6 +138,32 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
     return model.to(dtype) if dtype is not None else model
 
 
+def dequantized(tensors: dict[str, torch.Tensor], quantization: dict, where: str) -> dict[str, torch.Tensor]:
+    """`tensors` of a compressed-tensors checkpoint (one scheme, e.g. what `llm convert --to hf` writes of
+    a quantized model) with each compressed weight decompressed to float32 by the package's own compressor.
+
+    Raises UserError naming `where` for another quantization method, several schemes, or a missing package."""
+    method = quantization.get("quant_method")
+    if method != "compressed-tensors":
+        raise UserError(f"{where}: quantization_config: llm reads compressed-tensors checkpoints, not {method!r}")
+    try:
+        from compressed_tensors.compressors import BaseCompressor
+        from compressed_tensors.quantization import QuantizationConfig
+    except ImportError:
+        raise UserError(f"{where}: a compressed-tensors checkpoint: pip install compressed-tensors") from None
+    config = QuantizationConfig.model_validate(quantization)
+    if len(config.config_groups) != 1:
+        raise UserError(f"{where}: quantization_config has {len(config.config_groups)} schemes; llm reads one")
+    scheme = next(iter(config.config_groups.values()))
+    compressor = BaseCompressor.get_value_from_registry(scheme.format or config.format)
+    parts = compressor.compression_param_names(scheme)
+    out = dict(tensors)
+    for module in [k.removesuffix(".weight_scale") for k in tensors if k.endswith(".weight_scale")]:
+        local = {p: out.pop(f"{module}.{p}") for p in parts if f"{module}.{p}" in out}
+        out[f"{module}.weight"] = compressor.decompress(local, scheme)["weight"].float()
+    return out
+
+
 # Trunk tensors a checkpoint may lack (transformers initialises them): the masked-image-modeling token.
 OPTIONAL = {"transformer.mask_token"}
 
@@ -161,20 +197,32 @@ def hf_state_dict(model: Model) -> tuple[str, dict[str, torch.Tensor]]:
     return arch, out
 
 
-def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -> Path:
+def to_hf(
+    model: Model,
+    path: str | Path,
+    tokenizer: str | Path | None = None,
+    *,
+    tensors: dict[str, torch.Tensor] | None = None,
+    quantization_config: dict | None = None,
+) -> Path:
     """A Hugging Face directory that `transformers` loads as it is: config.json,
     model.safetensors, generation_config.json (causal LMs) and, given `tokenizer` (a
-    tokenizer.json or its folder), tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json. bos/eos/pad ids the model config leaves unset are taken from
-    the tokenizer, so generation stops at its EOS. Returns `path`.
+    tokenizer.json or its folder), tokenizer.json, tokenizer_config.json (with the task's chat
+    template: an instruction model's) and special_tokens_map.json. bos/eos/pad ids the model config
+    leaves unset are taken from the tokenizer, so generation stops at its EOS. Returns `path`.
 
-    Raises UserError naming the field or task Hugging Face cannot express."""
+    `tensors` (with `quantization_config`, config.json's) are written in place of the model's own
+    Hugging Face tensors: a quantized model's compressed form of them (`llm.run.formats.compressed_tensors`).
+
+    Raises UserError naming the field or task Hugging Face cannot express, or an instruction model
+    given no tokenizer (its template lives in the tokenizer's files)."""
     from safetensors.torch import save_file
 
     from llm.data.tokenizer import Tokenizer
 
     path = Path(path)
-    arch, tensors = hf_state_dict(model)
+    arch, dense = hf_state_dict(model)
+    tensors = dense if tensors is None else tensors
     cfg = model.config
     adapter = hf.family_adapter(cfg.family)
     tok = Tokenizer(tokenizer) if tokenizer is not None else None
@@ -188,6 +236,8 @@ def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -
     config.update(task_of(model).hf_config(cfg))
     dtype = next(model.parameters()).dtype
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / ".model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -195,7 +245,9 @@ def to_hf(model: Model, path: str | Path, tokenizer: str | Path | None = None) -
     if model.task in ("causal_lm", "instruction"):
         generation = {k: v for k, v in hf.special_tokens(cfg).items() if v is not None}
         write_atomic(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
+    eos = tok.tokenizer.id_to_token(cfg.eos_ids[0]) if tok is not None and cfg.eos_ids else None
+    chat_template = task_of(model).hf_chat_template(eos)
     if tok is not None:
-        tok.save_hf(path, None if cfg.is_image else cfg.max_seq_len)
+        tok.save_hf(path, None if cfg.is_image else cfg.max_seq_len, chat_template)
     write_atomic(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")  # last: marks it whole
     return path

@@ -7,6 +7,7 @@ class; images are resized to the model's image_size and num_channels.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from llm.models.base import Model
@@ -44,28 +45,40 @@ class ImageClassificationTask(ClassificationTask):
         self.check_labels("task")
 
     def shard_stream(self, cfg, data, path, seed, rank, world_size):
-        from llm.data import ImageStream, collate_images
+        from llm.data import ImageStream
 
-        return ImageStream(path, seed, rank, world_size), collate_images
+        stream = ImageStream(path, seed, rank, world_size)
+        return stream, ImagesWithRows(self.rows_of(list(stream.manifest["classes"]), path))
 
     def dataset_labels(self, data, path):
         return image_classes(path)
 
     def file_stream(self, cfg, data, path, seed, rank, world_size):
         from llm.data import Examples, collate_images, read_images
-        from llm.errors import UserError
 
         classes, samples = read_images(path, cfg.image_size, cfg.num_channels)
-        index = {n: i for i, n in enumerate(self.label_names())}
-        for i, sample in enumerate(samples, 1):
-            name = classes[sample["label"]]
-            if name not in index:
-                raise UserError(f"{path}: image {i}: class {name!r} is not one of the model's labels")
-            sample["label"] = index[name]
+        rows = self.rows_of(classes, path)
+        for sample in samples:
+            sample["label"] = rows[sample["label"]]
         return Examples(samples, seed, rank, world_size, name=str(path)), collate_images
 
     def hf_head_rules(self, cfg):
         return linear_rules("classifier", "classifier", base=False)
+
+
+class ImagesWithRows:
+    """`collate_images` of image shards whose labels index the manifest's classes: each label becomes
+    the model's row of that class (`rows`, from `ClassificationTask.rows_of`)."""
+
+    def __init__(self, rows: list[int]):
+        self.rows = torch.tensor(rows, dtype=torch.int64)
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        from llm.data import collate_images
+
+        out = collate_images(batch)
+        out["labels"] = self.rows[out["labels"]]
+        return out
 
 
 def image_classes(path) -> list[str] | None:

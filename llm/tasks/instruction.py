@@ -5,12 +5,21 @@ covers the response tokens (and EOS) only: prompt positions are labelled IGNORE_
 supervised fine-tuning objective of InstructGPT (Ouyang et al., 2022) and Alpaca. Examples
 are never packed into each other: each is one row, padded per batch on the right. The
 template is a task option, saved with the model, so `llm generate` wraps prompts the same
-way after tuning. The model is a causal LM; it exports to Hugging Face as one.
+way after tuning. The special tokens a template spells ("<|im_start|>", ...) are control
+tokens; text in the data that spells one stays ordinary text (`Tokenizer.encode_template`).
+
+The model exports to Hugging Face as a causal LM whose tokenizer carries the template as a Jinja
+`chat_template` (`InstructionOptions.chat_template`): `apply_chat_template` on a user message gives
+exactly the ids llm trained on, and an assistant message continues with the response and EOS. The
+loader reads that template back (`from_chat_template`), so the export is an instruction model again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
+import string
 
 from llm.config import ConfigError
 from llm.errors import UserError
@@ -32,6 +41,41 @@ class InstructionOptions:
         """The template with the prompt in place (plain replacement: braces in prompts stay as they are)."""
         return self.template.replace("{prompt}", prompt)
 
+    def encode(self, tok, prompt: str) -> list[int]:
+        """Token ids of the templated prompt: the template's special tokens as control tokens, the prompt as text."""
+        return tok.encode_template(self.template, prompt)
+
+    def chat_template(self, eos_token: str) -> str:
+        """A Jinja chat template (transformers' `chat_template`) that renders a user message as this
+        template around its content and an assistant message as its content followed by `eos_token`;
+        other roles raise. Strings are JSON literals, which Jinja reads as the same string."""
+        before, after = (json.dumps(part, ensure_ascii=False) for part in self.template.split("{prompt}"))
+        return CHAT_TEMPLATE.format(before=before, after=after, eos=json.dumps(eos_token, ensure_ascii=False))
+
+    @classmethod
+    def from_chat_template(cls, text: str) -> InstructionOptions | None:
+        """The options whose `chat_template` is `text` (any EOS), or None for another template."""
+        match = re.fullmatch(CHAT_TEMPLATE_PATTERN, text)
+        if match is None:
+            return None
+        before, after = (json.loads(match[name]) for name in ("before", "after"))
+        return cls(template=before + "{prompt}" + after)
+
+
+# Jinja; {before}, {after} and {eos} are JSON string literals (json.dumps), the one form llm writes and reads back
+CHAT_TEMPLATE = (
+    "{{%- for message in messages -%}}"
+    "{{%- if message['role'] == 'user' -%}}{{{{ {before} + message['content'] + {after} }}}}"
+    "{{%- elif message['role'] == 'assistant' -%}}{{{{ message['content'] + {eos} }}}}"
+    "{{%- else -%}}{{{{ raise_exception('this instruction template has user and assistant turns only') }}}}"
+    "{{%- endif -%}}"
+    "{{%- endfor -%}}"
+)
+CHAT_TEMPLATE_PATTERN = "".join(
+    re.escape(text) + (f'(?P<{name}>"(?:[^"\\\\]|\\\\.)*")' if name else "")
+    for text, name, _, _ in string.Formatter().parse(CHAT_TEMPLATE)
+)
+
 
 class InstructionLM(CausalLM):
     """A causal LM (see CausalLM) that remembers its prompt template."""
@@ -46,7 +90,7 @@ def encode_example(tok, template: InstructionOptions, prompt: str, response: str
     """(input_ids, labels) of one example, each at most max_len long: the tokens of
     template(prompt) + response + EOS shifted by one; labels are IGNORE_INDEX where the target
     is a prompt token. Returns None when the prompt leaves no room for a response token."""
-    p = tok.encode(template.format(prompt))
+    p = template.encode(tok, prompt)
     r = tok.encode(response) + [eos]
     if len(p) >= max_len + 1:
         return None
@@ -59,11 +103,19 @@ class InstructionTask(CausalLMTask):
     name = "instruction"
     model_class = InstructionLM
     Options = InstructionOptions
+    packs_documents = False  # one example per row, never packed
 
     def hf_architecture(self, cfg):
-        """A causal LM's: the template has no place in config.json, so a Hugging Face causal LM
-        reads back as causal_lm (llm.run.export keeps an instruction model in llm's format)."""
+        """A causal LM's; the template goes to the tokenizer's chat_template (`hf_chat_template`)."""
         return CausalLMTask().hf_architecture(cfg)
+
+    def hf_chat_template(self, eos_token):
+        if eos_token is None:
+            raise UserError(
+                "an instruction model keeps its template in the Hugging Face tokenizer's chat_template, "
+                "which ends each response with EOS: give a tokenizer.json whose EOS the model knows"
+            )
+        return self.options.chat_template(eos_token)
 
     def shard_stream(self, cfg, data, path, seed, rank, world_size):
         raise UserError(

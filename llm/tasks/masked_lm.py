@@ -158,5 +158,6 @@ class MaskedLMTask(Task):
             rules += linear_rules("nsp", "cls.seq_relationship", base=False)
         return rules
 
-    def hf_ignored(self, cfg):
-        return ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    def hf_tied(self, cfg):
+        p = "cls.predictions"
+        return {"transformer.tok_embed.weight": (f"{p}.decoder.weight",), "mlm.decoder.bias": (f"{p}.decoder.bias",)}

@@ -83,7 +83,7 @@ class TextClassificationTask(ClassificationTask):
 
         columns = read_table(path, [data.text_field, data.label_field])
         texts = text_column(columns[data.text_field], path, data.text_field)
-        labels = label_ids(columns[data.label_field], self.label_names(), path, data.label_field)
+        labels = label_ids(columns[data.label_field], self.data_names(), path, data.label_field)
         tok = self.tokenizer(data, "text classification reads text files")
         ids = encode_texts(tok, texts, min(data.seq_len, cfg.max_seq_len), cfg.vocab_size, path)
         samples = [{"input_ids": as_tensor(i), "label": y} for i, y in zip(ids, labels)]
@@ -114,17 +114,20 @@ class TextClassificationTask(ClassificationTask):
 
 
 def encode_texts(tok, texts: list[str], max_tokens: int, vocab_size: int, path) -> list[list[int]]:
-    """Token ids of each text with the tokenizer's special tokens, cut to max_tokens.
+    """Token ids of each text with the tokenizer's special tokens ([CLS] ... [SEP]) around it, cut to
+    max_tokens; special tokens the text itself spells are encoded as text.
 
     Raises UserError naming the file when a text encodes to nothing or to ids beyond the vocabulary."""
     from llm.errors import UserError
 
     tokenizer = tok.tokenizer
     tokenizer.enable_truncation(max_length=max_tokens)
+    previous, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True  # "[SEP]" in a text is text
     try:
         encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
     finally:
         tokenizer.no_truncation()
+        tokenizer.encode_special_tokens = previous
     ids = [e.ids for e in encodings]
     cut = sum(1 for e in encodings if e.overflowing)
     if cut:

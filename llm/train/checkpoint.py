@@ -36,7 +36,7 @@ import yaml
 
 from llm.errors import UserError
 from llm.fileio import write_atomic
-from llm.log import logger
+from llm.log import dependency_output, logger
 from llm.train.safe_load import CheckpointError, safe_loads
 from llm.train.safe_load import load as safe_load
 
@@ -363,9 +363,12 @@ def consolidated_state_dict(path: str | Path, tag: str | None = None) -> dict[st
     step_dir = find_checkpoint(path, tag)
     with safe_loads():
         if list(step_dir.glob("*zero_pp_rank_*optim_states.pt")):
+            if not torch.cuda.is_available():  # as a run says (llm.train.distributed), so DeepSpeed need not guess
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+            with dependency_output("deepspeed zero_to_fp32"):  # it prints what it reads
+                state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
         else:
             files = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
             if not files:

@@ -17,7 +17,7 @@ import torch
 
 from llm.config import positive
 from llm.errors import UserError
-from llm.log import logger
+from llm.log import dependency_output, logger
 
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")
 # DeepSpeed JIT-builds its CPU allreduce op on first use (1-4 minutes on 2 cores); a lock older than this
@@ -79,15 +79,16 @@ def init_distributed(timeout_s: float = 120.0) -> DistInfo:
     if not cuda:
         check_build_lock("deepspeed_shm_comm")
     if not dist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=launcher == "mpi",
-            # MPI discovery sets MASTER_PORT to this (DeepSpeed's default 29500 otherwise, whatever the
-            # environment says): two mpirun jobs whose rank 0 shares a host would meet on one port
-            distributed_port=int(os.environ.get("MASTER_PORT", "29500")),
-            timeout=datetime.timedelta(seconds=timeout_s),
-            verbose=False,
-        )
+        with dependency_output("deepspeed.init_distributed"):  # it prints that its CPU op loaded
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=launcher == "mpi",
+                # MPI discovery sets MASTER_PORT to this (DeepSpeed's default 29500 otherwise, whatever the
+                # environment says): two mpirun jobs whose rank 0 shares a host would meet on one port
+                distributed_port=int(os.environ.get("MASTER_PORT", "29500")),
+                timeout=datetime.timedelta(seconds=timeout_s),
+                verbose=False,
+            )
     rank, world = dist.get_rank(), dist.get_world_size()
     if not cuda:
         _release_shm_buffer(rank, world)

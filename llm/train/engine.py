@@ -36,17 +36,17 @@ class DeepSpeedConfig:
             check(self.zero_stage in (0, 1, 2, 3), join(path, "zero_stage"), f"must be 0-3, got {self.zero_stage}")
 
 
-def check_batch(t: TrainConfig, world_size: int, min_micro_batch: int = 1) -> int:
+def check_batch(t: TrainConfig, data_ranks: int, min_micro_batch: int = 1) -> int:
     """global batch = micro_batch_size x grad_accum x data-parallel ranks; returns it.
 
     Raises ConfigError when train.global_batch_size disagrees, or the micro-batch is below
     what the task needs (`min_micro_batch`, e.g. 2 pairs for in-batch negatives)."""
-    product = t.micro_batch_size * t.grad_accum * world_size
+    product = t.micro_batch_size * t.grad_accum * data_ranks
     if t.global_batch_size is not None and t.global_batch_size != product:
         raise ConfigError(
             "train.global_batch_size",
             f"{t.global_batch_size} != micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} "
-            f"x {world_size} ranks = {product}",
+            f"x {data_ranks} data-parallel ranks = {product}",
         )
     if t.micro_batch_size < min_micro_batch:
         raise ConfigError(
@@ -83,9 +83,18 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def deepspeed_config(
-    ds: DeepSpeedConfig, t: TrainConfig, optim: OptimConfig, world_size: int, min_micro_batch: int = 1
+    ds: DeepSpeedConfig,
+    t: TrainConfig,
+    optim: OptimConfig,
+    world_size: int,
+    min_micro_batch: int = 1,
+    sequence_parallel: int = 1,
 ) -> dict:
-    """The preset, then the recipe's batch, precision, clipping, ZeRO and optimizer, then deepspeed.config."""
+    """The preset, then the recipe's batch, precision, clipping, ZeRO and optimizer, then deepspeed.config.
+
+    With `sequence_parallel` N > 1 the world_size / N data-parallel ranks set the global batch (samples);
+    DeepSpeed, which sees every rank as data parallel (llm.train.parallel), counts a micro-batch per rank,
+    so its train_batch_size is N times that."""
     cfg = load_preset(ds.preset)
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
     if ds.zero_stage is not None:
@@ -102,7 +111,7 @@ def deepspeed_config(
     cfg.update(
         train_micro_batch_size_per_gpu=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        train_batch_size=check_batch(t, world_size, min_micro_batch),
+        train_batch_size=check_batch(t, world_size // sequence_parallel, min_micro_batch) * sequence_parallel,
         gradient_clipping=t.grad_clip,
         optimizer=optimizer_json(optim, offload=ds.offload_optimizer),
     )

@@ -3,8 +3,9 @@
 A checkpoint carries the recipe it was trained with. On resume, fields that only
 steer the rest of the run (learning rate, schedule length, max_steps, logging,
 checkpoint cadence, evaluation, fault timeouts, kernels, where the run lives)
-take effect and are logged; the per-rank batch split may change when the global
-batch stays the same (another number of ranks). Anything else (the model, data,
+take effect and are logged; the per-rank batch split and the parallel sizes may
+change when the global batch stays the same (another number of ranks: the model
+state and the data position do not depend on them). Anything else (the model, data,
 seed, optimizer's other settings, precision, ZeRO stage) would silently make a
 different run out of the saved state, so it is one ConfigError naming the field.
 """
@@ -30,6 +31,7 @@ MUTABLE = (
     "train.micro_batch_size",
     "train.grad_accum",
     "train.global_batch_size",
+    "parallel.",
     "logging.",
     "checkpoint.",
     "faults.",
@@ -70,9 +72,15 @@ def check(saved: dict, current: dict, where: str) -> dict[str, tuple]:
     return found
 
 
+def data_ranks(recipe: dict, world_size: int) -> int:
+    """The data-parallel ranks among `world_size` (world = data x sequence x tensor, llm.train.parallel)."""
+    parallel = recipe.get("parallel") or {}
+    return max(1, world_size // (parallel.get("sequence", 1) * parallel.get("tensor", 1)))
+
+
 def global_batch(recipe: dict, world_size: int) -> int:
     t = recipe["train"]
-    return t["micro_batch_size"] * t["grad_accum"] * world_size
+    return t["micro_batch_size"] * t["grad_accum"] * data_ranks(recipe, world_size)
 
 
 def check_resume(saved: dict, current: dict, where: str, saved_world: int | None, world_size: int) -> dict:
@@ -82,9 +90,11 @@ def check_resume(saved: dict, current: dict, where: str, saved_world: int | None
     if saved_world is not None:
         before, now = global_batch(saved, saved_world), global_batch(current, world_size)
         if before != now:
+            ranks, saved_ranks = data_ranks(current, world_size), data_ranks(saved, saved_world)
             raise ConfigError(
                 "train.grad_accum",
-                f"global batch {now} (micro_batch_size x grad_accum x {world_size} ranks) differs from the "
-                f"checkpoint's {before} ({saved_world} ranks); set train.grad_accum or micro_batch_size to keep it",
+                f"global batch {now} (micro_batch_size x grad_accum x {ranks} data-parallel ranks) differs from the "
+                f"checkpoint's {before} ({saved_ranks} data-parallel ranks); set train.grad_accum or "
+                "micro_batch_size to keep it",
             )
     return changed

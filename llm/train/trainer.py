@@ -26,6 +26,7 @@ from llm.train import checkpoint as ckpt
 from llm.train.config import Recipe
 from llm.train.distributed import DistInfo, Heartbeat, RankFailure
 from llm.train.metrics import MetricsWriter, memory_bytes
+from llm.train.parallel import SequenceParallel
 
 
 def _collective_error(e: BaseException) -> bool:
@@ -126,8 +127,10 @@ class Trainer:
         callbacks: list[Callback] = (),
         flops_per_token: float = 0.0,
         peak_flops: float | None = None,
+        sequence: SequenceParallel | None = None,
     ):
         self.recipe, self.dist, self.engine, self.model, self.task = recipe, dist, engine, model, task
+        self.sequence = sequence  # this rank's sequence-parallel group (its batches are slices), None without
         self.rank, self.world_size = dist.rank, dist.world_size
         self.train_batches, self.callbacks = train_batches, list(callbacks)
         names = [callback_name(c) for c in self.callbacks]
@@ -175,7 +178,7 @@ class Trainer:
         if load_dir is not None:
             from llm.train import elastic
 
-            elastic.after_load(self.engine, state)
+            elastic.after_load(self.engine, load_dir)
         # every callback's state from rank 0's file, a per-rank one's from this rank's own
         self.load_state_dict({**state, "callbacks": {**saved.get("callbacks", {}), **state.get("callbacks", {})}})
         self.resumed_step = self.step
@@ -301,7 +304,9 @@ class Trainer:
         over ranks. So micro-batch i, with n_i of the step's N loss tokens, is back-propagated as
         mean_i * n_i * grad_accum * world_size / N: the step's gradient is that of sum(losses) / N,
         the same as one batch holding every sample (a skipped micro-batch's replacement is
-        weighted by its own count; the micro-batches before it keep the step's first N)."""
+        weighted by its own count; the micro-batches before it keep the step's first N). Under sequence
+        parallelism a rank's micro-batch is its slice of its group's samples, and its gradient a part of
+        theirs (llm.train.parallel): the same weights make the step's gradient exact."""
         self.engine.train()
         start = time.perf_counter()
         gas = self.recipe.train.grad_accum
@@ -369,7 +374,10 @@ class Trainer:
             if batch is None:
                 break
             batch = self._to_device(batch)
-            for key, value in self.task.eval_sums(batch, self.engine(**batch)).items():
+            output = self.engine(**batch)
+            if self.sequence is not None:  # the loss of the group's samples, not of this rank's slice of them
+                output.loss = self.sequence.mean(output.loss, self.task.loss_tokens(batch))
+            for key, value in self.task.eval_sums(batch, output).items():
                 sums[key] = sums.get(key, 0.0) + value
         keys = sorted(sums)
         totals = dict(zip(keys, self._all_reduce([sums[k] for k in keys]))) if keys else {}

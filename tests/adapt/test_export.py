@@ -43,6 +43,20 @@ CASES = {
         BERT,
         {"targets": ["q", "v", "fc_out", "dense"], "trainable": ["classifier"]},
     ),
+    # an embedding trained beside the adapters, tied to the output (unsloth#9331, peft#2399)
+    "gpt2-tied-embedding": ("GPT2LMHeadModel", "GPT2Config", GPT2, {"targets": ["q"], "trainable": ["tok_embed"]}),
+    "llama-tied-embedding": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(LLAMA, tie_word_embeddings=True),
+        {"targets": ["q", "v"], "trainable": ["tok_embed"]},
+    ),
+    "bert-mlm-tied-embedding": (
+        "BertForMaskedLM",
+        "BertConfig",
+        BERT,
+        {"targets": ["q", "v"], "trainable": ["tok_embed", "mlm.decoder.bias"]},
+    ),
 }
 
 
@@ -88,6 +102,46 @@ def test_peft_adapter_on_the_untouched_base_gives_the_merged_logits(case, tmp_pa
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(base)
 
 
+def test_what_peft_cannot_hold_leaves_the_adapter_out_and_the_merged_export_holds_it(tmp_path, caplog):
+    """A layer both adapted and trained in full, a classifier whose rows the base names otherwise: one
+    warning naming it, no adapter/, and transformers reads the trained model from the merged export."""
+    base = hf_base("GPT2LMHeadModel", "GPT2Config", GPT2, tmp_path / "base")
+    ours = apply_transforms(from_hf(base), [{"name": "lora", "targets": ["q"], "trainable": ["blocks.0.attn.qkv"]}])
+    trained_like(ours)
+    with caplog.at_level("WARNING", logger="llm"):
+        out = export_artifacts(ours.eval(), tmp_path / "export", base_model=str(base))
+    assert out["format"] == "hf" and out["adapter"] is None and not (tmp_path / "export" / "adapter").exists()
+    assert (
+        "adapter: not written: transformer.h.0.attn.c_attn is both adapted by LoRA and trained in full" in caplog.text
+    )
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
+    x = torch.randint(1, 101, (2, 11))
+    with torch.no_grad():
+        assert rel_err(merged(input_ids=x).logits, ours(x).logits) < 1e-5
+
+    labels = {0: "contradiction", 1: "neutral", 2: "entailment"}
+    base = hf_base("BertForSequenceClassification", "BertConfig", dict(BERT, id2label=labels), tmp_path / "cls")
+    ours = apply_transforms(from_hf(base), [{"name": "lora", "targets": ["q"], "trainable": ["classifier"]}])
+    ours.options.labels = ["neutral", "contradiction", "entailment"]  # as a run that moved the rows by name
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llm"):
+        out = export_artifacts(ours.eval(), tmp_path / "export-cls", base_model=str(base))
+    assert out["adapter"] is None and "names the classifier's rows contradiction, neutral, entailment" in caplog.text
+
+
+def test_a_prefix_beside_lora_is_the_adapter_and_the_lora_is_merged(tmp_path):
+    base = hf_base("LlamaForCausalLM", "LlamaConfig", LLAMA, tmp_path / "base")
+    specs = [{"name": "prefix", "num_virtual_tokens": 2}, {"name": "lora", "targets": ["q", "v"]}]
+    ours = apply_transforms(from_hf(base), specs)
+    trained_like(ours)
+    out = export_artifacts(ours.eval(), tmp_path / "export", base_model=str(base))
+    config = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
+    assert out["format"] == "hf" and config["format"] == "llm-adapter"
+    x = torch.randint(1, 101, (2, 9))
+    with torch.no_grad():
+        assert rel_err(load_model(tmp_path / "export").eval()(x).logits, ours(x).logits) < 1e-5
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_prefix_and_prompt_adapters_rebuild_on_the_exported_base(method, tmp_path):
     base = hf_base("LlamaForCausalLM", "LlamaConfig", LLAMA, tmp_path / "base")
@@ -110,19 +164,20 @@ def test_prefix_and_prompt_adapters_rebuild_on_the_exported_base(method, tmp_pat
     "task, transforms",
     [
         ({"task": "text_classification", "pooling": "mean"}, [{"name": "prefix", "num_virtual_tokens": 2}]),
-        ({"task": "instruction"}, [{"name": "lora", "targets": ["q", "v"]}]),
+        ({"task": "contrastive"}, [{"name": "lora", "targets": ["q", "v"]}]),
     ],
 )
 def test_a_model_hugging_face_cannot_hold_exports_as_an_llm_directory(task, transforms, tmp_path):
-    """Mean pooling and an instruction template have no transformers architecture: the export is
+    """Mean pooling and a contrastive objective have no transformers architecture: the export is
     llm's model directory, replacing an earlier export of the other format, and loads the same."""
-    from llm.run.export import export_artifacts, hf_form
+    from llm.run.export import export_artifacts
+    from llm.run.formats.hf import check
     from tests.conftest import build
 
     gpt = dict(family="gpt", vocab_size=97, max_seq_len=40, d_model=32, n_layers=2, n_heads=4, d_ff=64)
     gpt.update(mlp="gelu_tanh", dropout=0.0, attention_dropout=0.0)
     plain = build(gpt, **task)
-    assert hf_form(plain) is None
+    assert check(plain) is not None
     export_artifacts(build(gpt), tmp_path / "export")  # an earlier export, in Hugging Face's format
     assert (tmp_path / "export" / "config.json").is_file()
     ours = apply_transforms(plain, transforms).eval()
@@ -136,18 +191,18 @@ def test_a_model_hugging_face_cannot_hold_exports_as_an_llm_directory(task, tran
     assert torch.equal(loaded(x).logits, ours(x).logits)
 
 
-def test_hf_form_is_an_architecture_only_where_transformers_computes_the_same():
+def test_hf_holds_a_model_only_where_transformers_computes_the_same():
     """Pooling decides: [CLS] for BERT and the last token for causal bodies, given or by default."""
-    from llm.run.export import hf_form
+    from llm.run.formats.hf import check
     from tests.conftest import build
 
     gpt = dict(family="gpt", vocab_size=97, max_seq_len=40, d_model=32, n_layers=2, n_heads=4, d_ff=64)
     bert = dict(gpt, family="bert", causal=False, norm_position="post", type_vocab_size=2, pooler=True)
     bert.update(mlp="gelu")
-    assert hf_form(build(gpt, task="text_classification")) == "GPT2ForSequenceClassification"
-    assert hf_form(build(gpt, task="text_classification", pooling="last")) == "GPT2ForSequenceClassification"
-    assert hf_form(build(gpt, task="text_classification", pooling="first")) is None
-    assert hf_form(build(bert, task="text_classification", pooling="first")) == "BertForSequenceClassification"
-    assert hf_form(build(bert, task="text_classification", pooling="mean")) is None
-    assert hf_form(build(gpt, task="instruction")) is None  # its template has no place in config.json
-    assert hf_form(build(gpt)) == "GPT2LMHeadModel"
+    assert check(build(gpt, task="text_classification")) is None
+    assert check(build(gpt, task="text_classification", pooling="last")) is None
+    assert check(build(gpt, task="text_classification", pooling="first")) is not None
+    assert check(build(bert, task="text_classification", pooling="first")) is None
+    assert check(build(bert, task="text_classification", pooling="mean")) is not None
+    assert check(build(gpt, task="instruction")) is None  # its template goes to the tokenizer's chat_template
+    assert check(build(gpt)) is None

@@ -57,6 +57,30 @@ def test_teacher_gets_no_gradient_and_student_does():
     assert "teacher" not in dict(d.named_modules())  # not trained, checkpointed or sharded by the engine
 
 
+def test_hidden_state_term_of_a_classifier_counts_real_tokens_only():
+    """Padded texts of 2 and 9 tokens: the MSE term is the float64 mean over the real tokens' features,
+    each text run alone (padding would add its positions to the mean)."""
+    spec = dict(n_layers=1, d_model=32, n_heads=2, d_ff=64, vocab_size=50, max_seq_len=16, causal=False)
+    student = build(spec, task="text_classification", pooling="mean")
+    teacher = build({**spec, "d_model": 48}, task="text_classification", pooling="mean")
+    d = Distiller(student, teacher, "t", temperature=2.0, alpha=1.0, hidden_mse=1.0).train()
+    for m in (student, teacher):
+        m.eval()  # no dropout; Distiller.forward only needs its own training flag
+    texts = [torch.randint(1, 50, (2,)), torch.randint(1, 50, (9,))]
+    ids, mask = torch.zeros(2, 9, dtype=torch.long), torch.zeros(2, 9, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids[i, : len(t)], mask[i, : len(t)] = t, 1
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        got = d(input_ids=ids, attention_mask=mask, labels=labels).loss
+        s, t = student(input_ids=ids, attention_mask=mask), teacher(input_ids=ids, attention_mask=mask)
+        kl = distillation_loss(s.logits, t.logits, labels, None, 2.0, 1.0)[0]
+        alone = [(student(input_ids=x[None]).hidden_states, teacher(input_ids=x[None]).hidden_states) for x in texts]
+        errs = [(d.proj(h_s).double() - h_t.double()) ** 2 for h_s, h_t in alone]
+    mse = sum(e.sum() for e in errs) / sum(e.numel() for e in errs)
+    assert rel_err(got - kl, mse) < 1e-5
+
+
 def recipe_dict(tmp_path, teacher, **distill):
     r = copy.deepcopy(TINY)
     r["model"].update(n_layers=1, d_model=32, n_heads=2, d_ff=64)

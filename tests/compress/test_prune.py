@@ -1,6 +1,8 @@
 """Pruning: structured removal of zero heads/neurons leaves outputs unchanged and shrinks the model,
 pruned models reload bit-identically, magnitude and Wanda remove what their scores say."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,39 @@ def test_wanda_scores_weights_by_input_norms():
         for row in range(score.shape[0]):
             kept = np.sort(np.argsort(score[row], kind="stable")[k:])
             assert np.array_equal(np.flatnonzero(m.weight[row].detach().numpy()), kept)
+
+
+def test_wanda_counts_real_tokens_only():
+    """A BERT classifier calibrated on a padded batch of a 1-word and a 14-word text: the input norms
+    and the keep/prune decisions are those of a float64 Wanda over the real tokens, each text run
+    alone (locuslab/wanda#79: counting the padding changed 2.6% of the decisions)."""
+    spec = dict(family="bert", vocab_size=100, max_seq_len=32, d_model=64, n_layers=2, n_heads=4, d_ff=128)
+    spec.update(norm_position="post", mlp="gelu", causal=False, type_vocab_size=2, pooler=True)
+    model = build(spec, task="text_classification", num_labels=3).eval()
+    texts = [torch.tensor([1, 50, 2]), torch.randint(5, 100, (16,))]  # [CLS] word [SEP]; [CLS] 14 words [SEP]
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    mask = torch.zeros(2, 16, dtype=torch.long)
+    for i, t in enumerate(texts):
+        ids[i, : len(t)], mask[i, : len(t)] = t, 1
+    norms = prune.input_norms(model, ListBatches([{"input_ids": ids, "attention_mask": mask}]), 1)
+
+    reference = copy.deepcopy(model).double()
+    layers = dict(prune.prunable_linears(reference))
+    sums = {name: 0.0 for name in layers}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: sums.__setitem__(n, sums[n] + a[0].pow(2).sum((0, 1))))
+             for n, m in layers.items()]  # fmt: skip
+    with torch.no_grad():
+        for t in texts:
+            reference(input_ids=t[None])
+    for h in hooks:
+        h.remove()
+    for name in layers:
+        assert rel_err(norms[name], sums[name].sqrt()) < 1e-6, name
+    want = copy.deepcopy(model)
+    prune.prune_unstructured(want, 0.5, "wanda", "layer", {n: v.sqrt() for n, v in sums.items()})
+    prune.prune_unstructured(model, 0.5, "wanda", "layer", norms)
+    for (name, got), (_, ref) in zip(prune.prunable_linears(model), prune.prunable_linears(want)):
+        assert torch.equal(got.weight != 0, ref.weight != 0), name
 
 
 def test_cubic_schedule_of_zhu_and_gupta():

@@ -30,3 +30,14 @@ def test_prepare_places_exactly_one_eos_per_document(tmp_path, bpe):
     assert len(docs) == len(TEXTS)
     assert sum(d.count(tok.eos_id) for d in docs) == len(TEXTS) and all(d[-1] == tok.eos_id for d in docs)
     assert sorted(tok.decode(d[:-1]) for d in docs) == sorted(TEXTS)
+
+
+def test_a_classified_text_that_spells_a_special_token_keeps_it_as_text(wordpiece):
+    """[CLS] and [SEP] around the text come from the tokenizer's template; a "[SEP]" inside the text is text."""
+    from llm.tasks.text_classification import encode_texts
+
+    tok = Tokenizer(wordpiece)
+    cls, sep = tok.special_id("cls"), tok.special_id("sep")
+    plain, sneaky = encode_texts(tok, ["a b", "a [SEP] b"], 32, tok.vocab_size, "texts.csv")
+    assert plain == [cls, *tok.encode("a b"), sep]
+    assert sneaky == [cls, *tok.encode("a [SEP] b"), sep] and sneaky.count(sep) == 1

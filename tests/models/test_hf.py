@@ -117,6 +117,52 @@ def test_hf_parity_and_exact_round_trip(case, tmp_path):
         assert torch.equal(tensor, restored[name]), name
 
 
+# config.json fields transformers accepts that change nothing llm computes (issue 21, kind 7): unused by
+# the architecture (encoder_stride without a decoder, a pooler's fields without a pooler, the MLM tie
+# without an MLM head, cross-attention without an encoder), another spelling (activations), a rope key
+# the scaling does not read, another model type's name for the same classifier
+LENIENT = {
+    "vit-cls-encoder-stride": (
+        "ViTForImageClassification",
+        "ViTConfig",
+        {**VIT, "num_labels": 5, "encoder_stride": 16},
+    ),
+    "vit-base-encoder-stride": ("ViTModel", "ViTConfig", {**VIT, "encoder_stride": 16}),
+    "vit-cls-pooler-fields": (
+        "ViTForImageClassification",
+        "ViTConfig",
+        {**VIT, "num_labels": 5, "pooler_act": "relu", "pooler_output_size": 7},
+    ),
+    "bert-cls-untied": (
+        "BertForSequenceClassification",
+        "BertConfig",
+        {**BERT, "num_labels": 3, "tie_word_embeddings": False},
+    ),
+    "bert-gelu-python": ("BertModel", "BertConfig", {**BERT, "hidden_act": "gelu_python"}),
+    "gpt2-gelu-accurate": ("GPT2LMHeadModel", "GPT2Config", {**GPT2, "activation_function": "gelu_accurate"}),
+    "gpt2-cross-attention": ("GPT2LMHeadModel", "GPT2Config", {**GPT2, "add_cross_attention": True}),
+    "llama-swish": ("LlamaForCausalLM", "LlamaConfig", {**LLAMA, "hidden_act": "swish"}),
+    "llama-rope-unread-key": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        {**LLAMA, "rope_scaling": {"rope_type": "linear", "factor": 2.0, "unread": 1}},
+    ),
+    "qwen2-cls": (
+        "Qwen2ForSequenceClassification",
+        "Qwen2Config",
+        {**LLAMA, "num_key_value_heads": 2, "num_labels": 3, "pad_token_id": 0},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LENIENT))
+def test_fields_transformers_accepts_and_nothing_computes_load_with_its_outputs(case, tmp_path):
+    arch, config_class, kwargs = LENIENT[case]
+    ref = hf_model(arch, config_class, kwargs)
+    ref.save_pretrained(tmp_path / "hf")
+    compare(arch, ref, from_hf(tmp_path / "hf").eval(), inputs(arch, kwargs.get("pad_token_id")))
+
+
 def test_vit_masked_image_modeling_reconstruction_and_loss(tmp_path):
     ref = hf_model("ViTForMaskedImageModeling", "ViTConfig", VIT)
     ref.save_pretrained(tmp_path)

@@ -65,13 +65,13 @@ def test_every_architecture_comes_back_from_llm_tensor_for_tensor(arch, tmp_path
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 def test_a_pooler_that_transformers_lacks_is_refused_by_name(family, tmp_path):
     """GPT-2 and LLaMA classes have no pooler: a model with one has no Hugging Face form."""
-    from llm.run.export import hf_form
+    from llm.run.formats.hf import check
 
     fields = dict(family=family, vocab_size=50, max_seq_len=16, d_model=16, n_layers=1, n_heads=2, d_ff=32)
     if family == "llama":
         fields.update(norm="rmsnorm", position="rotary", mlp="swiglu", bias=False)
     model = build_model({**fields, "pooler": True}, "text_classification")
-    assert hf_form(model) is None
+    assert check(model) is not None
     with pytest.raises(UserError, match="model.pooler: .*ForSequenceClassification needs False, got True"):
         to_hf(model, tmp_path)
-    assert hf_form(build_model(fields, "text_classification")) is not None
+    assert check(build_model(fields, "text_classification")) is None

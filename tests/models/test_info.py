@@ -1,11 +1,12 @@
 """Parameter counts and FLOPs against independent counts."""
 
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from llm.models.config import ModelConfig, load_model_config
-from llm.models.info import training_flops_per_token, zero_memory_per_rank
+from llm.models.info import activation_memory_per_rank, training_flops_per_token, zero_memory_per_rank
 from llm.tasks import build_model
 
 
@@ -57,3 +58,33 @@ def test_zero_memory_shards_the_right_parts():
     assert totals[1] == 4 * n + 12 * n / ranks
     assert totals[2] == 2 * n + 14 * n / ranks
     assert totals[3] == 16 * n / ranks
+
+
+def test_activation_memory_is_korthikantis_divided_by_the_sequence_size():
+    """Korthikanti et al. 2022: eq. 2 (no parallelism) s b h (34 + 5 a s / h) bytes per layer, eq. 3 (tensor
+    parallel t) s b h (10 + 24 / t + 5 a s / (h t)); flash attention stores no a s^2 scores; full recomputation
+    keeps 2 s b h per layer. Ulysses over N ranks divides each by N."""
+    cfg = load_model_config("gpt2-124m")
+    s, b, h, a, layers = 1024, 2, cfg.d_model, cfg.n_heads, cfg.n_layers
+    one = activation_memory_per_rank(cfg, s, b)
+    assert one["eager"] == pytest.approx(layers * s * b * h * (34 + 5 * a * s / h))
+    assert one["fused"] == pytest.approx(layers * s * b * h * 34)
+    assert one["checkpointed"] == pytest.approx(layers * 2 * s * b * h + s * b * h * 34)
+    assert activation_memory_per_rank(cfg, s, b, tensor=2)["eager"] == pytest.approx(
+        layers * s * b * h * (10 + 24 / 2 + 5 * a * s / (h * 2))
+    )
+    four = activation_memory_per_rank(cfg, s, b, sequence=4)
+    assert all(four[k] == pytest.approx(one[k] / 4) for k in one)
+
+
+def test_model_info_shards_zero_over_all_ranks_and_refuses_a_mesh_that_does_not_fit(capsys):
+    from llm.cli import main
+
+    assert main(["model", "info", "gpt2-124m", "--ranks", "8", "--sequence", "2", "--seq-len", "4096"]) == 0
+    out = capsys.readouterr().out
+    n = 124_439_808
+    assert "8 ranks = 4 data x 2 sequence x 1 tensor" in out
+    assert f"{16 * n / 8 / 2**30:,.2f} GiB" in out.splitlines()[8]  # ZeRO-3 over all 8 ranks
+    assert "2048 positions per rank" in out
+    assert main(["model", "info", "gpt2-124m", "--ranks", "8", "--sequence", "8"]) == 2  # 12 heads over 8
+    assert "model.n_heads: 12 query heads do not divide over parallel.sequence=8" in capsys.readouterr().err

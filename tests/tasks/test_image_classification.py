@@ -48,3 +48,21 @@ def test_an_image_folder_names_its_classes(tmp_path):
     samples = all_samples(task, build_model(VIT, task).config, tmp_path / "imgs")
     assert [label for label, _ in samples] == [0, 0, 0, 1, 1, 1]
     assert samples[0][1] < 0 < samples[-1][1]  # dark cats, bright dogs
+
+
+def test_image_shards_label_each_image_with_the_models_row_of_its_class(tmp_path):
+    """Shards number the classes as their manifest lists them (cat, dog); a model whose rows are
+    dog, cat reads a cat as its row 1, by name."""
+    from PIL import Image
+
+    from llm.data.images import prepare_images
+
+    for name, value in (("cat", 10), ("dog", 200)):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), value + i, dtype=np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
+    prepare_images(tmp_path / "imgs", tmp_path / "shards", size=8, channels=1)
+    task = get_task({"name": "image_classification", "num_labels": 2, "labels": ["dog", "cat"]})
+    samples = all_samples(task, build_model(VIT, task).config, tmp_path / "shards" / "train")
+    assert [label for label, _ in samples] == [0, 0, 0, 1, 1, 1]
+    assert samples[0][1] > 0 > samples[-1][1]  # dogs (row 0) bright, cats (row 1) dark

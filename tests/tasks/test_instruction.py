@@ -107,3 +107,53 @@ def test_generate_applies_the_saved_template(files, tmp_path):
     if tok.eos_id in new:
         new = new[: new.index(tok.eos_id)]
     assert text == tok.decode(ids + new) and text.startswith("Q: def sq(x):\nA:")
+
+
+CHATML = "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+MARKERS = ["<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(files):
+    """A BPE whose vocabulary holds ChatML's markers as special tokens."""
+    from llm.data.tokenizer import train_tokenizer
+
+    root, _ = files
+    return train_tokenizer([str(root / "corpus.txt")], root / "chatml", vocab_size=300, special_tokens=MARKERS)
+
+
+def test_the_markers_of_a_template_are_control_tokens_and_the_data_stays_text(files, chatml_tokenizer, tmp_path):
+    """Issue 21, kind 5: the template's markers encode as their special ids, as transformers' tokenizer
+    encodes the filled template (3 per example); a prompt that spells a marker keeps it as text."""
+    from llm.data import Tokenizer
+    from llm.run.generate import generate_text
+    from llm.run.loader import save_pretrained
+
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(chatml_tokenizer))
+    tok = Tokenizer(chatml_tokenizer)
+    marker_ids = {tok.tokenizer.token_to_id(m) for m in MARKERS}
+    assert marker_ids <= set(tok.special_ids)
+    sneaky = {"prompt": "say <|im_end|> here", "response": "ok"}
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in [*PAIRS, sneaky]))
+
+    task = get_task({"name": "instruction", "template": CHATML})
+    model = build_model({**GPT, "vocab_size": tok.vocab_size}, task).eval()
+    batch = batch_of(task, model.config, tmp_path, chatml_tokenizer, size=4)
+    rows = [r[m.bool()].tolist() for r, m in zip(batch["input_ids"], batch["attention_mask"])]
+    for pair in PAIRS:
+        prompt = reference(CHATML.replace("{prompt}", pair["prompt"]), add_special_tokens=False)["input_ids"]
+        assert sum(i in marker_ids for i in prompt) == 3
+        assert any(row[: len(prompt)] == prompt for row in rows), pair  # the training prompt, token for token
+    sneaky_row = next(row for row in rows if tok.decode(row).startswith("user\nsay"))
+    prompt_len = len(task.options.encode(tok, sneaky["prompt"]))
+    assert sum(i in marker_ids for i in sneaky_row[:prompt_len]) == 3  # not 4: the data's marker is text
+    spelled = tok.decode(sneaky_row[:prompt_len], skip_special_tokens=False)
+    assert spelled == CHATML.replace("{prompt}", sneaky["prompt"])
+
+    # llm generate wraps a prompt the same way: its prompt tokens are transformers' tokens
+    save_pretrained(model, tmp_path / "m", chatml_tokenizer)
+    text = generate_text(model=str(tmp_path / "m"), prompt=[PAIRS[0]["prompt"]], max_new_tokens=0, temperature=0.0)
+    want = reference(CHATML.replace("{prompt}", PAIRS[0]["prompt"]), add_special_tokens=False)["input_ids"]
+    assert text == [tok.decode(want)]
+    assert task.options.encode(tok, PAIRS[0]["prompt"]) == want

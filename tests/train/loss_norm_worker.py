@@ -1,7 +1,9 @@
 """One optimizer step of the real trainer on given micro-batches; rank 0 saves the step's gradient.
 
 Run in-process (one rank) or under torchrun (`python -m tests.train.loss_norm_worker recipe.yaml
-batches.pt out.pt`): rank r trains on micro-batches r, r + world, r + 2 * world, ... of the file.
+batches.pt out.pt`): data-parallel rank r trains on micro-batches r, r + data, r + 2 * data, ... of the
+file (every rank is data parallel unless the recipe's `parallel:` says otherwise; the ranks of a sequence
+group each take their slice of the same micro-batches).
 """
 
 from __future__ import annotations
@@ -30,19 +32,25 @@ class FixedBatches:
 
 
 def one_step(recipe, batches: list[dict]) -> dict:
-    """{"grads": {name: gradient before the optimizer step}, "metrics": the step's metrics} on this rank."""
+    """{"grads": {name: the whole gradient before the optimizer step}, "metrics": the step's metrics} on this
+    rank (DeepSpeed's safe_get_full_grad: the gradient gathered from the ranks under ZeRO 1-3; every rank calls)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from llm.train.parallel import Mesh, SequenceSlices
     from tests.train.helpers import assembled_trainer
 
     trainer = assembled_trainer(recipe)
-    rank, world = trainer.rank, trainer.world_size
-    trainer.train_batches = FixedBatches(batches[rank::world])
+    mesh = Mesh.of(recipe.parallel, trainer.world_size)
+    mine = FixedBatches(batches[mesh.coordinates(trainer.rank)[0] :: mesh.data])
+    sequence = trainer.sequence
+    trainer.train_batches = SequenceSlices(mine, sequence.rank, sequence.size) if sequence else mine
     engine, grads = trainer.engine, {}
     step = engine.step
 
     def capturing_step():
         if engine.is_gradient_accumulation_boundary():
-            params = trainer.model.named_parameters()
-            grads.update({n: p.grad.detach().clone() for n, p in params if p.grad is not None})
+            full = {n: safe_get_full_grad(p) for n, p in trainer.model.named_parameters()}
+            grads.update({n: g.detach().clone() for n, g in full.items() if g is not None})
         step()
 
     engine.step = capturing_step

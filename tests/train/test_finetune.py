@@ -238,6 +238,149 @@ def test_a_lora_run_exports_the_merged_model_and_a_peft_adapter_for_the_untouche
 
 
 # ---------------------------------------------------------------------------------------------
+# a classifier's label names stay with its head's rows (transformers#10401, optimum#197)
+# ---------------------------------------------------------------------------------------------
+
+MNLI = {0: "contradiction", 1: "neutral", 2: "entailment"}  # not sorted: alphabetical order swaps two rows
+
+
+@pytest.fixture(scope="module")
+def mnli(world):
+    """A transformers BertForSequenceClassification with MNLI's id2label, and 48 texts labelled with
+    the names of its own predictions (so it scores 1.0 on them)."""
+    from tokenizers import Tokenizer
+
+    hf_cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, type_vocab_size=2, pad_token_id=0, id2label=MNLI,
+        label2id={v: k for k, v in MNLI.items()},
+    )  # fmt: skip
+    torch.manual_seed(2)
+    model = transformers.BertForSequenceClassification(hf_cfg).eval()
+    tok = Tokenizer.from_file(str(world["root"] / "hf-bert" / "tokenizer.json"))
+    texts = [r["text"] for r in sentences(48, 3)]
+
+    def logits():
+        with torch.no_grad():
+            return torch.cat([model(input_ids=torch.tensor([tok.encode(t).ids])).logits for t in texts])
+
+    with torch.no_grad():  # spread the predictions over the three classes
+        model.classifier.weight.mul_(30)
+        model.classifier.bias.sub_(logits().mean(0))
+    path = world["root"] / "hf-mnli"
+    model.save_pretrained(path)
+    (path / "tokenizer.json").write_bytes((world["root"] / "hf-bert" / "tokenizer.json").read_bytes())
+    logits = logits()
+    rows = [{"text": t, "label": MNLI[int(i)]} for t, i in zip(texts, logits.argmax(-1))]
+    assert {r["label"] for r in rows} == set(MNLI.values())
+    (world["root"] / "mnli.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"model": path, "data": world["root"] / "mnli.jsonl", "texts": texts, "logits": logits, "tok": tok}
+
+
+def mnli_recipe(world, mnli, **task):
+    r = recipe(world, "mnli", mnli["model"], task={"name": "text_classification", **task})
+    r["data"] = {"train": str(mnli["data"]), "val": str(mnli["data"]), "seq_len": 16}
+    return r
+
+
+def test_init_from_a_classifier_keeps_its_label_names_with_its_rows(world, mnli, tmp_path):
+    """Fine-tuning starts from the model's label map, not the data's sorted one: the export reads in
+    transformers with MNLI's id2label and the original's logits, and `llm eval` scores 1.0."""
+    from llm.run.evaluate import evaluate_model
+    from llm.run.export import export_artifacts
+    from llm.run.recipe import finetune_recipe
+    from llm.run.train import build_model, check_recipe
+
+    r = finetune_recipe(mnli_recipe(world, mnli))
+    task = check_recipe(r)
+    assert task.options.labels == list(MNLI.values())
+    export_artifacts(build_model(r, task).eval(), tmp_path / "export", mnli["model"] / "tokenizer.json")
+    ref = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+    assert ref.config.id2label == MNLI
+    with torch.no_grad():
+        logits = torch.cat([ref(input_ids=torch.tensor([mnli["tok"].encode(t).ids])).logits for t in mnli["texts"]])
+    assert rel_err(logits, mnli["logits"]) < 1e-4  # (fp32 logits near 1e-3)
+    assert torch.equal(logits.argmax(-1), mnli["logits"].argmax(-1))
+    result = evaluate_model(model=str(tmp_path / "export"), data=str(mnli["data"]), out=str(tmp_path / "ev"))
+    assert result["accuracy"] == 1.0 and result["labels"] == list(MNLI.values())
+
+
+def test_a_recipe_label_order_takes_the_rows_by_name(world, mnli, tmp_path, caplog):
+    """The recipe's own order (and a label the model lacks) moves the head's rows by name: the logit
+    of each named class is the original's; a new label gets a fresh row."""
+    from llm.run.recipe import finetune_recipe
+    from llm.run.train import build_model, check_recipe
+
+    order = ["entailment", "contradiction", "neutral", "unrelated"]
+    r = finetune_recipe(mnli_recipe(world, mnli, labels=order, num_labels=4))
+    with caplog.at_level("INFO", logger="llm"):
+        model = build_model(r, check_recipe(r)).eval()
+    assert "fresh rows for unrelated" in caplog.text
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=torch.tensor([mnli["tok"].encode(t).ids])).logits for t in mnli["texts"]])
+    assert rel_err(logits[:, :3], mnli["logits"][:, [2, 0, 1]]) < 1e-4
+
+
+def test_labels_the_model_lacks_are_the_datas_and_a_teacher_must_name_the_students(world, mnli, tmp_path):
+    from llm.run.recipe import finetune_recipe
+    from llm.run.train import check_recipe
+
+    rows = [{"text": "a great film", "label": "neutral"}, {"text": "a dull film", "label": "other"}]
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = mnli_recipe(world, mnli)
+    r["data"]["train"] = str(tmp_path / "other.jsonl")
+    assert check_recipe(finetune_recipe(r)).options.labels == ["neutral", "other"]
+    r = mnli_recipe(world, mnli, labels=["neutral", "contradiction", "entailment"])
+    r["distill"] = {"teacher": str(mnli["model"])}
+    with pytest.raises(ConfigError, match=r"^distill\.teacher: .*the teacher's labels \(contradiction, neutral, "):
+        check_recipe(finetune_recipe(r))
+    del r["task"]["labels"]  # the student takes the teacher's order
+    assert check_recipe(finetune_recipe(r)).options.labels == list(MNLI.values())
+
+
+def test_integer_labels_are_the_rows_of_a_model_without_label_names(world, tmp_path):
+    """transformers' unnamed rows (LABEL_0, LABEL_1, ...) are class indices; integer labels read as them."""
+    from llm.data.config import DataConfig
+    from llm.tasks import build_model, get_task
+
+    rows = [{"text": r["text"], "label": i % 3} for i, r in enumerate(world["val_rows"][:6])]
+    (tmp_path / "ints.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = get_task({"name": "text_classification", "num_labels": 3})
+    data = DataConfig(train=str(tmp_path / "ints.jsonl"), val=str(tmp_path / "ints.jsonl"))
+    data.tokenizer, data.seq_len = str(world["root"] / "hf-bert" / "tokenizer.json"), 16
+    cfg = build_model({**BERT, "vocab_size": 100}, task).config
+    batch = task.batches(cfg, data, "val", seed=0, micro_batch_size=6, rank=0, world_size=1).next_batch()
+    assert sorted(batch["labels"].tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_eval_loss_is_the_mean_over_examples_as_scikit_learn_gives_it(mnli, tmp_path):
+    """10 examples in batches of 4: the loss is log_loss over the 10, not the mean of 3 batch means
+    (Lightning#2924); the probabilities come from transformers running the same model."""
+    from llm.run.evaluate import evaluate_model
+
+    model = transformers.BertForSequenceClassification.from_pretrained(mnli["model"]).eval()
+    with torch.no_grad():  # confident, often wrong: batch losses far apart
+        model.classifier.weight.mul_(300)
+        model.classifier.bias.mul_(300)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "tokenizer.json").write_bytes((mnli["model"] / "tokenizer.json").read_bytes())
+    texts, names = mnli["texts"][:10], list(MNLI.values())
+    truth = [i % 3 for i in range(10)]
+    (tmp_path / "ten.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, truth))
+    )
+    with torch.no_grad():
+        logits = torch.cat([model(input_ids=torch.tensor([mnli["tok"].encode(t).ids])).logits for t in texts])
+    probs = torch.softmax(logits.double(), -1).numpy()
+    result = evaluate_model(
+        model=str(tmp_path / "model"), data=str(tmp_path / "ten.jsonl"), batch_size=4, out=str(tmp_path)
+    )
+    assert result["batches"] == 3
+    assert result["loss"] == pytest.approx(sklearn_metrics.log_loss(truth, probs, labels=[0, 1, 2]), rel=1e-5)
+    assert result["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(truth, probs.argmax(-1)), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
 # bad input: one clear error each
 # ---------------------------------------------------------------------------------------------
 

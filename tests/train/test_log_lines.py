@@ -7,6 +7,7 @@ import pty
 import re
 import struct
 import subprocess
+import sys
 import termios
 
 from tests.train.helpers import ROOT, TINY, command, env, run, write_recipe
@@ -53,3 +54,32 @@ def test_validation_line_is_not_glued_to_the_progress_bar(tmp_path):
     for line in val_lines:
         assert re.match(r"^(\x1b\[[0-9;]*[A-Za-z])*llm: step \d+: val loss", line), repr(line)
         assert "it/s" not in line and "%|" not in line
+
+
+def test_the_terminal_shows_only_what_llm_says(tmp_path):
+    """Dependency chatter stays out of the terminal (issue 21): a ZeRO-3 run (DeepSpeed's start-up print,
+    torch's deprecations inside its collectives, its ZeRO-3 hook warning) and a quantization print llm's
+    lines only, at INFO and at LLM_LOG_LEVEL=DEBUG (a quantization no longer imports torchao, whose
+    "Failed to load ... _C_mxfp8" was its chatter). Real commands, one process each (~20 s): the chatter
+    comes from imports and process-group start-up."""
+    recipe = tiny(tmp_path)
+    run = subprocess.run(
+        command(recipe, 1, "deepspeed.zero_stage=3", "train.max_steps=2", "train.eval_every=0"),
+        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert [line for line in run.stdout.splitlines() if not line.startswith("llm: ")] == []
+    quantize = ["compress", "quantize", str(tmp_path / "run" / "export")]
+    for level, out in (("INFO", "q"), ("DEBUG", "q-debug")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "llm", *quantize, str(tmp_path / out)],
+            cwd=ROOT, env={**env(), "LLM_LOG_LEVEL": level}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        lines = [line for line in proc.stdout.splitlines() if line != str(tmp_path / out)]  # the command's answer
+        if level == "INFO":
+            assert [line for line in lines if not line.startswith("llm: ")] == []
+        else:
+            assert all(line.startswith("llm[rank 0]: ") for line in lines), lines
+            assert not any("torchao" in line for line in lines), lines

@@ -100,12 +100,12 @@ def test_global_batch_uses_the_launchers_world_size(monkeypatch):
     recipe = copy.deepcopy(TINY)
     recipe["train"] = dict(TINY["train"], micro_batch_size=4, grad_accum=2, global_batch_size=16)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(ConfigError, match=r"^train.global_batch_size: 16 != .* x 1 ranks = 8"):
+    with pytest.raises(ConfigError, match=r"^train.global_batch_size: 16 != .* x 1 data-parallel ranks = 8"):
         check(recipe)
     monkeypatch.setenv("WORLD_SIZE", "2")
     check(recipe)
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ConfigError, match=r"x 3 ranks = 24"):
+    with pytest.raises(ConfigError, match=r"x 3 data-parallel ranks = 24"):
         check(recipe)
 
 
@@ -173,8 +173,8 @@ def test_resume_that_changes_a_fixed_field_names_it(tmp_path, monkeypatch):
     # fields that may change (the optimizer's lr, max_steps) pass; the global batch must stay for the launcher's ranks
     check_resume(resolve_recipe(dict(TINY, run_dir=str(tmp_path / "run"), optim={"lr": 1e-4})), "auto")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"^train.grad_accum: global batch 8 .* x 2 ranks\) differs from the "
-                                          r"checkpoint's 4 \(1 ranks\)"):  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^train.grad_accum: global batch 8 .* x 2 data-parallel ranks\) differs "
+                                          r"from the checkpoint's 4 \(1 data-parallel ranks\)"):  # fmt: skip
         check_resume(base, "auto")
     # the CLI fails with that line before any process group starts
     path = write_recipe(tmp_path / "r3.yaml", dict(TINY, run_dir=str(tmp_path / "run"),

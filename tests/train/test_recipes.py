@@ -9,7 +9,7 @@ from llm.train.metrics import read_metrics
 from tests.train.helpers import ROOT
 
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
-TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.d_ff=128"]
+TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=2", "model.n_kv_heads=null", "model.d_ff=128"]
 FAST = [
     "train.micro_batch_size=8",
     "train.grad_accum=1",
@@ -23,6 +23,7 @@ FAST = [
     "checkpoint.save_final=false",
     "logging.tensorboard=false",
     "logging.sample_prompt=null",
+    "parallel.sequence=1",  # one rank here (tests/train/test_sequence_parallel.py splits sequences)
 ]
 
 

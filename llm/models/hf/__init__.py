@@ -13,7 +13,7 @@ from __future__ import annotations
 from llm.errors import UserError
 from llm.models.hf.base import ClassifierHead, FamilyAdapter, special_tokens
 from llm.models.hf.bert import Bert
-from llm.models.hf.files import copy_tokenizer, read_hf_config, read_hf_weights
+from llm.models.hf.files import copy_tokenizer, read_chat_template, read_hf_config, read_hf_weights
 from llm.models.hf.gpt2 import GPT2
 from llm.models.hf.llama import Llama
 from llm.models.hf.rules import Rule, fused_rules, linear_rules, to_ours, to_theirs
@@ -60,6 +60,7 @@ __all__ = [
     "family_adapter",
     "fused_rules",
     "linear_rules",
+    "read_chat_template",
     "read_hf_config",
     "read_hf_weights",
     "special_tokens",

@@ -15,8 +15,17 @@ from llm.errors import UserError
 from llm.models.config import ModelConfig
 from llm.models.hf.rules import Rule
 
-# Hugging Face activation names -> our `mlp`
-ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+# Hugging Face activation names -> our `mlp`: each spelling in transformers' ACT2FN of the erf GELU
+# or of its tanh approximation
+ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_python": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_accurate": "gelu_tanh",
+}
 
 
 def activation(name: str, where: str) -> str:
@@ -89,6 +98,12 @@ class FamilyAdapter:
         if not cfg.is_image:
             out.update(special_tokens(cfg))
         return out
+
+    def architecture_named(self, config: dict) -> str | None:
+        """The architecture a config.json of this family names: its first "architectures" entry, else
+        its model_type's default."""
+        archs = config.get("architectures") or []
+        return archs[0] if archs else self.model_types.get(config.get("model_type"))
 
     def model_type(self, cfg: ModelConfig) -> str:
         """The model_type `cfg` exports as."""

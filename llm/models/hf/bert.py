@@ -95,7 +95,8 @@ class Bert(FamilyAdapter):
             f"position_embedding_type {get('position_embedding_type')!r} (expected 'absolute')",
         )
         require(not get("is_decoder", False), where, "BERT as a decoder is not supported")
-        require(get("tie_word_embeddings", True), where, "an MLM decoder untied from the embeddings")
+        if self.architectures.get(self.architecture_named(config), ("",))[0] == "masked_lm":  # the one with a decoder
+            require(get("tie_word_embeddings", True), where, "an MLM decoder untied from the embeddings")
         return dict(
             encoder,
             vocab_size=get("vocab_size", 30522),

@@ -26,6 +26,17 @@ def read_hf_config(path: Path, name: str = "config.json") -> dict:
     return config
 
 
+def read_chat_template(path: Path) -> str | None:
+    """The chat template of a Hugging Face directory's tokenizer, as transformers finds it:
+    chat_template.jinja, else the "chat_template" string of tokenizer_config.json; None where neither."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    if not (path / "tokenizer_config.json").is_file():
+        return None
+    template = read_hf_config(path, "tokenizer_config.json").get("chat_template")
+    return template if isinstance(template, str) else None
+
+
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face directory: model.safetensors, its sharded index, or pytorch_model.bin."""
     from safetensors.torch import load_file

@@ -42,7 +42,7 @@ class GPT2(FamilyAdapter):
         get = config.get
         require(get("scale_attn_weights", True), where, "scale_attn_weights=false is not supported")
         require(not get("scale_attn_by_inverse_layer_idx", False), where, "scale_attn_by_inverse_layer_idx")
-        require(not get("add_cross_attention", False), where, "cross-attention is not supported")
+        # add_cross_attention: those layers read an encoder's states, which llm never passes (tensors ignored)
         d = get("n_embd", 768)
         return dict(
             vocab_size=get("vocab_size", 50257),

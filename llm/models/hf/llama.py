@@ -6,13 +6,14 @@ modeling_llama.py, modeling_qwen2.py, modeling_qwen3.py)."""
 from __future__ import annotations
 
 from llm.errors import UserError
-from llm.models.config import ModelConfig
+from llm.log import logger
+from llm.models.config import ROPE_SCALING, ModelConfig
 from llm.models.hf.base import ClassifierHead, FamilyAdapter, require
 from llm.models.hf.rules import Rule, fused_rules, linear_rules
 
 # model_type -> how its architectures begin ("Qwen2ForCausalLM")
 SPELLING = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", *ROPE_SCALING)
 
 
 class Llama(FamilyAdapter):
@@ -21,7 +22,7 @@ class Llama(FamilyAdapter):
     architectures = {
         **{f"{name}ForCausalLM": ("causal_lm", {}) for name in SPELLING.values()},
         **{f"{name}Model": ("encoder", {}) for name in SPELLING.values()},
-        "LlamaForSequenceClassification": ("text_classification", {}),
+        **{f"{name}ForSequenceClassification": ("text_classification", {}) for name in SPELLING.values()},
     }
     prefix = "model."
     export_fields = dict(
@@ -49,13 +50,20 @@ class Llama(FamilyAdapter):
         """One trunk for all four model types; what differs is which biases exist, q/k norms, and
         which config keys spell them."""
         get, kind = config.get, config.get("model_type", "llama")
-        require(get("hidden_act", "silu") == "silu", where, f"hidden_act {get('hidden_act')!r} (expected 'silu')")
+        act = get("hidden_act", "silu")
+        require(act in ("silu", "swish"), where, f"hidden_act {act!r} (expected 'silu')")  # ACT2FN: one function
         rope = dict(get("rope_parameters") or get("rope_scaling") or {})
         theta = rope.pop("rope_theta", get("rope_theta", 10000.0))
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         require(rope.pop("partial_rotary_factor", 1.0) == 1.0, where, "partial_rotary_factor != 1 is not supported")
         require(rope_type in ROPE_TYPES, where, f"rope scaling {rope_type!r} is not supported ({ROPE_TYPES})")
-        scaling = None if rope_type == "default" else {"rope_type": rope_type, **rope}
+        scaling = None
+        if rope_type != "default":  # keys the scaling does not read: transformers warns and ignores them too
+            required, optional = ROPE_SCALING[rope_type]
+            unread = sorted(set(rope) - required - optional)
+            if unread:
+                logger.warning(f"{where}: rope scaling {rope_type!r} does not read {', '.join(unread)}; ignored")
+            scaling = {"rope_type": rope_type, **{k: v for k, v in rope.items() if k not in unread}}
         if rope_type == "dynamic":  # transformers scales against max_position_embeddings
             scaling.pop("original_max_position_embeddings", None)
         window = get("sliding_window")

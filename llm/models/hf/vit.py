@@ -34,10 +34,13 @@ class ViT(FamilyAdapter):
         get = config.get
         encoder = encoder_fields_from_hf(config, where, dropout=0.0)
         require(get("qkv_bias", True), where, "qkv_bias=false is not supported")
-        require(get("pooler_act", "tanh") == "tanh", where, f"pooler_act {get('pooler_act')!r} (expected 'tanh')")
         d, patch = encoder["d_model"], get("patch_size", 16)
-        require(get("pooler_output_size") in (None, d), where, "pooler_output_size must equal hidden_size")
-        require(get("encoder_stride", patch) == patch, where, "encoder_stride must equal patch_size")
+        arch = self.architecture_named(config)
+        if arch == "ViTModel":  # the one with a pooler (the others build theirs without)
+            require(get("pooler_act", "tanh") == "tanh", where, f"pooler_act {get('pooler_act')!r} (expected 'tanh')")
+            require(get("pooler_output_size") in (None, d), where, "pooler_output_size must equal hidden_size")
+        if arch == "ViTForMaskedImageModeling":  # encoder_stride shapes its decoder, and only that
+            require(get("encoder_stride", patch) == patch, where, "encoder_stride must equal patch_size")
         return dict(
             encoder,
             norm_position="pre",
