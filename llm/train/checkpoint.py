@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from llm.errors import UserError
-from llm.fileio import write_atomic
+from llm.fileio import contained, write_atomic
 from llm.log import dependency_output, logger
 from llm.train.safe_load import CheckpointError, safe_loads
 from llm.train.safe_load import load as safe_load
@@ -95,8 +95,14 @@ def verify(step_dir: Path) -> None:
         return
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         return
-    for name, entry in manifest["files"].items():
-        path = step_dir / name
+    files = manifest.get("files")
+    entries = files.values() if isinstance(files, dict) else [None]
+    if not all(isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in entries):
+        raise CheckpointError(f"{marker}: files: expected a mapping of file names to their bytes and sha256")
+    for name, entry in files.items():
+        path = contained(step_dir, name)
+        if path is None:
+            raise CheckpointError(f"{marker}: {name!r} is not a file of this checkpoint (paths outside it are refused)")
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in {marker} but missing")
         size = path.stat().st_size
@@ -125,7 +131,7 @@ def find_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     candidates = complete_steps(path)[::-1]
     latest = path / LATEST
     if latest.is_file():
-        named = path / latest.read_text().strip()
+        named = path / latest.read_bytes().decode(errors="replace").strip()
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
