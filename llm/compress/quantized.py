@@ -78,7 +78,10 @@ class QuantizedWeight(nn.Module):
     @torch.no_grad()
     def load_parts(self, qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Take (qdata, scale, zero_point) in the file's layout. Raises ValueError naming the part whose shape or
-        dtype differs, or nonzero zero points (the quantization is symmetric)."""
+        dtype differs, or nonzero zero points (the quantization is symmetric).
+
+        Meta tensors (the loader's dry run, llm/models/fit.py) hold no values: only shapes and dtypes are checked,
+        and the real load checks the values."""
         expected = zip(PARTS, (qdata, scale, zero_point), self.file_shapes(), self._file_dtypes())
         for part, value, shape, dtypes in expected:
             if tuple(value.shape) != shape or value.dtype not in dtypes:
@@ -86,7 +89,7 @@ class QuantizedWeight(nn.Module):
                     f"{part} is {value.dtype} {tuple(value.shape)}, the {self.method} weight needs "
                     f"{' or '.join(map(str, dtypes))} {shape}"
                 )
-        if zero_point.any():
+        if not zero_point.is_meta and zero_point.any():
             raise ValueError("zero_point holds nonzero values; llm's quantization is symmetric (zero points 0)")
         self.qweight.copy_(qdata ^ NIBBLE_OFFSET if self.group_size else qdata)
         self.scale.copy_(scale.reshape(self.scale.shape))
