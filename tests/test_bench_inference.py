@@ -51,6 +51,24 @@ def test_measure_times_models_and_peers_and_says_why_a_peer_is_missing():
     assert "absent peer: not measured: not installed" in text and "unstructured sparsity" in text
 
 
+def test_classify_peers_run_a_mean_pooled_bert_classifier(tmp_path):
+    """transformers' BertForSequenceClassification pools [CLS] through the pooler: on the same weights its logits
+    are llm's with that pooling. ONNX Runtime's int8 graph takes the segment ids llm's forward defaults to zeros.
+    (~14 s: most of it the dynamo ONNX export.)"""
+    bert = dict(SMALL, family="bert", causal=False, norm_position="post", type_vocab_size=2, pooler=True, mlp="gelu")
+    model = build(bert, task="text_classification", num_labels=3, pooling="mean").eval()
+    ids = torch.randint(0, 200, (4, 10))
+    job = {"inputs": {"input_ids": ids, "attention_mask": torch.ones_like(ids)}}
+    runners, missing = inference.prepare_peers(model, inference.CLASSIFY_PEERS, job, tmp_path)
+    assert missing == {} and set(runners) == {"transformers fp32", "ONNX Runtime int8 (dynamic)"}
+    first = build(bert, task="text_classification", num_labels=3, pooling="first").eval()
+    first.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(runners["transformers fp32"]().logits, first(ids).logits, rtol=1e-4, atol=1e-5)
+        (logits,) = [o for o in runners["ONNX Runtime int8 (dynamic)"]() if o.shape == (4, 3)]
+        torch.testing.assert_close(torch.from_numpy(logits), model(ids).logits, rtol=0.1, atol=0.05)
+
+
 def test_bench_decode_end_to_end(tmp_path, capsys):
     path = inference.decode("gpt2-tiny", prompt_tokens=4, new_tokens=3, rounds=1, out_dir=tmp_path)
     record = json.loads(path.read_text())

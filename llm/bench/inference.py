@@ -4,10 +4,10 @@ decode: greedy generation at batch 1 with the KV cache (tokens/s after the promp
 forward pass of a classifier over one batch (examples/s). Each runs the model in llm fp32, int8, int4 (group 32),
 int8-dynamic (classify only), structurally pruned (a quarter of the heads and MLP neurons removed from every
 block) and as a student of half the layers (a distilled model's shape, initialised from the first blocks), and
-the same weights in the peers that are installed: transformers fp32; llama.cpp (llama-cpp-python) on GGUF
-Q8_0 / Q4_0 and ONNX Runtime int8 (dynamic quantization), both through `llm convert`. A peer that cannot run
-says why in its row. Every model runs once per round, interleaved, so the machine's noise falls on all alike;
-the median of the rounds is reported.
+the same weights in the peers that are installed: transformers fp32 (a classifier pooled as its Hugging Face
+architecture pools); llama.cpp (llama-cpp-python) on GGUF Q8_0 / Q4_0 and ONNX Runtime int8 (dynamic
+quantization), both through `llm convert`. A peer that cannot run says why under the table. Every model runs once
+per round, interleaved, so the machine's noise falls on all alike; the median of the rounds is reported.
 
 Decode at batch 1 streams every weight of every matmul once per token, so its speed is bounded by
 (bytes streamed per token) / (memory bandwidth). The bandwidth is measured here as the copy rate of a buffer
@@ -116,7 +116,7 @@ def variants(model: nn.Module, quantized: dict[str, tuple[str, int]]) -> dict[st
 
 
 class PeerMissing(Exception):
-    """A peer that cannot run here; the message says why (a package to install, an exporter not yet built)."""
+    """A peer that cannot run here; the message says why (the package to install)."""
 
 
 @dataclasses.dataclass
@@ -137,14 +137,9 @@ def _need(module: str, install: str) -> None:
 
 
 def _convert(model_dir: Path, out: Path, to: str, **options) -> Path:
-    """`llm convert` of the model to format `to` (issue 24's exporters); PeerMissing while it lacks the format."""
-    import typing
-
+    """`llm convert` of the model to format `to` with the format's `options` (e.g. gguf_type="q8_0")."""
     from llm.run.convert import convert
 
-    if to not in typing.get_args(typing.get_type_hints(convert)["to"]):
-        flags = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items())
-        raise PeerMissing(f"pending: `llm convert --to {to} {flags}` is not built yet")
     convert(str(model_dir), str(out), to=to, **options)
     return out
 
@@ -164,13 +159,21 @@ def _transformers_decode(model_dir: Path, work: Path, job: dict):
 
 
 def _transformers_classify(model_dir: Path, work: Path, job: dict):
+    """transformers' sequence classifier of the family on the same weights. It pools as that architecture does
+    (BERT: [CLS] through the pooler; causal bodies: the last token), so a model that llm pools otherwise (mean
+    pooling has no Hugging Face architecture) is timed with the architecture's pooling: the trunk, the work that
+    costs, is the same."""
     _need("transformers", "transformers")
     import transformers
 
     from llm.run.loader import load_model
+    from llm.tasks import build_model
     from llm.tasks.hf import to_hf
 
-    hf_dir = to_hf(load_model(model_dir), work / "hf")
+    model = load_model(model_dir)
+    pooled_as_hf = build_model(model.config, {**model.description()["task"], "pooling": None})
+    pooled_as_hf.load_state_dict(model.state_dict())
+    hf_dir = to_hf(pooled_as_hf, work / "hf")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32).eval()
     return lambda: hf(**job["inputs"])
 
@@ -182,7 +185,8 @@ def _llama_cpp(gguf_type: str):
         import llama_cpp
 
         path = next(gguf.glob("*.gguf"))
-        llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+        threads = torch.get_num_threads()  # the prompt's threads too: llama-cpp-python defaults them to every core
+        llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
         prompt = job["prompt"][0].tolist()
 
         def run():
@@ -206,8 +210,9 @@ def _onnxruntime_int8(model_dir: Path, work: Path, job: dict):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(next(onnx_dir.glob("*.onnx"))), options)
-    names = {i.name for i in session.get_inputs()}
-    feed = {k: v.numpy() for k, v in job["inputs"].items() if k in names}
+    # the graph of a model with segment embeddings takes token_type_ids; llm's forward defaults them to zeros
+    inputs = {"token_type_ids": torch.zeros_like(job["inputs"]["input_ids"]), **job["inputs"]}
+    feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
     return lambda: session.run(None, feed)
 
 
@@ -222,11 +227,14 @@ CLASSIFY_PEERS = (
 )
 
 
-def prepare_peers(model: nn.Module, peers: tuple[Peer, ...], job: dict, work: Path) -> tuple[dict, dict]:
-    """({peer name: runner}, {peer name: why it is not measured}) for `model` saved under `work`."""
+def prepare_peers(
+    model: nn.Module, peers: tuple[Peer, ...], job: dict, work: Path, tokenizer: Path | None = None
+) -> tuple[dict, dict]:
+    """({peer name: runner}, {peer name: why it is not measured}) for `model` saved under `work` with its
+    `tokenizer` (tokenizer.json; GGUF holds it, so the llama.cpp rows need it)."""
     from llm.run.loader import save_pretrained
 
-    model_dir = save_pretrained(model, work / "llm")
+    model_dir = save_pretrained(model, work / "llm", tokenizer)
     runners, missing = {}, {}
     for peer in peers:
         try:
@@ -297,14 +305,17 @@ def _runner(model: nn.Module, job: dict) -> Callable[[], object]:
     return lambda: model(**job["inputs"])
 
 
-def measure(models: dict[str, nn.Module], peers: tuple[Peer, ...], job: dict, rounds: int) -> tuple[list, dict]:
-    """(rows, {peer: why not measured}): `models` (the first is the baseline) and the `peers` of the first,
-    interleaved over `rounds`. A decode job (job["prompt"] (1, T), job["new_tokens"]) gives tokens/s over the
-    whole generate call, MB streamed per token and the bandwidth limit; a forward job (job["inputs"]) examples/s."""
+def measure(
+    models: dict[str, nn.Module], peers: tuple[Peer, ...], job: dict, rounds: int, tokenizer: Path | None = None
+) -> tuple[list, dict]:
+    """(rows, {peer: why not measured}): `models` (the first is the baseline) and the `peers` of the first (with
+    its `tokenizer`, see `prepare_peers`), interleaved over `rounds`. A decode job (job["prompt"] (1, T),
+    job["new_tokens"]) gives tokens/s over the whole generate call, MB streamed per token and the bandwidth limit;
+    a forward job (job["inputs"]) examples/s."""
     decode = "prompt" in job
     base = next(iter(models))
     with tempfile.TemporaryDirectory(prefix="llm-bench-peers-") as work:
-        peer_runners, missing = prepare_peers(models[base], peers, job, Path(work))
+        peer_runners, missing = prepare_peers(models[base], peers, job, Path(work), tokenizer)
         rate = copy_rate() if decode else None
         seconds = interleaved({**{n: _runner(m, job) for n, m in models.items()}, **peer_runners}, rounds)
     per_call = job["new_tokens"] if decode else next(iter(job["inputs"].values())).shape[0]
@@ -396,10 +407,13 @@ def load(model: str, task: str | dict) -> nn.Module:
 
 def decode(model: str, prompt_tokens: int, new_tokens: int, rounds: int, out_dir=None) -> Path:
     """The decode benchmark of `model` (see the module docstring); returns the JSON's path."""
+    from llm.run.loader import find_tokenizer
+
     base = load(model, "causal_lm")
     models = variants(base, DECODE_QUANTIZED)
     prompt = torch.randint(0, base.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
-    rows, missing = measure(models, DECODE_PEERS, {"prompt": prompt, "new_tokens": new_tokens}, rounds)
+    tokenizer = find_tokenizer(model) if Path(model).exists() else None  # a preset has none: no llama.cpp rows
+    rows, missing = measure(models, DECODE_PEERS, {"prompt": prompt, "new_tokens": new_tokens}, rounds, tokenizer)
     check = greedy_check(base, models["llm int8"], prompt, new_tokens)
     print(f"greedy tokens, llm int8 vs the dequantized fp32 model: {check}")
     settings = dict(model=model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, batch=1)

@@ -207,7 +207,7 @@ def compress_report(
             "batch": int(batch["input_ids"].shape[0]),
             "shape": list(batch["input_ids"].shape),
         }
-    speed_rows, not_measured = inference.measure(models, peers, job, rounds)
+    speed_rows, not_measured = inference.measure(models, peers, job, rounds, find_tokenizer(model))
     speed = {r["name"]: r[speed_key] for r in speed_rows}
     rows = []
     out_dir = Path(out)
