@@ -293,7 +293,7 @@ def greedy_check(model: nn.Module, quantized: nn.Module, prompt: torch.Tensor, n
 # ----------------------------------------------------------------------------
 
 
-def _runner(model: nn.Module, job: dict) -> Callable[[], object]:
+def runner(model: nn.Module, job: dict) -> Callable[[], object]:
     """One timed call: greedy generation of job["new_tokens"] after job["prompt"] (eos ignored), or a forward
     pass over job["inputs"]."""
     from llm.models.generation import generate
@@ -317,7 +317,7 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="llm-bench-peers-") as work:
         peer_runners, missing = prepare_peers(models[base], peers, job, Path(work), tokenizer)
         rate = copy_rate() if decode else None
-        seconds = interleaved({**{n: _runner(m, job) for n, m in models.items()}, **peer_runners}, rounds)
+        seconds = interleaved({**{n: runner(m, job) for n, m in models.items()}, **peer_runners}, rounds)
     per_call = job["new_tokens"] if decode else next(iter(job["inputs"].values())).shape[0]
     unit = "tokens_per_s" if decode else "examples_per_s"
     fp32_weights = streamed_bytes(models[base]) / 4
