@@ -66,7 +66,7 @@ setup(
             "transformers>=4.45",
             "scikit-learn",
             "pillow",
-            "torchao==0.18.*",
+            "torchao==0.18.*",  # a test reference: llm's quantization grid and layouts are torchao's
             "peft>=0.21",
             "wandb",
             "mlflow-skinny",
@@ -77,7 +77,6 @@ setup(
             "onnxruntime",
             "onnxscript",
         ],
-        "compress": ["torchao==0.18.*"],  # llm compress quantize, and loading quantized models
         # llm convert --to FORMAT: the packages the formats are written with (each imported only there)
         "deploy": ["compressed-tensors", "sentence-transformers>=6", "gguf", "onnx", "onnxscript", "onnxruntime"],
         "wandb": ["wandb"],  # logging.wandb: true (offline by default)

@@ -12,9 +12,10 @@
 #
 # Steps, each with its own time limit (seconds, sum 545) inside one overall limit (SUITE_SECONDS,
 # default 570, which the setup counts against too): build csrc/ into llm._C for this card (110);
-# import llm._C (15); the gpu-marked tests (90); `llm bench kernels` at the target shapes (150:
+# import llm._C (15); the gpu-marked tests (90); `llm bench kernels` at the target shapes (130:
 # norms hidden 4096/8192 bf16, attention seq 4096 head dim 128 causal bf16 fwd and fwd+bwd,
-# cross-entropy vocabulary 128k); a short `llm bench train` (90: bf16, one rank, GPT-2 124M and
+# cross-entropy vocabulary 128k); 2:4 semi-structured sparsity against dense bf16 Linear layers
+# (benchmarks/sparse_24.py, 20); a short `llm bench train` (90: bf16, one rank, GPT-2 124M and
 # 355M, ZeRO 0 and 3, eager; compiled points: LLM_SUITE_TRAIN_ARGS="... --modes eager compiled", whose
 # compilation does not fit this step's limit); `llm bench sequence` (90: peak memory per rank
 # against sequence length, 16k-128k, for sequence-parallel 1, 2 and 4 where there are that many
@@ -22,9 +23,10 @@
 #
 # $OUT (default benchmarks/results/) receives at most 8 files: gpu_suite-<date>.json (steps,
 # environment: card, driver, torch/CUDA/triton/deepspeed versions, the suite's command, the
-# wheels used), kernels-/train-<date>.json and .png, sequence-<date>.json, gpu_suite_table.txt
-# (the short table, also printed last) and gpu_suite_logs.tar.gz (gpu_suite.log and the steps'
-# TSV; both stay unpacked in $OUT while the suite runs, so a run cut short still returns them).
+# wheels used; the 2:4 rows, folded in from sparse_24-<date>.json), kernels-/train-<date>.json and
+# .png, sequence-<date>.json, gpu_suite_table.txt (the short table, also printed last) and
+# gpu_suite_logs.tar.gz (gpu_suite.log and the steps' TSV; both stay unpacked in $OUT while the
+# suite runs, so a run cut short still returns them).
 set -uo pipefail
 
 DRY_RUN=0
@@ -162,6 +164,7 @@ if ((DRY_RUN)); then
   step "build csrc" 60 "$PY" setup.py --version
   step "gpu tests" 120 "$PY" -m pytest -m gpu tests --collect-only -q
   step "bench kernels" 120 "$PY" -m llm bench kernels --quick --ops rms_norm linear_cross_entropy --repeat 2
+  step "sparse 2:4" 60 "$PY" benchmarks/sparse_24.py --dry-run
   step "bench train" 60 "$PY" -m llm bench train --help
   step "bench sequence" 60 "$PY" -m llm bench sequence --help
 else
@@ -169,7 +172,8 @@ else
   step "build csrc" 110 env LLM_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-16}" "$PY" setup.py build_ext --inplace
   step "import llm._C" 15 "$PY" -c "import llm._C"
   step "gpu tests" 90 "$PY" -m pytest -m gpu tests -q -p no:cacheprovider
-  step "bench kernels" 150 "$PY" -m llm bench kernels
+  step "bench kernels" 130 "$PY" -m llm bench kernels
+  step "sparse 2:4" 20 "$PY" benchmarks/sparse_24.py
   # shellcheck disable=SC2086  # LLM_SUITE_TRAIN_ARGS is a list of flags
   step "bench train" 90 "$PY" -m llm bench train \
     ${LLM_SUITE_TRAIN_ARGS:---models gpt2-124m gpt2-355m --stages 0 3 --ranks 1 --precision bf16 --seq-len 2048 --micro-batch 4 --modes eager}

@@ -54,7 +54,7 @@ COMMANDS = {
     ),
     "distill": "train:distill",
     "bench": (
-        "Benchmarks: kernels, training, memory, long sequences, data.",
+        "Benchmarks: kernels, training, memory, long sequences, data, inference (decode, classify).",
         "llm bench train --help",
         {
             "kernels": "bench:kernels",
@@ -62,6 +62,8 @@ COMMANDS = {
             "memory": "bench:memory",
             "sequence": "bench:sequence",
             "data": "bench:data",
+            "decode": "bench:decode",
+            "classify": "bench:classify",
         },
     ),
     "plot": "plot:plot_run",

@@ -52,7 +52,7 @@ def test_every_command_of_the_readme_is_generated():
     assert {"data tokenizer", "data prepare", "data prepare-images", "data examples", "data inspect", "data verify",
             "pretrain", "finetune", "eval", "convert", "generate", "model info", "compress quantize",
             "compress prune", "compress report", "distill", "bench kernels", "bench train", "bench memory",
-            "bench sequence", "bench data", "plot"} == names  # fmt: skip
+            "bench sequence", "bench data", "bench decode", "bench classify", "plot"} == names  # fmt: skip
 
 
 @pytest.mark.parametrize("words,parser", COMMANDS, ids=[" ".join(w) for w, _ in COMMANDS])

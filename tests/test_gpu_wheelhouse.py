@@ -238,7 +238,7 @@ def test_carried_binary_wheels_import_on_python_312(wheelhouse):
 def test_llm_and_deepspeed_load_only_image_or_carried_packages():
     """Importing deepspeed and every llm module here loads nothing beyond the image and the wheelhouse.
 
-    Packages installed here but absent there (mlflow, torchao, ...) are hidden, as on the image: an
+    Packages installed here but absent there (mlflow, ...) are hidden, as on the image: an
     optional import of them (deepspeed's monitors try mlflow) then fails quietly, a needed one loudly."""
     kinds = read_list()
     allowed = set(kinds["image"]) | set(carried(kinds))
@@ -266,7 +266,7 @@ for info in pkgutil.walk_packages(llm.__path__, "llm."):
         try:
             importlib.import_module(info.name)
         except ModuleNotFoundError as e:
-            if e.name not in ("llm._C", "flash_attn", "apex", "torchao"):
+            if e.name not in ("llm._C", "flash_attn", "apex"):
                 raise
 tops = {name.split(".")[0] for name in sys.modules}
 print(json.dumps({name: getattr(sys.modules.get(name), "__file__", None) for name in sorted(tops)}))

@@ -1,4 +1,4 @@
-"""The last words of benchmarks/gpu_suite.sh: its steps, the kernel rows that matter, the targets.
+"""The last words of benchmarks/gpu_suite.sh: its steps, the kernel rows that matter, the targets, the 2:4 rows.
 
     python -m llm.bench.suite_summary STEPS.tsv OUT_DIR DRY_RUN(0|1)
 
@@ -34,6 +34,8 @@ def main(argv: list[str]) -> int:
     steps = read_steps(steps_path)
     kernels_path = newest(out, "kernels-*.json")
     kernels = json.loads(kernels_path.read_text()) if kernels_path else {"rows": [], "targets": []}
+    sparse_path = newest(out, "sparse_24-*.json")  # folded in here: the device returns at most 8 files
+    sparse = json.loads(sparse_path.read_text())["rows"] if sparse_path else []
     path = write_results(
         "gpu_suite",
         steps,
@@ -41,7 +43,10 @@ def main(argv: list[str]) -> int:
         dry_run=dry_run,
         kernels_results=kernels_path.name if kernels_path else None,
         targets=kernels.get("targets", []),
+        sparse_24=sparse,
     )
+    if sparse_path:
+        sparse_path.unlink()
     ceilings = kernels.get("ceilings")
     print(format_table(steps, ["step", "status", "seconds", "detail"]))
     if ceilings:
@@ -51,6 +56,8 @@ def main(argv: list[str]) -> int:
         print(format_table(kernels["rows"], columns))
     if kernels.get("targets"):
         print(format_table(kernels["targets"], ["target", "measured", "met"]))
+    if sparse:
+        print(format_table(sparse, headers={"dense_ms": "dense (ms)", "sparse_ms": "2:4 (ms)"}))
     print(f"suite results: {path}")
     return 1 if any(s["status"] in ("failed", "timeout") for s in steps) else 0
 

@@ -1,6 +1,7 @@
 """Compression: quantization, pruning and distillation of trained models, and their report.
 
-One file per idea: `quantize.py` (torchao int8 / int4 / dynamic int8, saved as plain tensors),
+One file per idea: `quantize.py` (int8 / int4 / dynamic int8, torchao's grid, saved as plain tensors) and
+`quantized.py` (the layers a quantized model runs on, over llm's kernels),
 `prune.py` (magnitude and Wanda unstructured or n:m, structured heads/neurons, gradual), `distill.py`
 (the teacher -> student objective), `report.py` (size, speed and quality measurements, table/PNG),
 `calibrate.py` (layer-by-layer calibration, sharded over ranks) under `gptq.py`, `awq.py` (both write

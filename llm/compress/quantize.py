@@ -1,29 +1,26 @@
-"""Post-training weight quantization through torchao, as a model transform that survives a save.
+"""Post-training weight quantization, as a model transform that survives a save.
 
-Methods (`method:` of the `quantize` transform):
-- "int8": weight-only int8, symmetric, one scale per output channel (torchao `Int8WeightOnlyConfig`);
-- "int8-dynamic": int8 weights per output channel and int8 activations quantized per token at run
-  time, for CPU inference (`Int8DynamicActivationInt8WeightConfig`);
+Methods (`method:` of the `quantize` transform), each computed as torchao computes it, bit for bit (`Grid`;
+tests/compress/test_gptq.py compares with torchao), and run on llm's kernels (llm/compress/quantized.py):
+- "int8": weight-only int8, symmetric, one scale per output channel (torchao's `Int8WeightOnlyConfig`);
+- "int8-dynamic": the int8 weights, and activations quantized to int8 per token at run time, for encoders and
+  classifiers on a CPU (`Int8DynamicActivationInt8WeightConfig`);
 - "int4": weight-only int4, symmetric, with one fp16 scale per group of `group_size` input columns
-  (`IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size),
-  scale_dtype=torch.float16)`; fp16 scales, as GPTQ/AWQ checkpoints store them, keep the file >= 6x
-  smaller than fp32 at group 32).
+  (`IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size), scale_dtype=torch.float16)`;
+  fp16 scales, as GPTQ/AWQ checkpoints store them, keep the file >= 6x smaller than fp32 at group 32).
 
-What is quantized: every `nn.Linear`, the language-model head, and every `nn.Embedding` (lookups
-gather rows of the quantized table; embeddings use the weight-only scheme of the method, since
-activation quantization means nothing for a lookup). A head tied to the token embedding stays tied:
-the head is quantized once and the embedding looks its rows up in the same quantized tensor, so the
-table is stored once. Biases and norms stay in floating point.
+What is quantized: every `nn.Linear`, the language-model head, and every `nn.Embedding` (lookups dequantize the
+rows they gather; activation quantization means nothing for a lookup). A head tied to the token embedding stays
+tied: one quantized weight serves both, stored once. Biases and norms stay in floating point.
 
-Saving: torchao's tensor subclasses are not safetensors. `plain_tensors` (this transform's
-`save_state`) stores each quantized weight W as plain tensors `W.qdata` (int8; int4 packed two values
-per byte into uint8, low nibble first), `W.scale` and `W.zero_point`; the loader rebuilds the model,
-re-applies this transform (which builds the same quantized modules) and `load_quantized` (its
-`load_state`) copies those tensors back in, so outputs after a reload are bit-identical.
-References: Jacob et al. 2018 (integer quantization), torchao docs.
+Saving: a quantized weight's state dict is the file's layout, plain tensors `W.qdata` (int8; int4 packed two
+values per byte into uint8, low nibble first), `W.scale` and `W.zero_point` (llm/compress/quantized.py). The
+loader rebuilds the model, re-applies this transform (which builds the same modules) and `load_quantized`
+(its `load_state`) copies those tensors in, so outputs after a reload are bit-identical.
+References: Jacob et al. 2018 (integer quantization); torchao's quantization primitives.
 
-`Grid` computes the same integers and scales without torchao's classes, for the calibrated algorithms
-that choose their own (gptq.py, awq.py); `set_quantized` writes such integers into a quantized model.
+`Grid` also serves the calibrated algorithms that choose their own integers (gptq.py) or weights (awq.py);
+`set_quantized` writes such integers into a quantized model.
 """
 
 from __future__ import annotations
@@ -34,13 +31,13 @@ import torch
 from torch import nn
 
 from llm.adapt.base import Transform
+from llm.compress.quantized import PARTS, QuantizedEmbedding, QuantizedLinear, QuantizedLMHead, QuantizedWeight
 from llm.config import ConfigError, build_config
 from llm.errors import UserError
 from llm.models.base import Model
 from llm.models.layers import LMHead
 
 METHODS = ("int8", "int4", "int8-dynamic")
-PARTS = ("qdata", "scale", "zero_point")
 
 
 @dataclasses.dataclass
@@ -55,26 +52,6 @@ class QuantizeSettings:
             raise ConfigError(f"{path}.method", f"expected one of {', '.join(METHODS)}, got {self.method!r}")
         if self.group_size <= 0 or self.group_size % 2:
             raise ConfigError(f"{path}.group_size", f"expected a positive even number, got {self.group_size}")
-
-
-def _torchao():
-    """torchao.quantization, imported when needed (its chatter on a CPU-only torch: `llm.log.CHATTER`)."""
-    import torchao.quantization as q
-
-    return q
-
-
-def _configs(s: QuantizeSettings):
-    """(config for Linear layers and the head, config for embedding tables)."""
-    q = _torchao()
-    if s.method == "int4":
-        cfg = q.IntxWeightOnlyConfig(
-            weight_dtype=torch.int4, granularity=q.PerGroup(s.group_size), scale_dtype=torch.float16
-        )
-        return cfg, cfg
-    if s.method == "int8-dynamic":
-        return q.Int8DynamicActivationInt8WeightConfig(), q.Int8WeightOnlyConfig()
-    return q.Int8WeightOnlyConfig(), q.Int8WeightOnlyConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +108,9 @@ class Grid:
         return self.dequantize(qdata.to(w.dtype), scale.repeat_interleave(self.group_size or w.shape[1], dim=1))
 
 
-def is_quantized(t: torch.Tensor) -> bool:
-    """Whether `t` is one of torchao's quantized tensors (it carries qdata, scale and zero_point)."""
-    return all(hasattr(t, p) for p in PARTS) and type(t).__module__.startswith("torchao")
+def quantized_weights(model: nn.Module) -> dict[str, QuantizedWeight]:
+    """The model's quantized weights by module name (a tied table under its first name)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedWeight)}
 
 
 def checked_settings(model: Model, settings, path: str = "quantize") -> QuantizeSettings:
@@ -143,7 +120,7 @@ def checked_settings(model: Model, settings, path: str = "quantize") -> Quantize
     Raises ConfigError naming `path` for a bad setting, an already quantized model, or a group size
     that does not divide a layer's input width."""
     s = build_config(QuantizeSettings, settings, path)
-    if any(is_quantized(p) for p in model.parameters()):
+    if quantized_weights(model):
         raise ConfigError(path, "the model is already quantized")
     if s.method == "int4":
         for name, m in _targets(model):
@@ -158,29 +135,36 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def apply(model: Model, settings: QuantizeSettings, path: str = "quantize") -> Model:
-    """Quantize the model in place (see the module docstring); its weights stop training.
+    """Quantize the model in place (see the module docstring): each target is replaced by its quantized
+    module, with weights rounded to nearest on the method's `Grid`. The model is for inference from here on:
+    every parameter stops requiring a gradient (the kernels compute none).
 
     Raises ConfigError as `checked_settings` does."""
     s = checked_settings(model, settings, path)
-    targets = _targets(model)
-    owners = {}  # id(weight) -> the one module whose weight is quantized; tied weights are quantized once
-    for _, m in targets:
-        # the head owns a tied table, so that its matmul runs on the quantized tensor
-        if id(m.weight) not in owners or isinstance(m, LMHead):
-            owners[id(m.weight)] = m
-    ties = [(m, owners[id(m.weight)]) for _, m in targets if owners[id(m.weight)] is not m]
-    leaders = {id(m) for m in owners.values()}
-    linear_cfg, embed_cfg = _configs(s)
-    q = _torchao()
-    q.quantize_(model, linear_cfg, filter_fn=lambda m, _: id(m) in leaders and not isinstance(m, nn.Embedding))
-    q.quantize_(model, embed_cfg, filter_fn=lambda m, _: id(m) in leaders and isinstance(m, nn.Embedding))
-    for follower, owner in ties:
-        follower.weight = owner.weight
-    return model
+    grid = Grid.of("int4" if s.method == "int4" else "int8", s.group_size)
+    shared: dict[int, QuantizedWeight] = {}  # id(float weight) -> its quantized weight: a tied table once
+    for name, m in _targets(model):
+        w = m.weight.detach()
+        if id(m.weight) not in shared:
+            shared[id(m.weight)] = QuantizedWeight(s.method, *w.shape, s.group_size, w.dtype).to(w.device)
+            shared[id(m.weight)].load_parts(*_file_parts(*grid.rtn(w), s.method))
+        weight = shared[id(m.weight)]
+        if isinstance(m, nn.Embedding):
+            layer = QuantizedEmbedding(weight)
+        else:
+            layer = (QuantizedLMHead if isinstance(m, LMHead) else QuantizedLinear)(weight, m.bias, name)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return model.requires_grad_(False)
+
+
+def _file_parts(qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, method: str) -> tuple:
+    """A `Grid`'s (qdata int8 (N, K), scale, zero_point) in the file's layout (int4 packed)."""
+    return (pack_int4(qdata) if method == "int4" else qdata), scale, zero_point
 
 
 # ----------------------------------------------------------------------------
-# Plain tensors for safetensors, and back
+# The file's layout
 # ----------------------------------------------------------------------------
 
 
@@ -199,47 +183,29 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
     return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8)
 
 
-def _is_int4(t: torch.Tensor) -> bool:
-    return getattr(t, "target_dtype", None) == torch.int4
-
-
-def plain_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` (a state dict) with each quantized weight W replaced by the plain tensors W.qdata
-    (int4 packed), W.scale and W.zero_point; everything else as it is."""
-    out = {}
-    for name, t in state.items():
-        if is_quantized(t):
-            qdata = pack_int4(t.qdata) if _is_int4(t) else t.qdata
-            out.update({f"{name}.{part}": v for part, v in zip(PARTS, (qdata, t.scale, t.zero_point))})
-        else:
-            out[name] = t
-    return out
-
-
 @torch.no_grad()
 def load_quantized(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> tuple[dict, set[str]]:
-    """Copy the W.qdata / W.scale / W.zero_point entries of `tensors` into the model's quantized weights.
+    """Load the W.qdata / W.scale / W.zero_point entries of `tensors` into the model's quantized weights.
 
     Returns (the other tensors, the state-dict names of the quantized weights, tied aliases included).
-    Raises UserError naming `where` when a part is missing or has another shape."""
+    Raises UserError naming `where` and the tensor when a part is missing or does not fit."""
     tensors = dict(tensors)
-    for name, p in model.named_parameters():
-        if not is_quantized(p):
-            continue
-        for part in PARTS:
-            key = f"{name}.{part}"
+    for name, weight in quantized_weights(model).items():
+        keys = [f"{name}.{part}" for part in PARTS]
+        for key in keys:
             if key not in tensors:
                 raise UserError(f"{where}: {key} missing (the model's config records a quantized {name})")
-            value = tensors.pop(key)
-            if part == "qdata" and _is_int4(p):
-                value = unpack_int4(value)
-            target = getattr(p, part)
-            if value.shape != target.shape:
-                raise UserError(
-                    f"{where}: {key} has shape {tuple(value.shape)}, the quantized model needs {tuple(target.shape)}"
-                )
-            target.copy_(value)
-    return tensors, {name for name, p in model.named_parameters(remove_duplicate=False) if is_quantized(p)}
+        try:
+            weight.load_parts(*(tensors.pop(key) for key in keys))
+        except ValueError as e:
+            raise UserError(f"{where}: {name}.{e}") from None
+    filled = {
+        f"{name}.{part}"
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, QuantizedWeight)
+        for part in PARTS
+    }
+    return tensors, filled
 
 
 @torch.no_grad()
@@ -248,13 +214,10 @@ def set_quantized(model: nn.Module, parts: dict[str, tuple[torch.Tensor, torch.T
     module's quantized weight, replacing what RTN chose; ValueError when a shape differs (a bug, not input)."""
     for name, values in parts.items():
         weight = model.get_submodule(name).weight
-        for part, value in zip(PARTS, values):
-            target = getattr(weight, part)
-            if value.shape != target.shape:
-                raise ValueError(
-                    f"{name}.weight.{part}: shape {tuple(value.shape)}, the layer has {tuple(target.shape)}"
-                )
-            target.copy_(value)
+        try:
+            weight.load_parts(*_file_parts(*values, weight.method))
+        except ValueError as e:
+            raise ValueError(f"{name}.weight.{e}") from None
 
 
-TRANSFORM = Transform("quantize", QuantizeSettings, apply, save_state=plain_tensors, load_state=load_quantized)
+TRANSFORM = Transform("quantize", QuantizeSettings, apply, load_state=load_quantized)

@@ -1,25 +1,19 @@
 """What `llm compress report` measures and writes: size on disk, parameters, CPU speed and quality
 of compressed variants against their original; a table, JSON and a PNG.
 
-Speed of a language model is greedy generation of the same prompt for the same number of new tokens
-(KV cache on, batch 1), in tokens/s; of any other model (a classifier) the forward pass over the same
-batch of held-out examples, in examples/s. Both use this process's CPU threads, and the variants'
-runs are interleaved round by round so that machine noise falls on all of them alike; the median over
-rounds is reported.
+Speed (measured by llm.bench.inference, with the peers and the bandwidth limit) of a language model is
+greedy generation of the same prompt for the same number of new tokens (KV cache on, batch 1), in
+tokens/s; of any other model (a classifier) the forward pass over the same batch of held-out examples,
+in examples/s.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
-import torch
-
 from llm.fileio import write_atomic
-from llm.models.generation import generate
 
 WEIGHT_FILES = ("model.safetensors", "config.yaml")
 
@@ -31,37 +25,6 @@ def size_on_disk(path: str | Path) -> int:
     if not files:  # a Hugging Face directory or a checkpoint: every file
         files = [p for p in path.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files)
-
-
-@torch.no_grad()
-def generation_speed(models: dict[str, torch.nn.Module], prompt: torch.Tensor, new_tokens: int, rounds: int) -> dict:
-    """{name: median new tokens per second} of greedy generation from `prompt` (1, T) int64,
-    the models run in turn within each of `rounds` rounds (after one warm-up round)."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(rounds + 1):
-        for name, model in models.items():
-            start = time.perf_counter()
-            generate(model.eval(), prompt, max_new_tokens=new_tokens, temperature=0.0)
-            if r:
-                times[name].append(time.perf_counter() - start)
-    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
-
-
-@torch.no_grad()
-def forward_speed(models: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor], rounds: int) -> dict:
-    """{name: median examples per second} of one forward pass over `batch` (the model's keyword
-    inputs, leading dim = examples; "labels" is ignored), the models run in turn within each of `rounds`
-    rounds (after one warm-up round)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    n = next(iter(inputs.values())).shape[0]
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(rounds + 1):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model.eval()(**inputs)
-            if r:
-                times[name].append(time.perf_counter() - start)
-    return {name: n / statistics.median(t) for name, t in times.items()}
 
 
 SPEED = (("tokens_per_s", "tok/s", "CPU generation (tokens/s)"), ("examples_per_s", "ex/s", "CPU forward (examples/s)"))
@@ -80,12 +43,6 @@ def environment() -> dict:
     import torch as t
 
     versions = {"torch": t.__version__, "python": platform.python_version()}
-    try:
-        import torchao
-
-        versions["torchao"] = torchao.__version__
-    except ImportError:
-        pass
     return {
         "cpu": platform.processor() or platform.machine(),
         "threads": t.get_num_threads(),

@@ -161,8 +161,11 @@ def resolve(op: str, backend: str, device: str, **call: Any) -> tuple[str, Calla
         if reason:
             raise BackendUnavailable(f"{op}: backend {backend!r} cannot run here: {reason}")
         return backend, _REGISTRY[op][backend].fn()
+    order = AUTO_ORDER.get(device, AUTO_ORDER["cpu"])[op]
+    if order[0] == "torch":  # torch takes every call: nothing to check (a decode step makes hundreds of calls)
+        return "torch", _REGISTRY[op]["torch"].fn()
     passed_over = []
-    for name in AUTO_ORDER.get(device, AUTO_ORDER["cpu"])[op]:
+    for name in order:
         reason = why_not(op, name, device, **call)
         if reason is None:
             break
@@ -253,7 +256,7 @@ def _cuda_ext_unavailable(device: str) -> str | None:
 
 def _cpu_kernels_unavailable(op: str) -> Callable[[str], str | None]:
     """Why the cpu backend of `op` cannot run; the first call builds the C kernels (cpu_quant_linear.py)."""
-    return lambda device: importlib.import_module("llm.kernels.cpu_quant_linear").unavailable(device, op)
+    return lambda device: _imported("llm.kernels.cpu_quant_linear").unavailable(device, op)
 
 
 def _package_unavailable(package: str, device: str) -> str | None:
@@ -286,16 +289,24 @@ IMPLEMENTATIONS: dict[tuple[str, str], tuple[str, Callable[[str], str | None]]] 
 }
 
 
+@functools.cache
+def _imported(name: str):
+    """importlib.import_module, remembered: the checks below run on every call of an op."""
+    return importlib.import_module(name)
+
+
 def _lazy(module: str, op: str, attr: str | None = None) -> Callable:
     def load():
-        return getattr(importlib.import_module(module), attr or op)
+        return getattr(_imported(module), attr or op)
 
     return load
 
 
 def _lazy_check(module: str, op: str) -> Callable[..., str | None]:
+    checker = functools.cache(lambda: getattr(_imported(module), f"{op}_unsupported", None))
+
     def check(**call):
-        fn = getattr(importlib.import_module(module), f"{op}_unsupported", None)
+        fn = checker()
         return fn(**call) if fn is not None else None
 
     return check

@@ -73,7 +73,7 @@ def attention(
         same_document = (keys >= start[:, :, None]) & (keys < end[:, :, None])
         mask = same_document[:, None] if mask is None else mask & same_document[:, None]
     is_causal = causal and mask is None and lq == lk
-    if causal and not is_causal:
+    if causal and not is_causal and lq > 1:  # one query (a decode step) sees every key: no mask to build
         rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
         causal_mask = torch.arange(lk, device=q.device)[None, :] <= rows
         mask = causal_mask if mask is None else mask & causal_mask

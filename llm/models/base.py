@@ -50,10 +50,14 @@ class Model(nn.Module):
             nn.init.normal_(self.transformer.pos_embed, std=self.config.init_std)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        """Parameters counted once each (tied weights once); ZeRO-3 partitions count whole."""
-        return sum(
+        """Parameters counted once each (tied weights once); ZeRO-3 partitions count whole. A quantized weight
+        (llm.compress.quantized, integer buffers that never train) counts as the weights it stands for."""
+        count = sum(
             int(getattr(p, "ds_numel", p.numel())) for p in self.parameters() if p.requires_grad or not trainable_only
         )
+        if not trainable_only:
+            count += sum(getattr(m, "num_weights", 0) for m in self.modules())
+        return count
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         self.transformer.gradient_checkpointing = enabled
@@ -85,10 +89,15 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, how: str) ->
 
 
 def tied_aliases(model: nn.Module) -> set[str]:
-    """State-dict names that share a tensor with an earlier name (tied embeddings)."""
+    """State-dict names that share a tensor with an earlier name (tied embeddings), or lie in a module shared
+    with an earlier name (a quantized table that the head and the token embedding share)."""
     seen, aliases = set(), set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             aliases.add(name)
         seen.add(id(p))
+    first: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if first.setdefault(id(m), name) != name:
+            aliases.update(m.state_dict(prefix=f"{name}."))
     return aliases

@@ -159,3 +159,55 @@ def data(
     from llm.bench import data as suite
 
     return suite.run(stdlib_bytes=stdlib_bytes, batches=batches, tokenize_rounds=tokenize_rounds, png=png, out_dir=out)
+
+
+def decode(
+    *,
+    model: str = "gpt2-124m",
+    prompt_tokens: int = 16,
+    new_tokens: int = 96,
+    rounds: int = 3,
+    out: str | None = None,
+) -> Path:
+    """Greedy decode tokens/s at batch 1 of llm fp32, int8, int4, pruned and a student against the bandwidth
+    limit and the installed peers (transformers, llama.cpp GGUF), interleaved (table, JSON, PNG).
+
+    Args:
+        model: a model preset (random weights) or any model path
+        prompt_tokens: prompt length
+        new_tokens: generated tokens per run (the whole generate call is timed)
+        rounds: interleaved timed rounds after a warm-up round; the median is reported
+        out: results folder (default: $OUT or benchmarks/results/)
+
+    Example:
+        llm bench decode --model gpt2-124m --rounds 3
+    """
+    from llm.bench import inference
+
+    return inference.decode(model, prompt_tokens, new_tokens, rounds, out)
+
+
+def classify(
+    *,
+    model: str = "bert-base",
+    batch: int = 32,
+    seq_len: int = 64,
+    rounds: int = 3,
+    out: str | None = None,
+) -> Path:
+    """Classifier forward examples/s of llm fp32, int8-dynamic, int8, int4, pruned and a student against the
+    installed peers (transformers, ONNX Runtime int8), interleaved (table, JSON, PNG).
+
+    Args:
+        model: a text classifier path, or a preset (random weights, mean pooling)
+        batch: examples per forward
+        seq_len: tokens per example
+        rounds: interleaved timed rounds after a warm-up round; the median is reported
+        out: results folder (default: $OUT or benchmarks/results/)
+
+    Example:
+        llm bench classify --model bert-tiny --rounds 2
+    """
+    from llm.bench import inference
+
+    return inference.classify(model, batch, seq_len, rounds, out)

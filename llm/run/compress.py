@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from llm import transforms
+from llm.bench import inference
 from llm.compress import prune, report
 from llm.data.config import DataConfig
 from llm.errors import UserError
@@ -32,7 +33,8 @@ def _check_out(model_path: str | Path, out: str | Path) -> Path:
 def quantize_model(
     model: str, out: str, *, method: Literal["int8", "int4", "int8-dynamic"] = "int8", group_size: int = 32
 ) -> Path:
-    """Post-training quantization of every Linear (torchao): int8 / int4 weight-only, or int8 dynamic.
+    """Post-training quantization of every Linear, the head and the embeddings: int8 / int4 weight-only, or int8
+    dynamic (activations too, for encoders and classifiers); run on llm's CPU kernels.
 
     See llm.compress.quantize; the quantized model is saved as an llm model directory with the
     source's tokenizer beside it.
@@ -156,8 +158,10 @@ def compress_report(
 ) -> dict:
     """Size on disk, parameters, CPU speed and held-out quality of variants against the original.
 
-    Speed: causal LMs generate (tokens/s, batch 1), other tasks run forward passes over the first
-    batch of DATA (examples/s); rounds alternate between the models. Quality: the task's metrics on
+    Speed: causal LMs generate (tokens/s, batch 1, with the bandwidth limit of each), other tasks run
+    forward passes over the first batch of DATA (examples/s); rounds alternate between the models and
+    the original's peers that are installed (transformers; llama.cpp GGUF Q8_0/Q4_0 or ONNX Runtime int8
+    through `llm convert`), see `llm bench decode`. Quality: the task's metrics on
     DATA (perplexity, or accuracy and macro-F1 for classifiers, whose confusion matrices go to
     OUT/confusion-<i>). Prints the table and writes report.txt, report.json and report.png.
 
@@ -187,22 +191,24 @@ def compress_report(
     for label, p in zip(labels[1:], paths[1:]):
         if models[label].task != base.task:
             raise UserError(f"{p}: a {models[label].task!r} model, the original is a {base.task!r} model")
-    speed, speed_key = {}, "tokens_per_s"
     if base.task == "causal_lm":
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, base.config.vocab_size, (1, prompt_tokens), generator=g)
-        speed = report.generation_speed(models, prompt, new_tokens, rounds)
+        job, peers, speed_key = {"prompt": prompt, "new_tokens": new_tokens}, inference.DECODE_PEERS, "tokens_per_s"
         speed_meta = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds, "batch": 1}
     else:
         batch = _batches(base, shard_config(base, data, model, seq_len), batch_size).next_batch()
         if batch is None:
             raise UserError(f"{data}: no examples to time")
-        speed, speed_key = report.forward_speed(models, batch, rounds), "examples_per_s"
+        job = {"inputs": {k: v for k, v in batch.items() if k != "labels"}}
+        peers, speed_key = inference.CLASSIFY_PEERS, "examples_per_s"
         speed_meta = {
             "rounds": rounds,
             "batch": int(batch["input_ids"].shape[0]),
             "shape": list(batch["input_ids"].shape),
         }
+    speed_rows, not_measured = inference.measure(models, peers, job, rounds, find_tokenizer(model))
+    speed = {r["name"]: r[speed_key] for r in speed_rows}
     rows = []
     out_dir = Path(out)
     for i, (label, p) in enumerate(zip(labels, paths)):
@@ -231,10 +237,11 @@ def compress_report(
     meta = {
         "command": shlex.join(["llm", *sys.argv[1:]]) if sys.argv and "llm" in sys.argv[0] else None,
         "data": str(data),
-        "speed": speed_meta,
+        "speed": {**speed_meta, "rows": speed_rows, "not_measured": not_measured},
     }
     written = report.write(rows, out, meta)
     print(report.table(rows))
+    print(inference.speed_table(speed_rows, not_measured))
     result = {"rows": rows, **{k: str(v) for k, v in written.items()}}
     print(f"wrote {result['table']}, {result['json']}, {result['png']}")
     return result

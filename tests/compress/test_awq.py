@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from llm.compress import awq, calibrate, quantize
+from llm.compress.quantized import QuantizedWeight
 from llm.run.loader import load_model, save_pretrained
 from tests.compress.test_classifier import BERT, padded_batch
 from tests.conftest import build, rel_err
@@ -122,7 +123,7 @@ def test_awq_model_is_todays_format_and_reloads_bit_identical(tmp_path):
     spec = ARCHITECTURES["llama-gqa"][0]
     model = awq.quantize_model(build(spec).eval(), inputs(spec), "int4", 32)
     assert model.transforms == [{"name": "quantize", "method": "int4", "group_size": 32}]
-    assert quantize.is_quantized(model.transformer.blocks[0].mlp.fc_in.weight)
+    assert isinstance(model.transformer.blocks[0].mlp.fc_in.weight, QuantizedWeight)
     ids = torch.randint(0, 100, (2, 11))
     before = model(ids).logits
     save_pretrained(model, tmp_path)

@@ -51,10 +51,23 @@ def layer_and_inputs(n=37, k=64, tokens=101):
     return torch.randn(n, k, generator=g, dtype=torch.float64), X
 
 
-@pytest.mark.parametrize("method", ["int4", "int8"])
+def torchao_config(method: str, group_size: int):
+    """The torchao config (the dev extra's reference) that `method` reproduces."""
+    q = pytest.importorskip("torchao.quantization")
+    if method == "int4":
+        return q.IntxWeightOnlyConfig(
+            weight_dtype=torch.int4, granularity=q.PerGroup(group_size), scale_dtype=torch.float16
+        )
+    return q.Int8DynamicActivationInt8WeightConfig() if method == "int8-dynamic" else q.Int8WeightOnlyConfig()
+
+
+@pytest.mark.parametrize("method", quantize.METHODS)
 def test_grid_is_torchaos_to_the_bit(method):
-    """Integers, scales, zero points and dequantized weights of Grid.rtn equal what the quantize transform
-    (torchao) stores, including an all-zero group and a group whose fp16 scale underflows."""
+    """Integers, scales, zero points and dequantized weights of Grid.rtn equal what torchao's config of the
+    method stores, including an all-zero group and a group whose fp16 scale underflows."""
+    config = torchao_config(method, 16)
+    from torchao.quantization import quantize_
+
     layer = nn.Linear(64, 37)
     with torch.no_grad():
         layer.weight[0, :16] = 0
@@ -62,9 +75,8 @@ def test_grid_is_torchaos_to_the_bit(method):
         layer.weight[2] *= 1000
     w = layer.weight.detach().clone()
     model = nn.Sequential(layer)
-    q = quantize._torchao()
-    q.quantize_(model, quantize._configs(quantize.QuantizeSettings(method, 16))[0])
-    grid = quantize.Grid.of(method, 16)
+    quantize_(model, config)
+    grid = quantize.Grid.of("int4" if method == "int4" else "int8", 16)
     for ours, theirs in zip(grid.rtn(w), (model[0].weight.qdata, model[0].weight.scale, model[0].weight.zero_point)):
         assert torch.equal(ours, theirs)
     assert torch.equal(grid.fake_quantize(w), model[0].weight.dequantize())
@@ -117,7 +129,9 @@ def test_gptq_model_is_todays_format_and_reloads_bit_identical(tmp_path, method)
     gptq.quantize_model(model, batches(), method, 32)
     assert model.transforms == [{"name": "quantize", "method": method, "group_size": 32}]
     weight = model.transformer.blocks[1].mlp.fc_out.weight
-    assert not torch.equal(weight.qdata, quantize.Grid.of(method, 32).rtn(original)[0])
+    qdata = weight.parts()[0]
+    qdata = quantize.unpack_int4(qdata) if method == "int4" else qdata
+    assert not torch.equal(qdata, quantize.Grid.of(method, 32).rtn(original)[0])
     assert rel_err(weight.dequantize(), original) < 0.15
     ids = torch.randint(0, 100, (2, 11))
     before = model(ids).logits

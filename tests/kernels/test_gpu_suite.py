@@ -24,7 +24,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert proc.stdout.rstrip().splitlines()[-1].startswith("suite results:")
     suite = json.loads(next(tmp_path.glob("gpu_suite-*.json")).read_text())
     assert suite["dry_run"] is True
-    steps = ["build csrc", "gpu tests", "bench kernels", "bench train", "bench sequence"]
+    steps = ["build csrc", "gpu tests", "bench kernels", "sparse 2:4", "bench train", "bench sequence"]
     assert [s["step"] for s in suite["rows"]] == steps
     assert all(s["status"] == "ok" for s in suite["rows"])
     kernels = json.loads((tmp_path / suite["kernels_results"]).read_text())
@@ -32,6 +32,8 @@ def test_gpu_suite_dry_run(tmp_path):
     assert all(r["backend"] == "torch" and r["time_ms"] > 0 for r in kernels["rows"])
     assert "needs a GPU" in kernels["not_run"]["rms_norm"]["triton"]
     assert list(tmp_path.glob("kernels-*.png"))
+    assert [r["kept_per_4"] for r in suite["sparse_24"]] == [2.0, 2.0, 2.0]  # folded into the suite's JSON
+    assert not list(tmp_path.glob("sparse_24-*.json"))
 
 
 def test_gpu_suite_rejects_unknown_arguments():

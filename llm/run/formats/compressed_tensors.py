@@ -29,6 +29,7 @@ from torch import nn
 
 from llm import transforms
 from llm.compress.quantize import QuantizeSettings, unpack_int4
+from llm.compress.quantized import QuantizedLinear
 from llm.config import build_config
 from llm.models.base import Model
 from llm.models.hf import to_theirs
@@ -51,7 +52,7 @@ def settings(model: Model) -> QuantizeSettings | None:
 def _layers(model: Model) -> tuple[str, list]:
     """(trunk prefix, the Hugging Face rules of the model's quantized Linear layers)."""
     prefix, rules = hf_rules(model.config, task_of(model))
-    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))}
     return prefix, [r for r in rules if r.ours in linear]
 
 
