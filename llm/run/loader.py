@@ -27,6 +27,7 @@ from llm.fileio import write_atomic
 from llm.log import logger, short_list
 from llm.models.base import Model, tied_aliases
 from llm.models.config import ModelConfig
+from llm.models.layers import tensor_parallel_splits
 from llm.tasks import Task, get_task
 from llm.train import checkpoint as ckpt
 
@@ -142,7 +143,7 @@ def load_checkpoint_model(path: str | Path, tag: str | None = None) -> Model:
         raise UserError(f"{description}: not found (a checkpoint written by llm holds its model's description)")
     described = load_yaml(description)
     model = build_from_description(described, str(description))
-    state = ckpt.consolidated_state_dict(step_dir)
+    state = ckpt.consolidated_state_dict(step_dir, splits=tensor_parallel_splits(model))
     prefix = (described.get("distill") or {}).get("student_prefix") if isinstance(described, dict) else None
     if prefix:  # a distillation run's checkpoint: the student's weights, without the hidden-state projection
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}

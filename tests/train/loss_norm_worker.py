@@ -34,6 +34,11 @@ class FixedBatches:
 def one_step(recipe, batches: list[dict]) -> dict:
     """{"grads": {name: the whole gradient before the optimizer step}, "metrics": the step's metrics} on this
     rank (DeepSpeed's safe_get_full_grad: the gradient gathered from the ranks under ZeRO 1-3; every rank calls)."""
+    return stepped_trainer(recipe, batches)[1]
+
+
+def stepped_trainer(recipe, batches: list[dict]):
+    """(the trainer after one step, `one_step`'s result)."""
     from deepspeed.utils import safe_get_full_grad
 
     from llm.train.parallel import Mesh, SequenceSlices
@@ -55,7 +60,7 @@ def one_step(recipe, batches: list[dict]) -> dict:
 
     engine.step = capturing_step
     metrics = trainer.train_step()
-    return {"grads": grads, "metrics": metrics}
+    return trainer, {"grads": grads, "metrics": metrics}
 
 
 if __name__ == "__main__":
