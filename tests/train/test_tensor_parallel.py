@@ -28,7 +28,7 @@ GPT = {**TINY["model"], "dropout": 0.0, "attention_dropout": 0.0}
 LLAMA = {**GPT, "base": "llama-tiny", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True}
 # (sequence, ZeRO stage, model, sequence length); the ranks beyond sequence x tensor are data parallel
 CASES = {
-    2: [(1, 0, GPT, 16), (1, 2, LLAMA, 16)],
+    2: [(1, 0, {**GPT, "dropout": 0.1}, 16), (1, 2, LLAMA, 16)],  # one data rank: the reference's dropout masks
     4: [(1, 2, {**LLAMA, "tie_embeddings": False}, 16), (2, 0, {**GPT, "n_heads": 4}, 15)],
 }
 
@@ -84,14 +84,14 @@ def test_tensor_parallel_step_equals_one_rank(ranks, tmp_path, capsys, monkeypat
         run = recipe(tmp_path / f"tp{i}", model, 2 // data, stage, sequence, TENSOR)
         cases.append({"recipe": run, "batches": per_rank})
         trainer, result = stepped_trainer(resolve_recipe(recipe(tmp_path / f"ref{i}", model, 2)), [batch])
-        wants.append((trainer.model, result))
+        wants.append((trainer.model, result, trainer.evaluate(trainer.train_batches, 1)))
     torch.save(cases, tmp_path / "cases.pt")
     command = [TORCHRUN, "--standalone", "--nproc_per_node", str(ranks), "-m", "tests.train.tensor_parallel_worker"]
     command += [str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")]
     proc = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     outs = torch.load(tmp_path / "out.pt", weights_only=True)
-    for i, (case, got, (model, want)) in enumerate(zip(CASES[ranks], outs, wants)):
+    for i, (case, got, (model, want, evaluated)) in enumerate(zip(CASES[ranks], outs, wants)):
         mesh = Mesh(ranks // (case[0] * TENSOR), case[0], TENSOR)
         for rank, mine in enumerate(got["ranks"]):
             tp = mesh.coordinates(rank)[2]
@@ -103,6 +103,8 @@ def test_tensor_parallel_step_equals_one_rank(ranks, tmp_path, capsys, monkeypat
         assert abs(loss - ref) < 1e-5 * abs(ref), (case, loss, ref)
         norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in want["grads"].values()])).item()
         assert got["metrics"]["grad_norm"] == pytest.approx(norm, rel=1e-5), case
+        assert got["eval"]["val_loss"] == pytest.approx(evaluated["val_loss"], rel=1e-5), case  # each group's batch once
+        assert all(got["resumes"]), (case, got["resumes"])
         # the whole model after the step, gathered as the export is and consolidated from the checkpoint, computes
         # the one-rank model's logits (weight by weight the key bias differs: its gradient is 0 but for rounding,
         # which Adam's first step turns into +-lr, and the logits do not depend on it)
