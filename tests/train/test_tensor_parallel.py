@@ -103,7 +103,7 @@ def test_tensor_parallel_step_equals_one_rank(ranks, tmp_path, capsys, monkeypat
         assert abs(loss - ref) < 1e-5 * abs(ref), (case, loss, ref)
         norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in want["grads"].values()])).item()
         assert got["metrics"]["grad_norm"] == pytest.approx(norm, rel=1e-5), case
-        assert got["eval"]["val_loss"] == pytest.approx(evaluated["val_loss"], rel=1e-5), case  # each group's batch once
+        assert got["eval"]["val_loss"] == pytest.approx(evaluated["val_loss"], rel=1e-5), case  # a batch once
         assert all(got["resumes"]), (case, got["resumes"])
         # the whole model after the step, gathered as the export is and consolidated from the checkpoint, computes
         # the one-rank model's logits (weight by weight the key bias differs: its gradient is 0 but for rounding,
