@@ -1,8 +1,10 @@
 """Tensor parallelism on 2 and 4 CPU ranks (gloo) gives the loss and the gradient of one rank on the same global
 batch, under ZeRO 0 and 2, for GPT (MHA, GELU, biases, learned positions) and LLaMA (GQA, SwiGLU, rotary, Qwen3's
-qk-norm, tied and untied), alone and with data or sequence parallelism; each rank holds the parameters
+qk-norm, tied and untied), alone and with data or sequence parallelism, with GPT's dropout on one data rank (the
+reference's masks); the validation loss counts a tensor group's batch once; each rank holds the parameters
 `llm model info` counts for it; the whole model gathered for the export, and the checkpoint as `llm convert` reads
-it, are the one-rank model after the same step; a resume on another tensor size or number of ranks is refused.
+it, are the one-rank model after the same step; a trainer resumed from the checkpoint takes the next step bit for
+bit, and a resume on another tensor size or number of ranks is refused.
 
 The reference is the same trainer on one rank, ZeRO-0, given the whole global batch as one micro-batch. One
 torchrun launch per world size runs every case of that size (each launch costs seconds to start)."""
