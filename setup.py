@@ -72,13 +72,21 @@ setup(
             "mlflow-skinny",
             "compressed-tensors",  # tests of llm convert --to hf of quantized models
             "sentence-transformers>=6",  # tests of llm convert --to sentence-transformers
+            "gguf",
+            "onnx",
+            "onnxruntime",
+            "onnxscript",
         ],
         "compress": ["torchao==0.18.*"],  # llm compress quantize, and loading quantized models
         # llm convert --to FORMAT: the packages the formats are written with (each imported only there)
-        "deploy": ["compressed-tensors", "sentence-transformers>=6"],
+        "deploy": ["compressed-tensors", "sentence-transformers>=6", "gguf", "onnx", "onnxscript", "onnxruntime"],
         "wandb": ["wandb"],  # logging.wandb: true (offline by default)
         "mlflow": ["mlflow-skinny"],  # logging.mlflow: true (local file store by default)
         "mpi": ["mpi4py", "openmpi"],
+        "gguf": ["gguf"],  # llm convert --to gguf (llama.cpp)
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],  # llm convert --to onnx (torch's exporter needs onnxscript)
+        # llama.cpp from Python, to check GGUF files: compiles llama.cpp (minutes); a benchmark extra, not in dev
+        "llama-cpp": ["llama-cpp-python"],
     },
     entry_points={"console_scripts": ["llm=llm.cli:main"]},
     ext_modules=ext_modules,

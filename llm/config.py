@@ -275,6 +275,8 @@ def load_yaml(path: str | Path) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError(str(path), f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), f"not a text file ({e})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

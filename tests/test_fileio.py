@@ -16,10 +16,10 @@ def files(path):
 
 def test_a_new_directory_replaces_the_old_one_whole(tmp_path):
     out = tmp_path / "out"
-    with replace_dir(out) as tmp:
+    with replace_dir(out, replaces=("a",)) as tmp:
         (tmp / "a").write_text("1")
         (tmp / "b").write_text("1")
-    with replace_dir(out) as tmp:
+    with replace_dir(out, replaces=("a",)) as tmp:
         assert files(out) == {"a": "1", "b": "1"}  # the old one stays whole while the new one is built
         (tmp / "a").write_text("2")
     assert files(out) == {"a": "2"}
@@ -28,13 +28,20 @@ def test_a_new_directory_replaces_the_old_one_whole(tmp_path):
 
 def test_an_error_inside_leaves_the_old_directory_and_no_staging(tmp_path):
     out = tmp_path / "out"
-    with replace_dir(out) as tmp:
+    with replace_dir(out, replaces=("a",)) as tmp:
         (tmp / "a").write_text("old")
-    with pytest.raises(RuntimeError), replace_dir(out) as tmp:
+    with pytest.raises(RuntimeError), replace_dir(out, replaces=("a",)) as tmp:
         (tmp / "a").write_text("half")
         raise RuntimeError("disk full")
     assert files(out) == {"a": "old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_file_in_the_way_is_refused_and_kept(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"), replace_dir(tmp_path / "out", replaces=("a",)):
+        pass
+    assert files(tmp_path) == {"out": "a file"}
 
 
 @pytest.mark.parametrize("moment", ["building", "moved_aside"])
@@ -42,7 +49,7 @@ def test_a_killed_writer_leaves_the_old_or_new_directory_and_the_next_one_cleans
     """SIGKILL while the new directory is being built, or (on a file system without an atomic
     exchange) after the old one was moved aside: the old one is there, or is put back."""
     out = tmp_path / "out"
-    with replace_dir(out) as tmp:
+    with replace_dir(out, replaces=("a",)) as tmp:
         (tmp / "a").write_text("old")
     script = f"""
 import os, signal
@@ -57,7 +64,7 @@ if {moment!r} == "moved_aside":
         if Path(b).name.endswith(".previous"):
             os.kill(os.getpid(), signal.SIGKILL)
     fileio.os.replace = replace
-with fileio.replace_dir(out) as tmp:
+with fileio.replace_dir(out, replaces=("a",)) as tmp:
     (tmp / "a").write_text("new")
     if {moment!r} == "building":
         os.kill(os.getpid(), signal.SIGKILL)

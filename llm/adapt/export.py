@@ -30,13 +30,16 @@ from pathlib import Path
 
 import torch
 
-from llm.adapt import apply_transforms, lora, prefix
+from llm.adapt import ADAPTERS, apply_transforms, lora, prefix
 from llm.errors import UserError
+from llm.fileio import load_safetensors, replace_dir
 from llm.models.base import Model
+from llm.models.fit import dry_run, meta_copy
 from llm.models.hf import Rule, to_theirs
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 VIRTUAL = ("prefix", "prompt")
+VIRTUAL_TENSORS = ("transformer.prefix.", "transformer.prompt.")
 PEFT_TASK = {"ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS"}
 
 
@@ -203,59 +206,69 @@ def virtual_adapter(model: Model) -> tuple[dict, dict[str, torch.Tensor]]:
         raise UserError("the model has no prefix or soft prompt to export")
     model = prefix.fold(copy.deepcopy(model))
     records = [dict(t) for t in model.transforms if t["name"] in VIRTUAL]
-    tensors = {
-        k: v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if k.startswith(("transformer.prefix.", "transformer.prompt."))
-    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(VIRTUAL_TENSORS)}
     config = {"format": "llm-adapter", "version": 1, "transforms": records}
     return config, tensors
 
 
 def write_adapter(path: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """adapter_config.json + adapter_model.safetensors in directory `path` (created)."""
+    """adapter_config.json + adapter_model.safetensors as directory `path`, replacing an earlier one
+    whole (`llm.fileio.replace_dir`)."""
     from safetensors.torch import save_file
 
-    from llm.fileio import write_atomic
+    with replace_dir(path, replaces=(ADAPTER_CONFIG,)) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(path)
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path / ADAPTER_WEIGHTS)
-    write_atomic(path / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
-    return path
+
+def read_adapter_config(path: str | Path) -> dict:
+    """The adapter_config.json of adapter directory `path`. Raises UserError naming the file when it is
+    missing or not a JSON object."""
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{file}: cannot read ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{file}: expected a JSON object")
+    return config
 
 
 def is_virtual_adapter(path: str | Path) -> bool:
     """Whether directory `path` holds an adapter in llm's layout (a prefix or soft prompt), not PEFT's.
     Raises UserError naming the file when its adapter_config.json cannot be read."""
-    file = Path(path) / ADAPTER_CONFIG
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{file}: cannot read ({e})") from None
-    return isinstance(config, dict) and config.get("format") == "llm-adapter"
+    return read_adapter_config(path).get("format") == "llm-adapter"
 
 
 def load_virtual_adapter(model: Model, path: str | Path) -> Model:
     """Put the prefix or soft prompt saved in llm's layout at `path` on `model` (its plain base).
 
-    Raises UserError naming the file when it is not an llm adapter or does not fit the model."""
-    from safetensors.torch import load_file
-
+    The directory is checked against what an adapter may hold before anything is allocated (a dry
+    run on a meta copy of the model, `llm.models.fit`): adapter_config.json names prefix and prompt
+    transforms only (no LoRA, which export merges or writes in PEFT's layout; no pruning or
+    quantization), whose sizes its base bounds, and adapter_model.safetensors holds exactly their
+    tensors, in their shapes. Raises UserError naming the file and field otherwise."""
     path = Path(path)
     file = path / ADAPTER_CONFIG
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{file}: cannot read ({e})") from None
-    if not isinstance(config, dict) or config.get("format") != "llm-adapter":
+    config = read_adapter_config(path)
+    if config.get("format") != "llm-adapter":
         raise UserError(f"{file}: not an llm adapter (a PEFT adapter loads with peft.PeftModel.from_pretrained)")
-    model = apply_transforms(model, config.get("transforms") or [], f"{file}: transforms")
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    own = {k: v for k, v in model.state_dict().items() if k.startswith(("transformer.prefix.", "transformer.prompt."))}
-    if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
-        raise UserError(f"{path / ADAPTER_WEIGHTS}: tensors {sorted(tensors)} do not fit the adapter {sorted(own)}")
-    model.load_state_dict(tensors, strict=False)
-    return model
+    records = config.get("transforms") or []
+    if not isinstance(records, list):
+        raise UserError(f"{file}: transforms: expected a list of transforms")
+    tensors = load_safetensors(path / ADAPTER_WEIGHTS)
+
+    def load(base: Model, values: dict) -> Model:
+        adapted = apply_transforms(base, records, f"{file}: transforms", {n: ADAPTERS[n] for n in VIRTUAL})
+        own = {k: v for k, v in adapted.state_dict().items() if k.startswith(VIRTUAL_TENSORS)}
+        if set(own) != set(values) or any(own[k].shape != values[k].shape for k in own):
+            shapes = lambda d: {k: tuple(v.shape) for k, v in sorted(d.items())}
+            raise UserError(f"{path / ADAPTER_WEIGHTS}: tensors {shapes(values)} do not fit the adapter {shapes(own)}")
+        if not all(v.is_floating_point() for v in values.values()):
+            raise UserError(f"{path / ADAPTER_WEIGHTS}: expected floating-point tensors")
+        adapted.load_state_dict(values, strict=False)
+        return adapted
+
+    dry_run(lambda: meta_copy(model), load, tensors, str(file))
+    return load(model, tensors)

@@ -189,11 +189,19 @@ def _resolve(model: Model, target: str, where: str) -> dict[str, list[str]]:
     return hits
 
 
+def _rows(model: Model, name: str, pieces: list[str]) -> dict[str, tuple[int, int]]:
+    """The row ranges of layer `name` that `pieces` adapt ("" = all its rows)."""
+    if pieces == [""]:
+        return {"": (0, model.get_submodule(name).weight.shape[0])}
+    return {p: slices_of(model, name)[p] for p in pieces}
+
+
 def apply(model: Model, s: LoRASettings, path: str = "lora") -> Model:
     """Add adapters to the layers `targets` names and freeze the rest; see the module docstring.
 
     Raises ConfigError naming `path` for a target matching no layer, two targets overlapping in
-    one layer, or an output projection tied to the token embedding."""
+    one layer, a rank above min(out, in) of every layer it adapts (one that no layer can use, which
+    would only allocate), or an output projection tied to the token embedding."""
     chosen: dict[str, list[str]] = {}
     for i, target in enumerate(s.targets):
         for name, pieces in _resolve(model, target, f"{path}.targets[{i}]").items():
@@ -201,6 +209,13 @@ def apply(model: Model, s: LoRASettings, path: str = "lora") -> Model:
             if "" in have + pieces and have:
                 raise ConfigError(f"{path}.targets[{i}]", f"{target!r} overlaps another target on {name}")
             have += [p for p in pieces if p not in have]
+    full_rank = max(  # of the largest (rows x in) matrix adapted
+        min(end - start, model.get_submodule(name).weight.shape[1])
+        for name, pieces in chosen.items()
+        for start, end in _rows(model, name, pieces).values()
+    )
+    if s.rank > full_rank:
+        raise ConfigError(f"{path}.rank", f"{s.rank} exceeds the rank of every layer it adapts (at most {full_rank})")
     extra = trainable_params(model, s.trainable, path)
     tied = tied_aliases(model)
     freeze_base(model)
@@ -214,8 +229,7 @@ def apply(model: Model, s: LoRASettings, path: str = "lora") -> Model:
                 f"{name} shares its weight with the token embedding (tie_embeddings); an adapter on it "
                 "could not be merged",
             )
-        ranges = slices_of(model, name)
-        rows = {"": (0, module.weight.shape[0])} if pieces == [""] else {p: ranges[p] for p in pieces}
+        rows = _rows(model, name, pieces)
         module.__class__ = LoRALMHead if isinstance(module, LMHead) else LoRALinear
         module.add_adapters(rows, s.rank, s.alpha, s.dropout)
     for p in extra:

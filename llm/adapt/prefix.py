@@ -131,7 +131,7 @@ def apply(model: Model, s: PrefixSettings, path: str = "prefix") -> Model:
     prefix.to(device=w.device, dtype=w.dtype)
     if s.reparameterize:
         nn.init.normal_(prefix.embedding.weight, std=cfg.init_std)
-    elif s.init == "vocab":
+    elif s.init == "vocab" and not w.is_meta:  # on the meta device (the loader's dry run) there are no values
         prefix.embedding.weight.data.copy_(_activations(model, s.num_virtual_tokens))
     else:
         nn.init.normal_(prefix.embedding.weight, std=cfg.init_std)

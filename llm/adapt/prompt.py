@@ -102,7 +102,7 @@ def apply(model: Model, s: PromptSettings, path: str = "prompt") -> Model:
         s.tokenizer = None
     n = s.num_virtual_tokens
     if ids is None:
-        ids = torch.randint(0, cfg.vocab_size, (n,)).tolist()
+        ids = torch.randint(0, cfg.vocab_size, (n,), device="cpu").tolist()  # cpu: also under torch.device("meta")
     bad = [i for i in ids if not 0 <= i < cfg.vocab_size]
     if bad:
         raise ConfigError(f"{path}.init_ids", f"id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")

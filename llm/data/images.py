@@ -15,6 +15,9 @@ from llm.data.prepare import is_validation
 from llm.data.stream import Stream
 from llm.errors import UserError
 
+# pixels of one input image at most (8192 x 8192: above any photograph a training set shrinks; below
+# Pillow's own warning at 89 M): a header claiming more is refused before anything is decoded
+MAX_PIXELS = 1 << 26
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -44,8 +47,14 @@ def _folder_images(folder: Path, size: int, channels: int):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 raise UserError(f"{path}: not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
             try:
-                with Image.open(path) as image:
+                with Image.open(path) as image:  # reads the header only: the pixels are decoded on use
+                    if image.width * image.height > MAX_PIXELS:
+                        raise UserError(
+                            f"{path}: {image.width}x{image.height} pixels, more than llm decodes ({MAX_PIXELS:,})"
+                        )
                     yield _resize(image, size, channels), label
+            except Image.DecompressionBombError as e:  # Pillow's own bound, checked when the header is read
+                raise UserError(f"{path}: {e}") from None
             except (UnidentifiedImageError, OSError) as e:
                 raise UserError(f"{path}: cannot read image ({e})") from None
 

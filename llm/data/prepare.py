@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import numpy as np
 
 from llm.data import shards as S
 from llm.data.sources import expand_sources, read_documents
-from llm.data.tokenizer import Tokenizer
+from llm.data.tokenizer import Tokenizer, split_text
 from llm.errors import UserError
 
 CHUNK_BYTES = 1 << 20  # text per encode_batch call: enough documents to keep every core busy
@@ -50,26 +49,6 @@ def _parallelism(workers: int | None):
 
 
 PIECE_CHARS = 1 << 18  # a longer document is tokenized in pieces of about this many characters
-_BOUNDARY = re.compile(r"(?<=\S)\s(?=\S)")
-
-
-def split_text(text: str, limit: int | None = None) -> list[str]:
-    """`text` in pieces of at most about `limit` characters, each cut just before a single whitespace
-    character between two non-space ones, where a BPE or WordPiece pre-tokenizer splits anyway (so
-    the pieces' tokens are the whole text's). A stretch of `limit` characters without such a place
-    is cut at `limit` (the tokens at that one cut may differ from the whole text's)."""
-    limit = limit or PIECE_CHARS
-    pieces, start = [], 0
-    while len(text) - start > limit:
-        window_start = start + limit // 2
-        cut = None
-        for match in _BOUNDARY.finditer(text, window_start, start + limit):
-            cut = match.start()
-        cut = cut if cut is not None and cut > start else start + limit
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
 
 
 def _encode_next(chunks: Iterator[list[str]], tok: Tokenizer):
@@ -89,7 +68,7 @@ def _encode_next(chunks: Iterator[list[str]], tok: Tokenizer):
         ids[i] = encoding.ids
     for i, text in enumerate(texts):
         if ids[i] is None:
-            pieces = (encode([piece], add_special_tokens=False)[0].ids for piece in split_text(text))
+            pieces = (encode([piece], add_special_tokens=False)[0].ids for piece in split_text(text, PIECE_CHARS))
             ids[i] = np.concatenate([np.asarray(piece, dtype=np.uint32) for piece in pieces])
     return texts, ids
 

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from llm.errors import UserError
-from llm.fileio import write_atomic
+from llm.fileio import contained, replace_dir, write_atomic
 
 FORMAT = "llm-shards"
 FORMAT_VERSION = 1
@@ -59,26 +58,12 @@ def sha256_file(path: Path) -> str:
 def staged(*out_dirs: Path):
     """Build new shard directories aside and put them in place only when the block succeeds.
 
-    Yields one fresh directory per `out_dirs` entry (`.NAME.new-PID` beside it). On success
-    each replaces its target (the old one is renamed away, then deleted); on any error,
-    interrupt included, the staged ones are deleted and the old datasets stay as they were."""
-    stages = [Path(d).parent / f".{Path(d).name}.new-{os.getpid()}" for d in out_dirs]
-    for stage in stages:
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
-    try:
-        yield stages
-    except BaseException:
-        for stage in stages:
-            shutil.rmtree(stage, ignore_errors=True)
-        raise
-    for stage, final in zip(stages, out_dirs):
-        final = Path(final)
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(stage, final)
-        shutil.rmtree(old, ignore_errors=True)
+    Yields one fresh directory per `out_dirs` entry; on success each replaces its target whole
+    (`llm.fileio.replace_dir`: a reader sees the old dataset or the new one, also after a kill);
+    on any error, interrupt included, the staged ones are deleted and the old datasets stay as
+    they were. A target that is a folder of other files (no manifest.json) is refused."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(replace_dir(d, replaces=(MANIFEST,))) for d in out_dirs]
 
 
 def write_shard(out_dir: Path, index: int, batch: pa.RecordBatch) -> dict:
@@ -147,11 +132,9 @@ def load_manifest(directory: str | Path, kind: str | None = None) -> dict:
             raise ShardError(f"{path}: shards[{i}] is missing fields {missing}")
     if manifest["kind"] == "tokens" and manifest["dtype"] not in ("uint16", "uint32"):
         raise ShardError(f"{path}: dtype {manifest['dtype']!r}, expected 'uint16' or 'uint32'")
-    root = directory.resolve()
     for i, shard in enumerate(shards):
         name = shard["file"]
-        inside = isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts
-        if not inside or (directory / name).resolve().parent != root:
+        if contained(directory, name) is None:
             raise ShardError(
                 f"{path}: shards[{i}].file {name!r} is not a file of this directory (a manifest names its own "
                 "shards by plain file name; paths outside it, absolute paths and links out are refused)"

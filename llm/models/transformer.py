@@ -13,6 +13,12 @@ from llm.models.config import ModelConfig
 from llm.models.layers import Block, Rotary, build_norm, dropout, sinusoidal_table
 
 
+def _reads_values() -> bool:
+    """Whether the input checks may read tensor values back: not while torch.compile or torch.export
+    traces (a graph break under compile, a failed export), where indexing checks instead."""
+    return not torch.compiler.is_compiling()
+
+
 @dataclass
 class ModelOutput:
     """What every model returns. `hidden_states` are the final hidden states (B, T, d);
@@ -158,9 +164,11 @@ class Transformer(nn.Module):
                 raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
             if input_ids.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-            # the range check reads values back (a graph break under torch.compile, where indexing checks instead)
-            checked = input_ids.numel() and not torch.compiler.is_compiling()
-            if checked and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
+            if (
+                input_ids.numel()
+                and _reads_values()
+                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size)
+            ):
                 bad = input_ids[(input_ids < 0) | (input_ids >= cfg.vocab_size)][0].item()
                 raise ValueError(f"token id {bad} is outside the model's vocabulary [0, {cfg.vocab_size})")
             x = self.tok_embed(input_ids)
@@ -183,8 +191,10 @@ class Transformer(nn.Module):
         if token_type_ids is not None:
             if tuple(token_type_ids.shape) != (b, t):
                 raise ValueError(f"token_type_ids {tuple(token_type_ids.shape)} must match {given}")
-            if token_type_ids.numel() and (
-                int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= max(cfg.type_vocab_size, 1)
+            if (
+                token_type_ids.numel()
+                and _reads_values()
+                and (int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= max(cfg.type_vocab_size, 1))
             ):
                 raise ValueError(
                     f"token type {int(token_type_ids.max())} is outside [0, {max(cfg.type_vocab_size, 1)}) "
@@ -202,6 +212,7 @@ class Transformer(nn.Module):
         if (
             cfg.position in ("learned", "sinusoidal")
             and position_ids.numel()
+            and _reads_values()
             and int(position_ids.max()) >= cfg.max_seq_len
         ):
             virtual = f", {self.virtual_positions} of them a soft prompt's" if self.virtual_positions else ""
@@ -327,7 +338,8 @@ class Transformer(nn.Module):
         if sp is not None:  # attention sees the whole sequence
             attention_mask = sp.gather_sequence(attention_mask) if attention_mask is not None else None
             document_ids = sp.gather_sequence(document_ids) if document_ids is not None else None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        # an exported graph serves every mask, so it always takes the masked path (equal for a mask of ones)
+        if attention_mask is not None and (torch.compiler.is_exporting() or not bool(attention_mask.all())):
             mask = attention_mask.to(torch.bool)
             virtual = (
                 self.num_virtual_tokens if not fresh else n_prefix + (prompt.shape[1] if prompt is not None else 0)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from llm.config import ConfigError
+from llm.config import ConfigError, load_yaml
 from llm.errors import UserError
 from llm.run.recipe import RecipeConfig
 
@@ -360,7 +360,7 @@ def check_resume(recipe: RecipeConfig, resume: str, task=None) -> Path | None:
     step_dir = resume_checkpoint(recipe, resume)
     if step_dir is None or not (step_dir / "recipe.yaml").is_file():
         return step_dir
-    saved = yaml.safe_load((step_dir / "recipe.yaml").read_text()) or {}
+    saved = load_yaml(step_dir / "recipe.yaml")
     current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
     if task is None:
         task = run_task(recipe)

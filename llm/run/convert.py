@@ -10,7 +10,7 @@ from typing import Literal
 from llm.errors import UserError
 from llm.fileio import replace_dir
 from llm.models.base import Model
-from llm.run.formats import hf, sentence_transformers
+from llm.run.formats import gguf, hf, onnx, sentence_transformers
 from llm.run.formats import llm as llm_format
 from llm.run.loader import find_tokenizer, load_model, model_kind
 
@@ -18,7 +18,11 @@ FORMATS = {
     "llm": llm_format,
     "hf": hf,
     "sentence-transformers": sentence_transformers,
+    "gguf": gguf,
+    "onnx": onnx,
 }
+# files that mark a directory as an earlier output of some format (anything else is not replaced)
+OUTPUTS = ("config.json", "config.yaml", "modules.json", "model.gguf", "model.onnx")
 KIND_NAMES = {"hf": "Hugging Face directory", "llm": "llm model directory", "checkpoint": "training checkpoint"}
 
 
@@ -44,7 +48,7 @@ def write_format(model: Model, output: str | Path, to: str, tokenizer: Path | No
     if reason is not None:
         raise UserError(f"--to {to} cannot hold this model: {reason} (formats that can: {', '.join(holders(model))})")
     try:
-        with replace_dir(output) as staging:
+        with replace_dir(output, replaces=OUTPUTS) as staging:
             fmt.write(model, staging, tokenizer, **options)
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
@@ -59,6 +63,8 @@ def convert(
     to: Literal["llm", "hf", "sentence-transformers", "gguf", "onnx"] = "llm",
     tag: str | None = None,
     pooling: Literal["first", "mean", "last"] | None = None,
+    gguf_type: Literal["f32", "f16", "q8_0", "q4_0"] | None = None,
+    int8: bool = False,
 ) -> str:
     """Convert a model to another format: llm's own, Hugging Face, sentence-transformers, GGUF, ONNX.
 
@@ -75,13 +81,18 @@ def convert(
         tag: checkpoint step folder to convert (default: the latest)
         pooling: sentence-transformers: how a bare encoder pools its tokens (default: mean); a
             contrastive model keeps its own
+        gguf_type: gguf: the matrices' type (default: f32; q4_0 for a model llm quantized to int4, group 32)
+        int8: onnx: quantize the graph's weights to int8 (ONNX Runtime's dynamic quantization)
 
     Example:
         llm convert path/to/hf-gpt2 models/gpt2              # Hugging Face -> llm
         llm convert models/gpt2 exported/gpt2 --to hf        # llm -> Hugging Face (safetensors)
         llm convert runs/gpt/checkpoints exported/gpt --to hf  # latest ZeRO checkpoint -> Hugging Face
+        llm convert models/gpt2 exported/gpt2-gguf --to gguf --gguf-type q8_0  # llama.cpp: model.gguf
+        llm convert runs/classifier/export exported/clf --to onnx --int8      # ONNX Runtime: model.onnx
     """
-    given = {"pooling": pooling}  # each format's own flags (a new one: a parameter above and an entry here)
+    # each format's own flags (a new one: a parameter above and an entry here)
+    given = {"pooling": pooling, "gguf_type": gguf_type, "int8": int8}
     options = {name: value for name, value in given.items() if value not in (None, False)}
     source, output = Path(source), Path(output)
     if output.exists() and output.resolve() == source.resolve():

@@ -23,33 +23,55 @@ import yaml
 from llm import transforms
 from llm.config import ConfigError, build_config
 from llm.errors import UserError
-from llm.fileio import write_atomic
+from llm.fileio import load_safetensors, replace_dir
 from llm.log import logger, short_list
 from llm.models.base import Model, tied_aliases
 from llm.models.config import ModelConfig
+from llm.models.fit import build_fitted, check_depth
 from llm.models.layers import tensor_parallel_splits
 from llm.tasks import Task, get_task
 from llm.train import checkpoint as ckpt
 
 CONFIG, WEIGHTS, TOKENIZER = "config.yaml", "model.safetensors", "tokenizer.json"
+MODEL_CONFIGS = (CONFIG, "config.json")  # what marks a model directory, llm's or Hugging Face's
+
+
+def description_config(description: dict, where: str) -> ModelConfig:
+    """The architecture of a model description {"model": ..., "task": ..., "transforms": [...]}."""
+    if not isinstance(description, dict) or "model" not in description:
+        raise UserError(f"{where}: expected a mapping with model: (and task:, transforms:)")
+    try:
+        return build_config(ModelConfig, description["model"], "model")
+    except ConfigError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def build_from_description(description: dict, where: str) -> Model:
     """A freshly initialised model from {"model": ..., "task": ..., "transforms": [...]}."""
-    if not isinstance(description, dict) or "model" not in description:
-        raise UserError(f"{where}: expected a mapping with model: (and task:, transforms:)")
+    cfg = description_config(description, where)
     try:
-        cfg = build_config(ModelConfig, description["model"], "model")
         model = get_task(description.get("task") or "causal_lm").build_model(cfg)
         return transforms.apply_transforms(model, description.get("transforms") or [])
     except ConfigError as e:
         raise UserError(f"{where}: {e}") from None
 
 
+def load_described(description: dict, tensors: dict[str, torch.Tensor], where: str, weights: str) -> Model:
+    """The model `description` (read from file `where`) describes, with `tensors` (read from `weights`)
+    loaded, built only once a dry run showed that they fit it (`llm.models.fit.build_fitted`)."""
+    return build_fitted(
+        lambda: build_from_description(description, where),
+        lambda model, values: load_weights(model, values, weights),
+        tensors,
+        description_config(description, where).n_layers,
+        where,
+    )
+
+
 def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> Model:
     """Load `tensors` into `model`, as tolerant as transformers: a tensor the model has must have its
-    shape; tensors the model does not use are ignored with one warning naming them; missing
-    trunk tensors are refused, other missing ones (heads, pooler) keep their fresh
+    shape and kind of dtype (floating point or not); tensors the model does not use are ignored with
+    one warning naming them; missing trunk tensors are refused, other missing ones (heads, pooler) keep their fresh
     initialisation with one warning naming them. Tied aliases may be left out. A transform's own
     tensors (quantized weights) come as the plain tensors its hooks made (`llm.transforms.plain_state`)."""
     tensors, filled = transforms.load_plain(model, tensors, where)
@@ -60,6 +82,8 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> 
                 f"{where}: {name} has shape {tuple(tensor.shape)}, the model's config implies "
                 f"{tuple(expected[name].shape)}"
             )
+        if name in expected and expected[name].is_floating_point() != tensor.is_floating_point():
+            raise UserError(f"{where}: {name} holds {tensor.dtype} values, the model expects {expected[name].dtype}")
     aliases = tied_aliases(model)
     owner = {id(p): name for name, p in model.named_parameters()}
     for name, p in model.named_parameters(remove_duplicate=False):  # a tied tensor may come under either name
@@ -85,42 +109,33 @@ def load_weights(model: Model, tensors: dict[str, torch.Tensor], where: str) -> 
 
 
 def save_pretrained(model: Model, path: str | Path, tokenizer=None) -> Path:
-    """Write config.yaml + model.safetensors (+ tokenizer.json, from a path or a Tokenizer) into `path`.
+    """Write config.yaml + model.safetensors (+ tokenizer.json, from a path or a Tokenizer) as directory
+    `path`, replacing an earlier one whole (`llm.fileio.replace_dir`: readers see the old or the new).
 
     Weights are written from the in-memory model as they are (tied tensors once; see
-    `llm.transforms.plain_state`)."""
+    `llm.transforms.plain_state`). Raises UserError when `path` is a folder of other files."""
     from safetensors.torch import save_file
 
     from llm.models.hf import copy_tokenizer
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = transforms.plain_state(model)
-    tmp = path / f".{WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path / WEIGHTS)
-    write_atomic(path / CONFIG, yaml.safe_dump(model.description(), sort_keys=False))
-    if tokenizer is not None:
-        copy_tokenizer(tokenizer, path)
-    return path
+    with replace_dir(path, replaces=MODEL_CONFIGS) as tmp:
+        save_file(transforms.plain_state(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(yaml.safe_dump(model.description(), sort_keys=False))
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tmp)
+    return Path(path)
 
 
 def load_pretrained(path: str | Path) -> Model:
     """The model saved in an llm model directory (weights as stored)."""
-    from safetensors.torch import load_file
-
     from llm.config import load_yaml
 
     path = Path(path)
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
             raise UserError(f"{path / name}: not found (an llm model directory holds {CONFIG} and {WEIGHTS})")
-    model = build_from_description(load_yaml(path / CONFIG), str(path / CONFIG))
-    try:
-        tensors = load_file(str(path / WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types on a damaged file
-        raise UserError(f"{path / WEIGHTS}: cannot read ({e})") from None
-    return load_weights(model, tensors, str(path / WEIGHTS))
+    tensors = load_safetensors(path / WEIGHTS)
+    return load_described(load_yaml(path / CONFIG), tensors, str(path / CONFIG), str(path / WEIGHTS))
 
 
 # ----------------------------------------------------------------------------
@@ -142,13 +157,25 @@ def load_checkpoint_model(path: str | Path, tag: str | None = None) -> Model:
     if not description.is_file():
         raise UserError(f"{description}: not found (a checkpoint written by llm holds its model's description)")
     described = load_yaml(description)
-    model = build_from_description(described, str(description))
-    state = ckpt.consolidated_state_dict(step_dir, splits=tensor_parallel_splits(model))
-    prefix = (described.get("distill") or {}).get("student_prefix") if isinstance(described, dict) else None
-    if prefix:  # a distillation run's checkpoint: the student's weights, without the hidden-state projection
+    where = str(description)
+    state = ckpt.consolidated_state_dict(step_dir, merge=lambda parts: merge_tensor_parallel(described, parts, where))
+    distill = described.get("distill") if isinstance(described, dict) else None
+    prefix = distill.get("student_prefix") if isinstance(distill, dict) else None
+    if isinstance(prefix, str) and prefix:  # a distillation run's: the student's weights, not the projection
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    load_weights(model, state, str(step_dir))
-    return model.float().eval()
+    return load_described(described, state, where, str(step_dir)).float().eval()
+
+
+def merge_tensor_parallel(description: dict, parts: list[dict[str, torch.Tensor]], where: str) -> dict:
+    """The whole weights of a tensor-parallel checkpoint from its tensor ranks' `parts` (rank order), cut as the
+    model `description` (read from `where`) splits them (`llm.models.layers.tensor_parallel_splits` of it, built on
+    the meta device once its depth fits the weights)."""
+    from llm.train.tensor_parallel import merge_shards
+
+    check_depth(parts[0], description_config(description, where).n_layers, where)
+    with torch.device("meta"):
+        splits = tensor_parallel_splits(build_from_description(description, where))
+    return merge_shards(parts, splits, where)
 
 
 def model_kind(path: str | Path) -> str:

@@ -38,7 +38,7 @@ from llm.run.recipe import RecipeConfig, load_finetune_recipe, load_recipe
 from llm.tasks import OPTIONS, Task, get_task
 from llm.train import checkpoint as ckpt
 from llm.train import parallel, tensor_parallel
-from llm.train.distributed import DistInfo, distributed
+from llm.train.distributed import DistInfo, distributed, owns_run_dir, refuse_taken_run_dir
 from llm.train.engine import build_engine, deepspeed_config
 from llm.train.metrics import device_peak_flops
 from llm.train.trainer import Callback, Trainer, Validation
@@ -293,7 +293,12 @@ def train(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -
     task = check_recipe(recipe)  # fail in milliseconds, before any process group
     checks.check_resume(recipe, resume, task)
     check_run_dir(recipe, resume, overwrite)
-    with distributed(recipe.faults.collective_timeout_s) as dist, kernels.use(recipe.kernels):
+    refuse_taken_run_dir(recipe.run_dir)
+    with (
+        distributed(recipe.faults.collective_timeout_s) as dist,
+        owns_run_dir(recipe.run_dir, dist),
+        kernels.use(recipe.kernels),
+    ):
         setup_logging(dist.rank)
         parts = assemble(recipe, dist, resume, overwrite)
         summary = parts.trainer.fit()

@@ -11,11 +11,12 @@ import torch
 
 from llm.config import ConfigError, build_config
 from llm.errors import UserError
-from llm.fileio import write_atomic
+from llm.fileio import replace_dir
 from llm.log import logger, short_list
 from llm.models import hf
 from llm.models.base import Model, tied_aliases
 from llm.models.config import ModelConfig
+from llm.models.fit import build_fitted
 from llm.tasks import TASKS, get_task, task_of
 from llm.tasks.base import Task
 from llm.tasks.instruction import InstructionOptions
@@ -101,12 +102,31 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
             cfg = dataclasses.replace(cfg, **special_tokens(config, generation, cfg.vocab_size, str(path)))
         source_task = task_of_architecture(arch, config, hf.read_chat_template(path))
         target = source_task if task is None else get_task(task)
-        model = target.build_model(cfg)
     except ConfigError as e:
         raise UserError(f"{file}: {e}") from None
 
+    def build() -> Model:
+        try:
+            return target.build_model(cfg)
+        except ConfigError as e:
+            raise UserError(f"{file}: {e}") from None
+
+    def load(model: Model, values: dict) -> Model:
+        return _load_hf_weights(model, target, values, stored, source_task, prefix, arch, path)
+
+    model = build_fitted(build, load, weights, cfg.n_layers, str(file))
+    return model.to(dtype) if dtype is not None else model
+
+
+def _load_hf_weights(
+    model: Model, target: Task, weights: dict, stored: dict, source_task: Task, prefix: str, arch: str, path: Path
+) -> Model:
+    """`model` (a `target` model) with the Hugging Face `weights` (keys relative to the source's trunk
+    prefix) loaded through the rules of its task; see `from_hf`."""
+    cfg = model.config
+    adapter = hf.family_adapter(cfg.family)
     ours, used, missing = {}, set(), []
-    _, rules = hf_rules(cfg, target)  # the weights' keys are relative to the source's trunk prefix
+    _, rules = hf_rules(cfg, target)
     for rule in rules:
         if all(t in weights for t in rule.theirs):
             ours[rule.ours] = hf.to_ours(rule, [weights[t] for t in rule.theirs])
@@ -132,10 +152,12 @@ def from_hf(path: str | Path, task: str | dict | None = None, dtype: torch.dtype
                 f"{path}: tensor for {name} has shape {tuple(tensor.shape)}, "
                 f"config.json implies {tuple(expected[name].shape)}"
             )
+        if tensor.is_floating_point() != expected[name].is_floating_point():
+            raise UserError(f"{path}: tensor for {name} holds {tensor.dtype} values, {arch} expects floating point")
     result = model.load_state_dict(ours, strict=False)
     leftover = set(result.missing_keys) - tied_aliases(model) - {r.ours for r in missing}
     assert not leftover and not result.unexpected_keys, (leftover, result.unexpected_keys)
-    return model.to(dtype) if dtype is not None else model
+    return model
 
 
 def dequantized(tensors: dict[str, torch.Tensor], quantization: dict, where: str) -> dict[str, torch.Tensor]:
@@ -209,13 +231,15 @@ def to_hf(
     model.safetensors, generation_config.json (causal LMs) and, given `tokenizer` (a
     tokenizer.json or its folder), tokenizer.json, tokenizer_config.json (with the task's chat
     template: an instruction model's) and special_tokens_map.json. bos/eos/pad ids the model config
-    leaves unset are taken from the tokenizer, so generation stops at its EOS. Returns `path`.
+    leaves unset are taken from the tokenizer, so generation stops at its EOS. The directory replaces
+    an earlier one whole (`llm.fileio.replace_dir`: readers see the old or the new). Returns `path`.
 
     `tensors` (with `quantization_config`, config.json's) are written in place of the model's own
     Hugging Face tensors: a quantized model's compressed form of them (`llm.run.formats.compressed_tensors`).
 
-    Raises UserError naming the field or task Hugging Face cannot express, or an instruction model
-    given no tokenizer (its template lives in the tokenizer's files)."""
+    Raises UserError naming the field or task Hugging Face cannot express, an instruction model
+    given no tokenizer (its template lives in the tokenizer's files), or when `path` is a folder of
+    other files."""
     from safetensors.torch import save_file
 
     from llm.data.tokenizer import Tokenizer
@@ -238,16 +262,14 @@ def to_hf(
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path / "model.safetensors")
-    if model.task in ("causal_lm", "instruction"):
-        generation = {k: v for k, v in hf.special_tokens(cfg).items() if v is not None}
-        write_atomic(path / "generation_config.json", json.dumps(generation, indent=2) + "\n")
     eos = tok.tokenizer.id_to_token(cfg.eos_ids[0]) if tok is not None and cfg.eos_ids else None
     chat_template = task_of(model).hf_chat_template(eos)
-    if tok is not None:
-        tok.save_hf(path, None if cfg.is_image else cfg.max_seq_len, chat_template)
-    write_atomic(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")  # last: marks it whole
+    with replace_dir(path, replaces=("config.json", "config.yaml")) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if model.task in ("causal_lm", "instruction"):
+            generation = {k: v for k, v in hf.special_tokens(cfg).items() if v is not None}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tok is not None:
+            tok.save_hf(tmp, None if cfg.is_image else cfg.max_seq_len, chat_template)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path

@@ -90,8 +90,11 @@ def encode_example(tok, template: InstructionOptions, prompt: str, response: str
     """(input_ids, labels) of one example, each at most max_len long: the tokens of
     template(prompt) + response + EOS shifted by one; labels are IGNORE_INDEX where the target
     is a prompt token. Returns None when the prompt leaves no room for a response token."""
-    p = template.encode(tok, prompt)
-    r = tok.encode(response) + [eos]
+    from llm.data.tokenizer import head_text
+
+    # a tokenizer's memory grows with its input: a text longer than the window is cut first
+    p = template.encode(tok, head_text(prompt, max_len + 1))
+    r = tok.encode(head_text(response, max_len + 1)) + [eos]
     if len(p) >= max_len + 1:
         return None
     ids = (p + r)[: max_len + 1]

@@ -118,18 +118,20 @@ def encode_texts(tok, texts: list[str], max_tokens: int, vocab_size: int, path) 
     max_tokens; special tokens the text itself spells are encoded as text.
 
     Raises UserError naming the file when a text encodes to nothing or to ids beyond the vocabulary."""
+    from llm.data.tokenizer import head_text
     from llm.errors import UserError
 
+    heads = [head_text(t, max_tokens) for t in texts]  # a tokenizer's memory grows with the text it reads
     tokenizer = tok.tokenizer
     tokenizer.enable_truncation(max_length=max_tokens)
     previous, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True  # "[SEP]" in a text is text
     try:
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
+        encodings = tokenizer.encode_batch(heads, add_special_tokens=True)
     finally:
         tokenizer.no_truncation()
         tokenizer.encode_special_tokens = previous
     ids = [e.ids for e in encodings]
-    cut = sum(1 for e in encodings if e.overflowing)
+    cut = sum(1 for e, h, t in zip(encodings, heads, texts) if e.overflowing or len(h) < len(t))
     if cut:
         from llm.log import logger
 

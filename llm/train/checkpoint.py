@@ -29,6 +29,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +37,8 @@ import torch
 import yaml
 
 from llm.errors import UserError
-from llm.fileio import write_atomic
+from llm.fileio import contained, write_atomic
 from llm.log import dependency_output, logger
-from llm.models.layers import TensorSplit
 from llm.train.safe_load import CheckpointError, safe_loads
 from llm.train.safe_load import load as safe_load
 
@@ -97,8 +97,14 @@ def verify(step_dir: Path) -> None:
         return
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         return
-    for name, entry in manifest["files"].items():
-        path = step_dir / name
+    files = manifest.get("files")
+    entries = files.values() if isinstance(files, dict) else [None]
+    if not all(isinstance(e, dict) and {"bytes", "sha256"} <= e.keys() for e in entries):
+        raise CheckpointError(f"{marker}: files: expected a mapping of file names to their bytes and sha256")
+    for name, entry in files.items():
+        path = contained(step_dir, name)
+        if path is None:
+            raise CheckpointError(f"{marker}: {name!r} is not a file of this checkpoint (paths outside it are refused)")
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in {marker} but missing")
         size = path.stat().st_size
@@ -127,7 +133,7 @@ def find_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     candidates = complete_steps(path)[::-1]
     latest = path / LATEST
     if latest.is_file():
-        named = path / latest.read_text().strip()
+        named = path / latest.read_bytes().decode(errors="replace").strip()
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
@@ -361,30 +367,28 @@ def load(engine, step_dir: Path, rank: int, load_dir: Path | None = None, **kwar
 
 
 def consolidated_state_dict(
-    path: str | Path, tag: str | None = None, splits: dict[str, TensorSplit] | None = None
+    path: str | Path, tag: str | None = None, merge: Callable[[list[dict]], dict] | None = None
 ) -> dict[str, torch.Tensor]:
     """fp32 weights of a checkpoint, gathered from every rank's shards (ZeRO 1-3) or read whole (ZeRO 0).
 
     A tensor-parallel checkpoint holds one model (mp_rank_NN_model_states.pt) and its ZeRO shards per tensor
-    rank: each is consolidated on its own, then `splits` (the whole model's
-    `llm.models.layers.tensor_parallel_splits`) merge their parts; UserError when `splits` is None then."""
+    rank: each is consolidated on its own, and `merge` puts their states (rank order) together into the whole
+    model's (it knows the model: `llm.run.loader.merge_tensor_parallel`); UserError when `merge` is None then."""
     step_dir = find_checkpoint(path, tag)
     ranks = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
     if len(ranks) <= 1:
         return _fp32_state(step_dir)
-    if splits is None:
+    if merge is None:
         raise UserError(f"{step_dir}: a tensor-parallel checkpoint ({len(ranks)} ranks) needs its model to be merged")
-    from llm.train.tensor_parallel import merge_shards
-
-    shards = []
+    parts = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, model_file in enumerate(ranks):  # a step directory of rank i's files alone, for zero_to_fp32
             view = Path(tmp) / f"tensor_rank_{i}" / step_dir.name
             view.mkdir(parents=True)
             for file in (model_file, *step_dir.glob(f"*_mp_rank_{i:02d}_optim_states.pt")):
                 (view / file.name).symlink_to(file.resolve())
-            shards.append(_fp32_state(view))
-    return merge_shards(shards, splits)
+            parts.append(_fp32_state(view))
+    return merge(parts)
 
 
 def _fp32_state(step_dir: Path) -> dict[str, torch.Tensor]:

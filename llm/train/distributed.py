@@ -163,6 +163,56 @@ def distributed(timeout_s: float = 120.0):
                 os.environ[key] = value
 
 
+JOB_LOCK = "job.lock"
+
+
+def _taken(run_dir: str | Path, holder: str) -> UserError:
+    return UserError(
+        f"run_dir {run_dir}: another job runs in it ({holder}, {JOB_LOCK}); wait for it to end, or use another run_dir"
+    )
+
+
+def refuse_taken_run_dir(run_dir: str | Path) -> None:
+    """Fail in milliseconds, before any process group, when another job runs in `run_dir` (every rank may
+    call: it only looks). Raises UserError naming that job's rank 0 (pid, host, since when)."""
+    from llm.fileio import holder_of
+
+    holder = holder_of(Path(run_dir) / JOB_LOCK)
+    if holder is not None:
+        raise _taken(run_dir, holder)
+
+
+@contextlib.contextmanager
+def owns_run_dir(run_dir: str | Path, dist: DistInfo):
+    """The run directory belongs to this job for the block: rank 0 holds RUN_DIR/job.lock (see
+    `llm.fileio.held`: released by the kernel however the job ends), every rank of the job writes
+    as before, and when another job holds it every rank raises the same UserError naming it (pid,
+    host, since when). All ranks call."""
+    import torch.distributed as tdist
+
+    from llm.fileio import Held, held
+
+    since = datetime.datetime.now().isoformat(timespec="seconds")
+    with contextlib.ExitStack() as stack:
+        holder = ""
+        if dist.rank == 0:
+            try:
+                stack.enter_context(
+                    held(Path(run_dir) / JOB_LOCK, f"pid {os.getpid()} on {socket.gethostname()} since {since}")
+                )
+            except Held as e:
+                holder = e.holder
+        if dist.world_size > 1:  # rank 0's answer, as bytes (no pickle)
+            message = torch.zeros(1024, dtype=torch.uint8, device=dist.device)
+            data = holder.encode()[:1024]
+            message[: len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+            tdist.broadcast(message, 0)
+            holder = bytes(message.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+        if holder:
+            raise _taken(run_dir, holder)
+        yield
+
+
 def _process_state(pid: int) -> str | None:
     """The state letter of a process on this host (R, S, T stopped, Z zombie...), None when there is none."""
     try:

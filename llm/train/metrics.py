@@ -1,4 +1,4 @@
-"""Throughput, MFU and the run's metric files (metrics.jsonl, TensorBoard events).
+"""Throughput, MFU and the run's metrics file (metrics.jsonl, mirrored to the trackers).
 
 MFU = achieved model FLOPs / peak FLOPs. Model FLOPs per token come from
 `llm.models.info.training_flops_per_token` (6 per matmul parameter plus
@@ -92,24 +92,21 @@ def memory_bytes(device: torch.device) -> int:
 
 
 class MetricsWriter:
-    """Rank 0 appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard
-    and to the other `trackers` (objects with write(record) and close(), see `llm.train.trackers`).
+    """Rank 0 appends one JSON object per logged step to metrics.jsonl and mirrors it to the
+    `trackers` (TensorBoard, W&B, MLflow: objects with `name`, write(record) and close(), see
+    `llm.train.trackers`).
 
     A line is appended whole or not at all: one write(2) on an O_APPEND descriptor, and when it
     fails part-way (full disk, quota) the file is cut back to its previous length and a warning
-    says what was lost. A half line left by a crash is cut off when the file is next opened."""
+    says what was lost. A half line left by a crash is cut off when the file is next opened. A
+    tracker that fails is switched off with one warning; metrics.jsonl goes on."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, trackers: list | None = None):
+    def __init__(self, run_dir: Path, trackers: list | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._repair()
         self.trackers = list(trackers or [])
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def _repair(self) -> None:
         size = os.fstat(self.fd).st_size
@@ -138,30 +135,32 @@ class MetricsWriter:
             os.ftruncate(self.fd, size)
             logger.warning(f"{self.path}: could not append step {record.get('step')} ({e}); the file is as it was")
             return
-        if self.tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(key, value, step)
-        for tracker in self.trackers:
-            tracker.write(record)
+        self._each_tracker(lambda tracker: tracker.write(record))
+
+    def _each_tracker(self, call) -> None:
+        from llm.train.trackers import switched_off
+
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as e:  # each tracker's library raises its own types
+                self.trackers.remove(tracker)
+                switched_off(tracker.name, e)
 
     def close(self) -> None:
         os.close(self.fd)
-        if self.tb is not None:
-            self.tb.close()
-        for tracker in self.trackers:
-            tracker.close()
+        self._each_tracker(lambda tracker: tracker.close())
 
     @classmethod
     def for_recipe(cls, recipe) -> MetricsWriter:
-        """The writer of a run: metrics.jsonl, TensorBoard and the trackers `recipe.logging` turns on."""
+        """The writer of a run: metrics.jsonl and the trackers `recipe.logging` turns on."""
         import dataclasses
 
         from llm.train.trackers import open_trackers
 
-        trackers = open_trackers(recipe.logging, Path(recipe.run_dir), dataclasses.asdict(recipe))
-        return cls(Path(recipe.run_dir), recipe.logging.tensorboard, trackers)
+        return cls(
+            Path(recipe.run_dir), open_trackers(recipe.logging, Path(recipe.run_dir), dataclasses.asdict(recipe))
+        )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

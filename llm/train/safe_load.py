@@ -5,7 +5,9 @@
 DeepSpeed makes on llm's behalf (its TorchCheckpointEngine, zero_to_fp32, the universal
 checkpoint converter, all of which pass weights_only=False), goes through `safe_loads()`:
 inside it `torch.load` reads with weights_only=True and an allow-list of the few plain
-types DeepSpeed stores (enums, a named tuple, the loss scaler whose state is numbers).
+types DeepSpeed stores (enums, a named tuple, the loss scaler whose state is numbers), and
+nothing that other libraries added to torch's allow-list when imported (torchao's tensor
+subclasses: `llm.fileio.torch_load`).
 A file that needs anything else, or that is not a readable checkpoint at all (truncated,
 overwritten), is one `CheckpointError` naming it.
 """
@@ -13,12 +15,12 @@ overwritten), is one `CheckpointError` naming it.
 from __future__ import annotations
 
 import contextlib
-import pickle
 import threading
 
 import torch
 
 from llm.errors import UserError
+from llm.fileio import torch_load
 
 
 class CheckpointError(UserError):
@@ -44,37 +46,12 @@ _depth = 0
 _original_load = torch.load
 
 
-def _describe(f) -> str:
-    return str(getattr(f, "name", f))
-
-
 def load(f, map_location=None, **kwargs):
-    """`torch.load` with weights_only=True and the allow-list; any failure is a CheckpointError naming `f`."""
+    """`torch.load` with weights_only=True and the allow-list; any failure is a CheckpointError naming `f`
+    (`llm.fileio.torch_load`)."""
     kwargs.pop("weights_only", None)
     kwargs.pop("pickle_module", None)
-    try:
-        with torch.serialization.safe_globals(allowed_globals()):
-            try:
-                return _original_load(f, map_location=map_location, weights_only=True, **kwargs)
-            except RuntimeError as e:
-                if not kwargs.get("mmap") or "mmap can only be used" not in str(e):
-                    raise
-                kwargs["mmap"] = False  # a file in torch's legacy format: read it (safely) without mmap
-                return _original_load(f, map_location=map_location, weights_only=True, **kwargs)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        reason = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
-        raise CheckpointError(
-            f"{_describe(f)}: refused to load: it holds objects beyond tensors and plain data "
-            f"(a crafted or foreign file?): {reason.strip()}"
-        ) from None
-    except FileNotFoundError:
-        raise
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{_describe(f)}: not a readable checkpoint file (truncated or damaged?): {reason}"
-        ) from None
+    return torch_load(f, allowed_globals(), CheckpointError, "checkpoint", map_location=map_location, **kwargs)
 
 
 @contextlib.contextmanager

@@ -202,7 +202,17 @@ def grad_norm(parameters: list[nn.Parameter], tensor: TensorParallel | None) -> 
     return float((whole + sharded).sqrt())
 
 
-def merge_shards(shards: list[dict[str, torch.Tensor]], splits: dict[str, TensorSplit]) -> dict[str, torch.Tensor]:
+def merge_shards(
+    shards: list[dict[str, torch.Tensor]], splits: dict[str, TensorSplit], where: str
+) -> dict[str, torch.Tensor]:
     """One whole state dict of the tensor ranks' state dicts `shards` (rank order): the tensors named in
-    `splits` (`llm.models.layers.tensor_parallel_splits` of the whole model) merged, the others rank 0's."""
-    return {k: splits[k].merge([s[k] for s in shards]) if k in splits else v for k, v in shards[0].items()}
+    `splits` (`llm.models.layers.tensor_parallel_splits` of the whole model) merged, the others rank 0's.
+    UserError naming `where` when the ranks' tensors do not fit together (other names or shapes)."""
+    first = shards[0]
+    for rank, shard in enumerate(shards[1:], 1):
+        if shard.keys() != first.keys() or any(shard[k].shape != v.shape for k, v in first.items()):
+            raise UserError(f"{where}: tensor rank {rank}'s weights differ in names or shapes from rank 0's")
+    try:
+        return {k: splits[k].merge([s[k] for s in shards]) if k in splits else v for k, v in first.items()}
+    except (RuntimeError, ValueError) as e:  # a part that does not cut as the model says
+        raise UserError(f"{where}: the tensor ranks' weights do not merge into the model it describes ({e})") from None

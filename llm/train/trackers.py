@@ -1,8 +1,12 @@
-"""Experiment trackers beyond metrics.jsonl and TensorBoard: Weights & Biases and MLflow.
+"""Experiment trackers beside metrics.jsonl: TensorBoard, Weights & Biases and MLflow.
 
-Both are optional extras (`pip install llm[wandb]`, `llm[mlflow]`), imported only when a
-recipe turns them on (`logging.wandb`, `logging.mlflow`). Each receives every record rank 0
-writes to metrics.jsonl (numeric fields, at the record's step), so the three series agree.
+W&B and MLflow are optional extras (`pip install llm[wandb]`, `llm[mlflow]`), imported only when
+a recipe turns them on (`logging.wandb`, `logging.mlflow`). Each tracker receives every record
+rank 0 writes to metrics.jsonl (numeric fields, at the record's step), so the series agree.
+
+A tracker never ends a run: one that fails to start or to write (a read-only tracking store, a
+full disk, a server that went away) is reported once, naming its setting, and switched off;
+metrics.jsonl keeps every record and checkpoints are written as ever.
 
 - W&B runs offline by default (`logging.wandb_mode: offline`): the run is a local directory
   RUN_DIR/wandb/offline-run-*, uploaded later with `wandb sync` if wanted; nothing is sent.
@@ -21,6 +25,7 @@ from typing import Literal
 
 from llm.config import positive
 from llm.errors import UserError
+from llm.log import logger
 
 
 @dataclasses.dataclass
@@ -55,8 +60,28 @@ def _missing(package: str, extra: str, field: str) -> UserError:
     return UserError(f"{field}: true needs the {package} package (pip install 'llm[{extra}]' or pip install {package})")
 
 
+class TensorBoardTracker:
+    """TensorBoard event files in RUN_DIR/tensorboard."""
+
+    name = "logging.tensorboard"
+
+    def __init__(self, logging: LoggingConfig, run_dir: Path, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        for key, value in _numbers(record).items():
+            self.writer.add_scalar(key, value, int(record["step"]))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class WandbTracker:
     """One W&B run (offline by default) in RUN_DIR/wandb, named after the run directory."""
+
+    name = "logging.wandb"
 
     def __init__(self, logging: LoggingConfig, run_dir: Path, config: dict):
         try:
@@ -84,6 +109,8 @@ class WandbTracker:
 class MlflowTracker:
     """One MLflow run in `logging.mlflow_uri` (default: the file store RUN_DIR/mlruns), through a client
     object so no process-wide MLflow state is touched."""
+
+    name = "logging.mlflow"
 
     def __init__(self, logging: LoggingConfig, run_dir: Path, config: dict):
         try:
@@ -124,12 +151,27 @@ def _flatten(value, prefix: str = "") -> dict:
     return {prefix: value}
 
 
+TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}
+
+
+def switched_off(name: str, error: Exception) -> None:
+    """Say once that tracker `name` failed and is off from now on."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    logger.warning(f"{name}: switched off after {type(error).__name__}: {reason}; metrics.jsonl keeps every record")
+
+
 def open_trackers(logging: LoggingConfig, run_dir: Path, config: dict) -> list:
-    """The trackers `logging` turns on for the run in `run_dir`, each with write(record) and close();
-    `config` (the recipe as a mapping) is logged with them."""
+    """The trackers `logging` turns on for the run in `run_dir`, each with `name`, write(record) and
+    close(); `config` (the recipe as a mapping) is logged with them. One that cannot start is
+    `switched_off`; a missing package is a UserError (`llm.run.checks` finds it before training)."""
     trackers = []
-    if logging.wandb:
-        trackers.append(WandbTracker(logging, run_dir, config))
-    if logging.mlflow:
-        trackers.append(MlflowTracker(logging, run_dir, config))
+    for field, tracker in TRACKERS.items():
+        if not getattr(logging, field):
+            continue
+        try:
+            trackers.append(tracker(logging, run_dir, config))
+        except UserError:
+            raise
+        except Exception as e:  # each tracker's library raises its own types (OSError, MlflowException, CommError)
+            switched_off(tracker.name, e)
     return trackers

@@ -192,12 +192,13 @@ class Trainer:
         """Compare the checkpoint's recipe with ours (see `resume`)."""
         import yaml
 
+        from llm.config import load_yaml
         from llm.train import recipe_change
 
         saved_path = step_dir / "recipe.yaml"
         if not saved_path.is_file():
             return
-        saved = self.recipe.as_recorded(yaml.safe_load(saved_path.read_text()))
+        saved = self.recipe.as_recorded(load_yaml(saved_path))
         current = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(self.recipe), sort_keys=False))
         changed = recipe_change.check_resume(saved, current, str(step_dir), saved_world, self.world_size)
         for field, (old, new) in changed.items():

@@ -1,10 +1,14 @@
 """Data that cannot be trusted is refused, naming where: manifest paths stay inside their directory,
 damaged shards are caught when read, a token id out of range names its shard and position; prepare
-swaps a new dataset in only on success; one huge document is tokenized in bounded memory."""
+swaps a new dataset in only on success; one huge document is tokenized in bounded memory, one huge
+fine-tuning example is cut before the tokenizer reads it, and an image header claiming more pixels
+than llm decodes is one line naming the file."""
 
 import json
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +16,7 @@ import pytest
 from llm.data import PackedTokens, prepare, verify
 from llm.data import shards as S
 from llm.data.prepare import split_text, write_token_shards
-from llm.data.tokenizer import Tokenizer
+from llm.data.tokenizer import CHARS_PER_TOKEN, Tokenizer, head_text
 from llm.errors import UserError
 from tests.train.helpers import ROOT, env
 
@@ -169,3 +173,97 @@ def test_split_text_cuts_only_between_words(bpe):
     assert "".join(pieces) == text and max(len(p) for p in pieces) <= 1000
     joined = [i for p in pieces[:-6] for i in tok.encode_batch([p])[0]]
     assert joined == tok.encode_batch(["".join(pieces[:-6])])[0]
+
+
+# -- one huge fine-tuning example: cut before tokenizing -------------------------------------------
+
+EXAMPLE_PEAK = """
+import json, sys
+from pathlib import Path
+from tokenizers import Tokenizer as HF
+from llm.config import build_config
+from llm.data.config import DataConfig
+from llm.data.tokenizer import CHARS_PER_TOKEN, Tokenizer, head_text
+from llm.models.config import ModelConfig
+from llm.tasks import get_task
+
+
+def peak():  # this process's high-water mark
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) * 1024
+
+
+path, tokenizer = Path(sys.argv[1]), sys.argv[2]
+model = dict(vocab_size=1000, max_seq_len=64, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+model = build_config(ModelConfig, model, "model")
+data = build_config(DataConfig, {"train": str(path), "tokenizer": tokenizer, "seq_len": 32}, "data")
+task = get_task({"name": "text_classification", "labels": ["a", "b"]})
+Tokenizer(tokenizer).encode("warm up")
+before = peak()
+stream, _ = task.file_stream(model, data, path, 0, 0, 1)
+grown = peak() - before
+whole = HF.from_file(tokenizer)  # the reference: the whole text, truncated by the tokenizer itself
+whole.enable_truncation(max_length=32)
+expected = [e.ids for e in whole.encode_batch([json.loads(line)["text"] for line in path.open()])]
+print(json.dumps({"grown": grown, "ids": [s["input_ids"].tolist() for s in stream.samples], "expected": expected}))
+"""
+
+
+def test_one_huge_fine_tuning_example_is_cut_before_the_tokenizer_reads_it(tmp_path, bpe):
+    """A 2 MB example of a JSONL that data.seq_len cuts to 32 tokens: its tokenizer state took ~320 MB."""
+    rng = np.random.default_rng(0)
+    words = ["the", "movie", "was", "slow", "but", "kind", "é", "(x)", "  ", "\t"]
+    rows = [{"text": "a fine film", "label": "a"}, {"text": " ".join(rng.choice(words, 500_000)), "label": "b"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = subprocess.run(
+        [sys.executable, "-c", EXAMPLE_PEAK, str(path), str(bpe)],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ids"] == result["expected"]  # the same 32 tokens as the whole text, cut by the tokenizer
+    assert result["grown"] < 40e6, result["grown"]  # 533 MB before the cut
+
+
+def test_head_text_keeps_the_first_tokens_of_the_whole_text(bpe, wordpiece):
+    text = "alpha  beta\tgamma \n delta, (epsilon) é " * 2000 + "x" * 5000
+    for path in (bpe, wordpiece):
+        tok = Tokenizer(path)
+        head = head_text(text, 20)
+        assert text.startswith(head) and 20 * CHARS_PER_TOKEN // 2 <= len(head) <= 20 * CHARS_PER_TOKEN
+        assert tok.encode(head)[:20] == tok.encode(text)[:20]
+    assert head_text("short", 20) == "short"
+
+
+# -- an image whose header claims more pixels than llm decodes -------------------------------------
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, without them (what a decompression bomb starts as)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [20_000, 9_000], ids=["pillow-bomb", "over-llm-bound"])
+def test_an_image_claiming_too_many_pixels_is_one_line_naming_it(tmp_path, capsys, side):
+    from PIL import Image
+
+    from llm.cli import main
+
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "photos" / "cat" / "a.png")
+    (tmp_path / "photos" / "cat" / "b.png").write_bytes(png_header(side, side))
+    rc = main(["data", "prepare-images", str(tmp_path / "photos"), "--size", "4", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert f"cat/b.png: {side}x{side} pixels" in err[0] or (side > 9_000 and "cat/b.png: Image size" in err[0])
+    assert list((tmp_path / "out").iterdir()) == []  # nothing written, nothing staged

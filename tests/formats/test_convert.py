@@ -19,7 +19,7 @@ def gpt(tmp_path):
     save_pretrained(build(GPT), tmp_path / "gpt")
     save_pretrained(transforms.apply_transforms(build(GPT), [{"name": "quantize", "method": "int8"}]), tmp_path / "q8")
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "earlier.txt").write_text("an earlier export")
+    (tmp_path / "out" / "config.json").write_text("{}")  # an earlier export, which a failed one keeps
     return tmp_path
 
 
@@ -33,7 +33,7 @@ def one_line_error(capsys, args: list[str]) -> str:
 
 def untouched(root) -> bool:
     """OUT holds what it held before, and no staging folder is left beside it."""
-    return [p.name for p in (root / "out").iterdir()] == ["earlier.txt"] and sorted(p.name for p in root.iterdir()) == [
+    return [p.name for p in (root / "out").iterdir()] == ["config.json"] and sorted(p.name for p in root.iterdir()) == [
         "gpt",
         "out",
         "q8",
@@ -42,7 +42,7 @@ def untouched(root) -> bool:
 
 def test_a_format_that_cannot_hold_the_model_says_what_is_missing_and_which_can(gpt, capsys):
     err = one_line_error(capsys, [str(gpt / "gpt"), str(gpt / "out"), "--to", "sentence-transformers"])
-    assert "a causal_lm model is no embedding model" in err and "(formats that can: llm, hf)" in err
+    assert "a causal_lm model is no embedding model" in err and "(formats that can: llm, hf, gguf, onnx)" in err
     assert untouched(gpt)
 
 
@@ -66,7 +66,7 @@ def test_a_missing_runtime_package_is_named_with_its_pip_install(gpt, capsys, mo
     monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
     err = one_line_error(capsys, [str(gpt / source), str(gpt / "out"), "--to", to])
     assert err.endswith(f"pip install {package}")
-    assert [p.name for p in (gpt / "out").iterdir()] == ["earlier.txt"]
+    assert [p.name for p in (gpt / "out").iterdir()] == ["config.json"]
     assert not [p for p in gpt.iterdir() if p.name.startswith(".out")]
 
 

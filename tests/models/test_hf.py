@@ -221,7 +221,7 @@ def test_missing_and_mismatched_weights_name_the_directory(tmp_path):
     with pytest.raises(UserError, match="mlp.fc_in.weight has shape"):
         from_hf(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(UserError, match="cannot read the weights"):
+    with pytest.raises(UserError, match="model.safetensors: not a readable safetensors file"):
         from_hf(tmp_path)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(UserError, match="no weights found"):

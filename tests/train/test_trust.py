@@ -2,6 +2,7 @@
 directory has one owner, a damaged newest checkpoint falls back to the intact one, a full disk is one
 clear line that leaves nothing partial, and a changed recipe on resume either takes effect or is refused."""
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -10,7 +11,9 @@ import pickle
 import resource
 import shutil
 import signal
+import socket
 import subprocess
+import time
 
 import pytest
 import torch
@@ -18,14 +21,26 @@ import yaml
 
 from llm.config import ConfigError, build_config
 from llm.errors import UserError
+from llm.fileio import held, holder_of
 from llm.run.loader import load_model
 from llm.run.recipe import RecipeConfig
 from llm.run.train import train
 from llm.train import checkpoint as ckpt
+from llm.train.distributed import JOB_LOCK
 from llm.train.metrics import MetricsWriter
 from llm.train.safe_load import CheckpointError
 from llm.train.schedule import lr_factor
-from tests.train.helpers import PYTHON, ROOT, TINY, assembled_trainer, env, losses, write_recipe
+from tests.train.helpers import (
+    PYTHON,
+    ROOT,
+    TINY,
+    assembled_trainer,
+    command,
+    descendants,
+    env,
+    losses,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -154,6 +169,49 @@ def test_resuming_an_earlier_step_never_keeps_a_later_one_or_a_dangling_latest(r
     ckpt.verify(saved)  # the new step 2, not the old run's
 
 
+def test_a_second_job_in_a_running_run_dir_is_refused_naming_the_first(tmp_path):
+    """Job A (2 ranks, both writing) trains; job B with the same run_dir is one line naming A's rank 0
+    (pid, host) and touches nothing; once A is killed, nothing it held is left to refuse the next."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", TINY)
+    run_dir = tmp_path / "run"
+    sets = [f"run_dir={run_dir}", "train.micro_batch_size=2"]
+    with open(tmp_path / "a.log", "w") as log:
+        a = subprocess.Popen(
+            command(recipe, 2, *sets, "train.max_steps=100000", resume="none"),
+            cwd=ROOT,
+            env=env(),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 600  # a first start builds DeepSpeed's CPU ops: a kill then would strand their lock
+        while not (run_dir / "metrics.jsonl").is_file() or not losses(run_dir):
+            assert a.poll() is None and time.time() < deadline, (tmp_path / "a.log").read_text()[-3000:]
+            time.sleep(0.2)
+        rank0 = next(p for p in descendants(a.pid) if "\0RANK=0\0" in f"\0{open(f'/proc/{p}/environ').read()}")
+        b = subprocess.run(command(recipe, 1, *sets), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+        assert a.poll() is None  # A trains on
+        steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert len(steps) == len(set(steps))  # B wrote no step of its own
+    finally:
+        for p in [a.pid, *descendants(a.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        a.wait()
+    assert b.returncode == 2 and "Traceback" not in b.stderr, b.stderr[-3000:]
+    errors = [line for line in b.stderr.splitlines() if line.startswith("llm: error:")]
+    assert len(errors) == 1 and f"run_dir {run_dir}: another job runs in it" in errors[0]
+    assert f"(pid {rank0} on {socket.gethostname()} since " in errors[0], errors[0]
+
+    deadline = time.time() + 60  # SIGKILL is delivered, not awaited: the lock goes with the last thread
+    while holder_of(run_dir / JOB_LOCK) is not None:
+        assert time.time() < deadline, "a killed job left its run directory locked"
+        time.sleep(0.05)
+    with held(run_dir / JOB_LOCK, "the next job"):  # the kill took A's lock with it
+        pass
+
+
 # -- case 5: a damaged newest checkpoint ----------------------------------------------------------
 
 
@@ -221,7 +279,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing_partial(
 
 
 def test_a_metrics_line_is_appended_whole_or_not_at_all(tmp_path):
-    writer = MetricsWriter(tmp_path, tensorboard=False)
+    writer = MetricsWriter(tmp_path)
     writer.write({"step": 1, "loss": 1.0})
     size = (tmp_path / "metrics.jsonl").stat().st_size
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -238,7 +296,7 @@ def test_a_metrics_line_is_appended_whole_or_not_at_all(tmp_path):
 
     with open(tmp_path / "metrics.jsonl", "a") as f:  # a crash mid-line
         f.write('{"step": 4, "lo')
-    MetricsWriter(tmp_path, tensorboard=False).close()
+    MetricsWriter(tmp_path).close()
     assert (tmp_path / "metrics.jsonl").read_text().endswith('"loss": 3.0}\n')
 
 

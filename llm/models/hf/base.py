@@ -57,6 +57,19 @@ class ClassifierHead:
     pooler: bool = False
 
 
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How one of llama.cpp's architectures holds a model of the family (llama.cpp's convert_hf_to_gguf.py):
+    `arch` is its name; `fused_qkv`: one attn_qkv matrix, else attn_q, attn_k and attn_v; `adjacent_rotary`:
+    it rotates adjacent pairs (2i, 2i + 1), so the rows of q and k are re-paired from our (i, i + d/2);
+    `full_heads`: its shapes assume n_heads * head_dim == d_model (no structurally pruned heads)."""
+
+    arch: str
+    fused_qkv: bool = False
+    adjacent_rotary: bool = False
+    full_heads: bool = False
+
+
 class FamilyAdapter:
     """One model family's Hugging Face mapping; one instance per family in `llm.models.hf.ADAPTERS`."""
 
@@ -116,6 +129,10 @@ class FamilyAdapter:
             if name == task and all(options.get(k) == v for k, v in implied.items()):
                 return arch
         return None
+
+    def gguf_layout(self, cfg: ModelConfig) -> GGUFLayout:
+        """llama.cpp's architecture for a causal LM of `cfg`; UserError naming what it cannot hold."""
+        raise UserError(f"llama.cpp has no architecture that llm writes for the {self.family!r} family")
 
     def check_exportable(self, cfg: ModelConfig, arch: str) -> None:
         """Raise a UserError naming the first field of `cfg` that `arch` cannot express."""

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from llm.errors import UserError
 from llm.models.config import ModelConfig
-from llm.models.hf.base import ClassifierHead, FamilyAdapter, activation, check_gelu_stack, require
+from llm.models.hf.base import ClassifierHead, FamilyAdapter, GGUFLayout, activation, check_gelu_stack, require
 from llm.models.hf.rules import Rule, linear_rules
 
 ACTIVATION_NAME = {"gelu": "gelu", "gelu_tanh": "gelu_new"}  # our mlp -> GPT-2's spelling
@@ -78,6 +79,13 @@ class GPT2(FamilyAdapter):
             attn_pdrop=cfg.attention_dropout,
             tie_word_embeddings=cfg.tie_embeddings,
         )
+
+    def gguf_layout(self, cfg: ModelConfig) -> GGUFLayout:
+        """llama.cpp's gpt2: GPT2LMHeadModel's tensors, q/k/v fused, the tanh GELU."""
+        self.check_exportable(cfg, "GPT2LMHeadModel")
+        if cfg.mlp != "gelu_tanh":
+            raise UserError(f"model.mlp: llama.cpp's gpt2 uses the tanh GELU (gelu_tanh), got {cfg.mlp!r}")
+        return GGUFLayout("gpt2", fused_qkv=True, full_heads=True)
 
     def check_exportable(self, cfg: ModelConfig, arch: str) -> None:
         check_gelu_stack(cfg, arch)

@@ -8,9 +8,15 @@ from __future__ import annotations
 from llm.errors import UserError
 from llm.log import logger
 from llm.models.config import ROPE_SCALING, ModelConfig
-from llm.models.hf.base import ClassifierHead, FamilyAdapter, require
+from llm.models.hf.base import ClassifierHead, FamilyAdapter, GGUFLayout, require
 from llm.models.hf.rules import Rule, fused_rules, linear_rules
 
+# model_type -> llama.cpp's architecture for it (Mistral is llama.cpp's llama); only `llama` rotates adjacent pairs
+GGUF_LAYOUTS = {
+    "llama": GGUFLayout("llama", adjacent_rotary=True),
+    "qwen2": GGUFLayout("qwen2", full_heads=True),
+    "qwen3": GGUFLayout("qwen3"),
+}
 # model_type -> how its architectures begin ("Qwen2ForCausalLM")
 SPELLING = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 ROPE_TYPES = ("default", *ROPE_SCALING)
@@ -147,6 +153,11 @@ class Llama(FamilyAdapter):
         if kind != "llama":
             out.update(use_sliding_window=False, sliding_window=None)
         return out
+
+    def gguf_layout(self, cfg: ModelConfig) -> GGUFLayout:
+        """llama.cpp's llama, qwen2 or qwen3, as the model type `cfg` needs."""
+        self.check_exportable(cfg, self.architecture(cfg, "causal_lm", {}))
+        return GGUF_LAYOUTS[self.model_type(cfg)]
 
     def check_exportable(self, cfg: ModelConfig, arch: str) -> None:
         if cfg.qk_norm and (cfg.attn_bias or cfg.bias):
