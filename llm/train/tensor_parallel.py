@@ -206,13 +206,19 @@ def merge_shards(
     shards: list[dict[str, torch.Tensor]], splits: dict[str, TensorSplit], where: str
 ) -> dict[str, torch.Tensor]:
     """One whole state dict of the tensor ranks' state dicts `shards` (rank order): the tensors named in
-    `splits` (`llm.models.layers.tensor_parallel_splits` of the whole model) merged, the others rank 0's.
-    UserError naming `where` when the ranks' tensors do not fit together (other names or shapes)."""
-    first = shards[0]
-    for rank, shard in enumerate(shards[1:], 1):
-        if shard.keys() != first.keys() or any(shard[k].shape != v.shape for k, v in first.items()):
-            raise UserError(f"{where}: tensor rank {rank}'s weights differ in names or shapes from rank 0's")
+    `splits` (`llm.models.layers.tensor_parallel_splits` of the whole model) merged from every rank's part, the
+    others whole from the first rank that holds them (DeepSpeed's consolidation may name a tied alias on one rank
+    only). UserError naming `where` when the parts do not fit together."""
+    whole: dict[str, torch.Tensor] = {}
+    for rank, shard in enumerate(shards):
+        for name, tensor in shard.items():
+            if name in whole and name not in splits and whole[name].shape != tensor.shape:
+                raise UserError(f"{where}: {name} is {tuple(tensor.shape)} on tensor rank {rank}, not as on rank 0")
+            whole.setdefault(name, tensor)
     try:
-        return {k: splits[k].merge([s[k] for s in shards]) if k in splits else v for k, v in first.items()}
-    except (RuntimeError, ValueError) as e:  # a part that does not cut as the model says
+        for name, split in splits.items():
+            if name in whole:
+                whole[name] = split.merge([s[name] for s in shards])
+    except (KeyError, RuntimeError, ValueError) as e:  # a part missing, or one that does not cut as the model says
         raise UserError(f"{where}: the tensor ranks' weights do not merge into the model it describes ({e})") from None
+    return whole

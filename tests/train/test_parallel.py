@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from llm.cli import main
+from llm.errors import UserError
 from llm.kernels.reference import IGNORE_INDEX
 from llm.models.layers import TensorSplit
 from llm.train.parallel import Mesh, ParallelConfig, slice_batch
+from llm.train.tensor_parallel import merge_shards
 from tests.train.helpers import TINY, write_recipe
 
 
@@ -63,6 +65,18 @@ def test_a_tensor_parallel_split_keeps_each_ranks_heads_whole():
     assert torch.equal(proj.merge([proj.shard(cols, r, 4) for r in range(4)]), cols)
     with pytest.raises(ValueError, match="do not divide into 4 parts"):
         qkv.shard(rows, 0, 4)
+
+
+def test_tensor_ranks_parts_that_do_not_fit_together_are_one_error():
+    """A checkpoint's tensor ranks' states merge into the whole model's, or raise UserError naming the file."""
+    splits = {"qkv": TensorSplit(0, (4, 2, 2))}
+    part = {"qkv": torch.zeros(4, 3), "norm": torch.ones(3)}
+    assert merge_shards([part, part], splits, "ckpt")["qkv"].shape == (8, 3)
+    with pytest.raises(UserError, match=r"ckpt: norm is \(4,\) on tensor rank 1"):
+        merge_shards([part, {**part, "norm": torch.ones(4)}], splits, "ckpt")
+    for other in ({"norm": torch.ones(3)}, {**part, "qkv": torch.zeros(5, 3)}):  # a part missing, or cut otherwise
+        with pytest.raises(UserError, match="ckpt: the tensor ranks' weights do not merge"):
+            merge_shards([part, other], splits, "ckpt")
 
 
 def refused(tmp_path, capsys, monkeypatch, world: int, **sections) -> str:
