@@ -36,6 +36,14 @@ def weights_depth(names: Iterable[str]) -> int:
     return 1 + max((int(part) for name in names for part in name.split(".") if part.isdigit()), default=-1)
 
 
+def check_depth(tensors: Iterable[str], layers: int, where: str) -> None:
+    """UserError naming `where` when a description of `layers` layers has more than the weights `tensors`
+    (their names) hold: check 1 of the module docstring, before even a meta-device build."""
+    held = weights_depth(tensors)
+    if layers > held:
+        raise UserError(f"{where}: describes {layers} layers; its weights hold {held}")
+
+
 def machine_memory() -> int:
     """Physical memory of this machine, in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -73,9 +81,7 @@ def build_fitted(
     `tensors`: the weights by name; `layers`: the depth the description gives; `where`: the file the
     description came from. Raises UserError naming `where` for a description its weights do not fit
     or this machine cannot hold."""
-    held = weights_depth(tensors)
-    if layers > held:
-        raise UserError(f"{where}: describes {layers} layers; its weights hold {held}")
+    check_depth(tensors, layers, where)
     dry_run(build, load, tensors, where)
     return load(build(), tensors)
 

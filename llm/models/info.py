@@ -11,7 +11,9 @@ Model-state memory for mixed-precision Adam is 16 bytes per parameter: 2 for
 the half-precision weights, 2 for their gradients, 12 for the fp32 master copy
 and the two moments. ZeRO-1 shards the 12, ZeRO-2 also the gradients, ZeRO-3
 everything (Rajbhandari et al., 2020). Tensor parallelism over t ranks splits
-every layer's weights t ways first; ZeRO then shards over the other ranks.
+every block's linear layers t ways first (embeddings, norms, row-parallel biases
+and the head stay whole: `parameters_per_rank`); ZeRO then shards each rank's
+parameters over the other ranks.
 
 Activation memory follows Korthikanti et al. 2022 ("Reducing Activation
 Recomputation in Large Transformer Models", eq. 2-3): a layer keeps
@@ -30,7 +32,7 @@ from __future__ import annotations
 from torch import nn
 
 from llm.models.config import ModelConfig
-from llm.models.layers import LMHead
+from llm.models.layers import LMHead, tensor_parallel_splits
 
 BYTES_WEIGHTS, BYTES_GRADS, BYTES_OPTIMIZER = 2, 2, 12
 
@@ -51,6 +53,13 @@ def training_flops_per_token(model: nn.Module, seq_len: int | None = None) -> fl
     cfg: ModelConfig = model.config
     seq = seq_len or cfg.seq_len
     return 6.0 * matmul_parameters(model) + 12.0 * cfg.n_layers * cfg.d_model * seq
+
+
+def parameters_per_rank(model: nn.Module, tensor: int = 1) -> int:
+    """Parameters a rank of a `tensor`-parallel group holds: 1 / tensor of each block linear's weight (and
+    column-parallel bias), every other parameter whole (llm.train.tensor_parallel)."""
+    split = tensor_parallel_splits(model)
+    return sum(p.numel() // tensor if name in split else p.numel() for name, p in model.named_parameters())
 
 
 def zero_memory_per_rank(n_params: int, ranks: int, stage: int) -> dict[str, float]:
@@ -89,7 +98,7 @@ def format_model_info(
     """Parameters, FLOPs per token, and the memory per rank of a built `model` (meta device is fine) on `ranks`
     ranks = data x `sequence` x `tensor`: the ZeRO table of model states and the activations of a micro-batch."""
     cfg = model.config
-    n = model.num_parameters()
+    n, per_rank = model.num_parameters(), parameters_per_rank(model, tensor)
     seq = seq_len or cfg.seq_len
     flops = training_flops_per_token(model, seq)
     unit = "patch" if cfg.is_image else "token"
@@ -98,13 +107,13 @@ def format_model_info(
         f"model: {cfg.family} {model.task}, {cfg.n_layers} layers, d_model {cfg.d_model}, "
         f"{cfg.n_heads} heads ({cfg.kv_heads} kv), d_ff {cfg.d_ff}, {cfg.norm} {cfg.norm_position}-norm, "
         f"{cfg.position} positions, {cfg.mlp}",
-        f"parameters: {n:,}",
+        f"parameters: {n:,}" + (f", {per_rank:,} per tensor-parallel rank" if tensor > 1 else ""),
         f"training FLOPs per {unit} (seq {seq}): {flops:,.0f} ({flops / 1e9:,.2f} GFLOP)",
         f"model-state memory per rank, mixed-precision Adam (16 bytes/param), {layout}:",
         f"  {'ZeRO':<6}{'weights':>16}{'grads':>16}{'optimizer':>16}{'total':>16}",
     ]
-    for stage in range(4):
-        m = zero_memory_per_rank(n / tensor, ranks // tensor, stage)
+    for stage in range(3 if tensor > 1 else 4):  # llm's tensor parallelism runs with ZeRO 0-2
+        m = zero_memory_per_rank(per_rank, ranks // tensor, stage)
         cells = "".join(f"{_gib(m[k]):>16}" for k in ("weights", "grads", "optimizer", "total"))
         lines.append(f"  {stage:<6}{cells}")
     act = activation_memory_per_rank(cfg, seq, micro_batch, sequence, tensor)

@@ -6,7 +6,9 @@ model without changes here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +102,50 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotated * sin[:, None]
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorSplit:
+    """How tensor parallelism cuts a linear layer's weight over N ranks (Megatron-LM: Shoeybi et al., 2019).
+
+    `dim` 0, column-parallel: rank r keeps part r of the output features (weight rows and bias) of each of
+    `pieces`, the sizes of the projections fused along them (q, k, v; gate, up; None: one), so its output
+    holds whole heads of q, k and v, or the gate and up columns that pair. `dim` 1, row-parallel: rank r keeps
+    part r of the input features; the bias stays whole (added once, after the ranks' outputs are summed)."""
+
+    dim: int
+    pieces: tuple[int, ...] | None = None
+
+    def shard(self, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+        """Rank `rank` of `size`'s part of the whole tensor `full`; ValueError when a piece does not divide."""
+        pieces = full.split(list(self.pieces or [full.shape[self.dim]]), self.dim)
+        if any(p.shape[self.dim] % size for p in pieces):
+            raise ValueError(f"{tuple(p.shape[self.dim] for p in pieces)} do not divide into {size} parts")
+        return torch.cat([p.chunk(size, self.dim)[rank] for p in pieces], self.dim)
+
+    def of_parameters(self, bias: bool) -> dict[str, TensorSplit]:
+        """{"weight": this split, "bias": its split} of the layer's parameters that it cuts."""
+        return {"weight": self, **({"bias": TensorSplit(0, self.pieces)} if bias and self.dim == 0 else {})}
+
+    def merge(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The whole tensor of every rank's part, in rank order (the inverse of `shard`)."""
+        size = len(shards)
+        local = [p // size for p in self.pieces or [shards[0].shape[self.dim] * size]]
+        parts = [s.split(local, self.dim) for s in shards]
+        return torch.cat([torch.cat([p[i] for p in parts], self.dim) for i in range(len(local))], self.dim)
+
+
+def tensor_parallel_splits(model: nn.Module) -> dict[str, TensorSplit]:
+    """{parameter name: its TensorSplit} of every parameter tensor parallelism cuts in a whole `model` (its
+    layers' `tensor_parallel_plan()`); every other parameter is whole on every rank."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if not hasattr(module, "tensor_parallel_plan"):
+            continue
+        for name, split in module.tensor_parallel_plan().items():
+            for param, cut in split.of_parameters(getattr(module, name).bias is not None).items():
+                out[f"{prefix}.{name}.{param}"] = cut
+    return out
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads (MHA, GQA, MQA).
 
@@ -113,6 +159,9 @@ class Attention(nn.Module):
     Ulysses sequence parallelism: x holds this rank's T/N positions, and attention runs on
     every position of H/N heads between two all-to-alls (llm.train.parallel); the masks
     given are then the whole sequence's.
+
+    `tensor_parallel` (`set_tensor_parallel`; 1 on one rank) is the number of ranks its heads are split
+    over: this rank computes n_heads / that query heads and kv_heads / that key/value heads.
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
@@ -129,6 +178,22 @@ class Attention(nn.Module):
         self.q_norm = Norm(self.head_dim, "rmsnorm", cfg.norm_eps, False) if cfg.qk_norm else None
         self.k_norm = Norm(self.head_dim, "rmsnorm", cfg.norm_eps, False) if cfg.qk_norm else None
         self.sequence_parallel = None
+        self.tensor_parallel = 1
+
+    def tensor_parallel_plan(self) -> dict[str, TensorSplit]:
+        """qkv column-parallel by heads (each rank's q heads with the k/v heads they read), proj row-parallel
+        (of a whole layer)."""
+        return {"qkv": TensorSplit(0, self.split), "proj": TensorSplit(1)}
+
+    def set_tensor_parallel(self, tp) -> None:
+        """Keep this rank's heads (`tp`: a `llm.train.tensor_parallel.TensorParallel`). The qk-norm weights,
+        whole on every rank, see only this rank's heads: their gradients are summed over the group."""
+        for name, split in self.tensor_parallel_plan().items():
+            setattr(self, name, tp.shard(getattr(self, name), split))
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                tp.sum_gradient(norm.weight)
+        self.tensor_parallel = tp.size
 
     def forward(
         self,
@@ -140,10 +205,10 @@ class Attention(nn.Module):
         document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv(x).split([n // self.tensor_parallel for n in self.split], dim=-1)
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -178,6 +243,16 @@ class MLP(nn.Module):
         width = 2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff
         self.fc_in = nn.Linear(cfg.d_model, width, bias=cfg.bias)
         self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def tensor_parallel_plan(self) -> dict[str, TensorSplit]:
+        """fc_in column-parallel (the same columns of gate and up on a rank), fc_out row-parallel (of a whole MLP)."""
+        d_ff = self.fc_out.in_features
+        return {"fc_in": TensorSplit(0, (d_ff, d_ff) if self.kind == "swiglu" else None), "fc_out": TensorSplit(1)}
+
+    def set_tensor_parallel(self, tp) -> None:
+        """Keep this rank's part of the hidden width (`tp`: a `llm.train.tensor_parallel.TensorParallel`)."""
+        for name, split in self.tensor_parallel_plan().items():
+            setattr(self, name, tp.shard(getattr(self, name), split))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)

@@ -128,6 +128,14 @@ class Transformer(nn.Module):
         for block in self.blocks:
             block.attn.sequence_parallel = sequence_parallel
 
+    def set_tensor_parallel(self, tensor_parallel) -> None:
+        """Split every block's attention heads and MLP width over a tensor-parallel group: `tensor_parallel`
+        is a `llm.train.tensor_parallel.TensorParallel` (its rank, size and parallel linears). Everything
+        outside the blocks' linears stays whole on every rank."""
+        for block in self.blocks:
+            block.attn.set_tensor_parallel(tensor_parallel)
+            block.mlp.set_tensor_parallel(tensor_parallel)
+
     @property
     def num_virtual_tokens(self) -> int:
         """Keys in front of the input's: the soft prompt's or the prefix's length (0 without)."""

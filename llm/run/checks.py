@@ -261,24 +261,26 @@ VIRTUAL_TOKEN_TRANSFORMS = ("prefix", "prompt")
 
 def check_parallel(recipe: RecipeConfig, task, world_size: int) -> None:
     """The `parallel:` sizes fit the launch, the model and the run (`llm.train.parallel`): sequence x tensor
-    divides `world_size`; sequence parallelism gets a task whose loss is per token (`Task.sequence_parallel`),
-    heads and key/value heads that divide over the group, and no virtual tokens or teacher. Raises ConfigError
-    naming the field."""
-    from llm.train.parallel import Mesh, check_heads
+    divides `world_size`; the model's heads (and MLP width) divide over the groups (`check_model`); sequence
+    parallelism gets a task whose loss is per token (`Task.sequence_parallel`) and no virtual tokens or
+    teacher; tensor parallelism a task it splits (`Task.tensor_parallel`), no transform, pruning, teacher or
+    attention dropout (ZeRO-3 is refused with the DeepSpeed JSON: `llm.train.engine.deepspeed_config`).
+    Raises ConfigError naming the field."""
+    from llm.train.parallel import Mesh, check_model
 
     p = recipe.parallel
     Mesh.of(p, world_size)
     if p.tensor > 1:
-        raise ConfigError("parallel.tensor", f"{p.tensor}: this version of llm has no tensor parallelism; set it to 1")
-    if p.sequence == 1:
-        return
-    if not task.sequence_parallel:
+        check_tensor_parallel(recipe, task)
+    if p.sequence > 1 and not task.sequence_parallel:
         raise ConfigError(
             "parallel.sequence",
             f"{p.sequence}: task {task.name!r} does not split its sequences over ranks (sequence parallelism trains "
             "tasks whose loss is a mean over per-token labels: causal_lm, instruction)",
         )
-    check_heads(p, recipe.model.n_heads, recipe.model.kv_heads)
+    check_model(p, recipe.model)
+    if p.sequence == 1:
+        return
     for path, settings in recipe.transform_settings():
         if settings.name in VIRTUAL_TOKEN_TRANSFORMS:
             raise ConfigError(
@@ -286,6 +288,29 @@ def check_parallel(recipe: RecipeConfig, task, world_size: int) -> None:
             )
     if recipe.distill.teacher:
         raise ConfigError("distill.teacher", "the teacher runs on whole sequences; distill with parallel.sequence: 1")
+
+
+def check_tensor_parallel(recipe: RecipeConfig, task) -> None:
+    """What tensor parallelism (`llm.train.tensor_parallel`) cannot split: see `check_parallel`."""
+    t = recipe.parallel.tensor
+    if not task.tensor_parallel:
+        raise ConfigError(
+            "parallel.tensor", f"{t}: task {task.name!r} is not trained tensor-parallel (causal_lm and instruction are)"
+        )
+    steps = recipe.transform_settings()
+    if steps:
+        path, settings = steps[0]
+        raise ConfigError(path, f"{settings.name}: tensor parallelism splits the model's own linear layers only")
+    if recipe.prune.sparsity:
+        raise ConfigError("prune", "gradual pruning masks whole weights; prune with parallel.tensor: 1")
+    if recipe.distill.teacher:
+        raise ConfigError("distill.teacher", "distillation runs with parallel.tensor: 1")
+    if recipe.model.attention_dropout:
+        raise ConfigError(
+            "model.attention_dropout",
+            f"{recipe.model.attention_dropout}: every rank of a tensor group would drop the same positions of its "
+            "own heads; set it to 0 under parallel.tensor",
+        )
 
 
 def check_document_mask(recipe: RecipeConfig, task) -> None:

@@ -7,7 +7,7 @@ import torch
 from llm.models.config import load_model_config
 from llm.models.info import format_model_info
 from llm.tasks import build_model
-from llm.train.parallel import Mesh, ParallelConfig, check_heads
+from llm.train.parallel import Mesh, ParallelConfig, check_model
 
 
 def model_info(
@@ -33,7 +33,7 @@ def model_info(
         seq_len: sequence length for FLOPs and activations (default: the model's max_seq_len)
         micro_batch: sequences per micro-batch, for activations
         sequence: sequence-parallel ranks (parallel.sequence): each holds seq_len / sequence positions
-        tensor: tensor-parallel ranks (parallel.tensor): each holds 1 / tensor of every layer
+        tensor: tensor-parallel ranks (parallel.tensor): each holds 1 / tensor of every block's linear layers
         set: override fields, KEY=VALUE (several pairs per flag, and the flag repeated)
 
     Example:
@@ -44,7 +44,7 @@ def model_info(
     parallel = ParallelConfig(sequence=sequence, tensor=tensor)
     parallel.validate()
     Mesh.of(parallel, ranks)
-    check_heads(parallel, cfg.n_heads, cfg.kv_heads)
+    check_model(parallel, cfg)
     task = task or ("image_classification" if cfg.is_image else "causal_lm" if cfg.causal else "masked_lm")
     with torch.device("meta"):
         model = build_model(cfg, task)

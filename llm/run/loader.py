@@ -27,7 +27,8 @@ from llm.fileio import load_safetensors, replace_dir
 from llm.log import logger, short_list
 from llm.models.base import Model, tied_aliases
 from llm.models.config import ModelConfig
-from llm.models.fit import build_fitted
+from llm.models.fit import build_fitted, check_depth
+from llm.models.layers import tensor_parallel_splits
 from llm.tasks import Task, get_task
 from llm.train import checkpoint as ckpt
 
@@ -156,12 +157,25 @@ def load_checkpoint_model(path: str | Path, tag: str | None = None) -> Model:
     if not description.is_file():
         raise UserError(f"{description}: not found (a checkpoint written by llm holds its model's description)")
     described = load_yaml(description)
-    state = ckpt.consolidated_state_dict(step_dir)
+    where = str(description)
+    state = ckpt.consolidated_state_dict(step_dir, merge=lambda parts: merge_tensor_parallel(described, parts, where))
     distill = described.get("distill") if isinstance(described, dict) else None
     prefix = distill.get("student_prefix") if isinstance(distill, dict) else None
     if isinstance(prefix, str) and prefix:  # a distillation run's: the student's weights, not the projection
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    return load_described(described, state, str(description), str(step_dir)).float().eval()
+    return load_described(described, state, where, str(step_dir)).float().eval()
+
+
+def merge_tensor_parallel(description: dict, parts: list[dict[str, torch.Tensor]], where: str) -> dict:
+    """The whole weights of a tensor-parallel checkpoint from its tensor ranks' `parts` (rank order), cut as the
+    model `description` (read from `where`) splits them (`llm.models.layers.tensor_parallel_splits` of it, built on
+    the meta device once its depth fits the weights)."""
+    from llm.train.tensor_parallel import merge_shards
+
+    check_depth(parts[0], description_config(description, where).n_layers, where)
+    with torch.device("meta"):
+        splits = tensor_parallel_splits(build_from_description(description, where))
+    return merge_shards(parts, splits, where)
 
 
 def model_kind(path: str | Path) -> str:

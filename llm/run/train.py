@@ -37,7 +37,7 @@ from llm.run.prepare import prepare_if_missing
 from llm.run.recipe import RecipeConfig, load_finetune_recipe, load_recipe
 from llm.tasks import OPTIONS, Task, get_task
 from llm.train import checkpoint as ckpt
-from llm.train import parallel
+from llm.train import parallel, tensor_parallel
 from llm.train.distributed import DistInfo, distributed, owns_run_dir, refuse_taken_run_dir
 from llm.train.engine import build_engine, deepspeed_config
 from llm.train.metrics import device_peak_flops
@@ -78,8 +78,9 @@ def check_recipe(recipe: RecipeConfig, paths: bool = True) -> Task:
 
 def ds_config(recipe: RecipeConfig, world_size: int, task: Task) -> dict:
     """The run's DeepSpeed JSON for `world_size` ranks (see `llm.train.engine.deepspeed_config`)."""
+    p = recipe.parallel
     return deepspeed_config(
-        recipe.deepspeed, recipe.train, recipe.optim, world_size, task.min_micro_batch, recipe.parallel.sequence
+        recipe.deepspeed, recipe.train, recipe.optim, world_size, task.min_micro_batch, p.sequence, p.tensor
     )
 
 
@@ -189,9 +190,12 @@ def assemble(
     ds_json = ds_config(recipe, dist.world_size, task)
     seed_everything(recipe.seed)
     prepare_if_missing(recipe, dist.rank)
-    # world = data x sequence x tensor: a sequence group reads its data-parallel rank's samples, each rank a slice
+    # world = data x sequence x tensor: a sequence and a tensor group read their data-parallel rank's samples,
+    # each rank of a sequence group a slice of them
     mesh = parallel.Mesh.of(recipe.parallel, dist.world_size)
-    sequence = parallel.sequence_parallel(parallel.device_mesh(mesh, dist.device))
+    device_mesh = parallel.device_mesh(mesh, dist.device)
+    sequence = parallel.sequence_parallel(device_mesh)
+    tensor = tensor_parallel.tensor_parallel(device_mesh, mesh)
     per_rank = dict(
         seed=recipe.seed,
         micro_batch_size=recipe.train.micro_batch_size,
@@ -215,13 +219,17 @@ def assemble(
         d = recipe.distill
         teacher = load_teacher(recipe).to(dist.device)
         model = Distiller(model, teacher, d.teacher, d.temperature, d.alpha, d.hidden_mse).to(dist.device)
-    engine = build_engine(model, ds_json, recipe.optim, recipe.schedule, recipe.train)
     trainable, total = model.num_parameters(trainable_only=True), model.num_parameters()
     logger.info(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.4f}%)")
+    if tensor is not None:  # after the whole model's FLOPs and parameters are counted
+        model.transformer.set_tensor_parallel(tensor)
+    engine = build_engine(model, ds_json, recipe.optim, recipe.schedule, recipe.train, mpu=tensor)
     validation = Validation(val_batches, recipe.train.eval_every, recipe.train.eval_batches)
     peak, _ = device_peak_flops(dist.device, recipe.train.precision)
     all_callbacks = [validation, *pruning, *callbacks]
-    trainer = Trainer(recipe, dist, engine, model, task, train_batches, all_callbacks, flops_per_token, peak, sequence)
+    trainer = Trainer(
+        recipe, dist, engine, model, task, train_batches, all_callbacks, flops_per_token, peak, sequence, tensor
+    )
     trainer.resume(resume)  # first: a recipe the checkpoint refuses must not be recorded as the run's
     if dist.rank == 0:
         run_dir = Path(recipe.run_dir)
@@ -231,8 +239,9 @@ def assemble(
     return Parts(task, model, engine, trainer, validation)
 
 
-def gathered_copy(model: Model, zero_stage: int) -> Model:
-    """A CPU fp32 copy of the trained model, gathered from every rank under ZeRO-3 (all ranks call)."""
+def gathered_copy(model: Model, zero_stage: int, tensor: tensor_parallel.TensorParallel | None = None) -> Model:
+    """A CPU fp32 copy of the whole trained model, gathered from every rank under ZeRO-3 or tensor
+    parallelism (`tensor`: this rank's group; all ranks call)."""
     params = list(model.parameters())
     gather = contextlib.nullcontext()
     if zero_stage == 3:
@@ -240,7 +249,8 @@ def gathered_copy(model: Model, zero_stage: int) -> Model:
 
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     with gather:
-        state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
+        state = model.state_dict() if tensor is None else tensor.whole_state_dict(model)
+        state = {k: v.detach().float().cpu().clone() for k, v in state.items()}
     copy = loader.build_from_description(model.description(), "the trained model")
     return loader.load_weights(copy, state, "the trained model").eval()
 
@@ -295,7 +305,7 @@ def train(recipe: RecipeConfig, resume: str = "auto", overwrite: bool = False) -
         summary["val"] = parts.validation.last
         if not summary["preempted"] and recipe.checkpoint.save_final:
             trained = parts.model.student if isinstance(parts.model, Distiller) else parts.model
-            final = gathered_copy(trained, parts.engine.zero_optimization_stage())
+            final = gathered_copy(trained, parts.engine.zero_optimization_stage(), parts.trainer.tensor)
             if dist.rank == 0:
                 summary["export"] = str(export(final, recipe))
                 if recipe.logging.sample_prompt is not None and parts.task.name == "causal_lm":

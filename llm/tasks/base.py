@@ -52,6 +52,8 @@ class Task:
     packs_documents: ClassVar[bool] = False
     # a mean over per-token labels whose model takes position_ids: its sequences split over ranks (parallel.sequence)
     sequence_parallel: ClassVar[bool] = False
+    # its model trains with every block split over a tensor-parallel group (parallel.tensor; the head stays whole)
+    tensor_parallel: ClassVar[bool] = False
     nested: ClassVar[bool] = True  # Hugging Face head models keep the trunk under a prefix ("bert.", ...)
 
     def __init__(self, options: Any = None, path: str = "task"):

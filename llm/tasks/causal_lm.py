@@ -81,6 +81,7 @@ class CausalLMTask(Task):
     language_model = True
     packs_documents = True
     sequence_parallel = True
+    tensor_parallel = True
 
     def shard_stream(self, cfg, data, path, seed, rank, world_size):
         from llm.data import PackedDocuments, PackedTokens, check_vocab, collate_causal_lm

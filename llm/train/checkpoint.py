@@ -28,6 +28,8 @@ import json
 import os
 import random
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -364,9 +366,33 @@ def load(engine, step_dir: Path, rank: int, load_dir: Path | None = None, **kwar
 # ----------------------------------------------------------------------------
 
 
-def consolidated_state_dict(path: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 weights of a checkpoint, gathered from every rank's shards (ZeRO 1-3) or read whole (ZeRO 0)."""
+def consolidated_state_dict(
+    path: str | Path, tag: str | None = None, merge: Callable[[list[dict]], dict] | None = None
+) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint, gathered from every rank's shards (ZeRO 1-3) or read whole (ZeRO 0).
+
+    A tensor-parallel checkpoint holds one model (mp_rank_NN_model_states.pt) and its ZeRO shards per tensor
+    rank: each is consolidated on its own, and `merge` puts their states (rank order) together into the whole
+    model's (it knows the model: `llm.run.loader.merge_tensor_parallel`); UserError when `merge` is None then."""
     step_dir = find_checkpoint(path, tag)
+    ranks = sorted(step_dir.glob("mp_rank_*_model_states.pt"))
+    if len(ranks) <= 1:
+        return _fp32_state(step_dir)
+    if merge is None:
+        raise UserError(f"{step_dir}: a tensor-parallel checkpoint ({len(ranks)} ranks) needs its model to be merged")
+    parts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, model_file in enumerate(ranks):  # a step directory of rank i's files alone, for zero_to_fp32
+            view = Path(tmp) / f"tensor_rank_{i}" / step_dir.name
+            view.mkdir(parents=True)
+            for file in (model_file, *step_dir.glob(f"*_mp_rank_{i:02d}_optim_states.pt")):
+                (view / file.name).symlink_to(file.resolve())
+            parts.append(_fp32_state(view))
+    return merge(parts)
+
+
+def _fp32_state(step_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a step directory of one model-parallel rank (see `consolidated_state_dict`)."""
     with safe_loads():
         if list(step_dir.glob("*zero_pp_rank_*optim_states.pt")):
             if not torch.cuda.is_available():  # as a run says (llm.train.distributed), so DeepSpeed need not guess

@@ -89,12 +89,15 @@ def deepspeed_config(
     world_size: int,
     min_micro_batch: int = 1,
     sequence_parallel: int = 1,
+    tensor_parallel: int = 1,
 ) -> dict:
     """The preset, then the recipe's batch, precision, clipping, ZeRO and optimizer, then deepspeed.config.
 
-    With `sequence_parallel` N > 1 the world_size / N data-parallel ranks set the global batch (samples);
-    DeepSpeed, which sees every rank as data parallel (llm.train.parallel), counts a micro-batch per rank,
-    so its train_batch_size is N times that."""
+    The world_size / (sequence_parallel x tensor_parallel) data-parallel ranks set the global batch
+    (samples). DeepSpeed sees the ranks of a sequence group as data parallel (llm.train.parallel) and
+    counts a micro-batch per rank, so its train_batch_size is sequence_parallel times that; a tensor group
+    is one data-parallel rank to it (llm.train.tensor_parallel). ZeRO-3 with tensor_parallel > 1 is a
+    ConfigError: llm's tensor parallelism runs with ZeRO 0-2."""
     cfg = load_preset(ds.preset)
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
     if ds.zero_stage is not None:
@@ -111,7 +114,8 @@ def deepspeed_config(
     cfg.update(
         train_micro_batch_size_per_gpu=t.micro_batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        train_batch_size=check_batch(t, world_size // sequence_parallel, min_micro_batch) * sequence_parallel,
+        train_batch_size=check_batch(t, world_size // (sequence_parallel * tensor_parallel), min_micro_batch)
+        * sequence_parallel,
         gradient_clipping=t.grad_clip,
         optimizer=optimizer_json(optim, offload=ds.offload_optimizer),
     )
@@ -121,12 +125,21 @@ def deepspeed_config(
     stage = cfg["zero_optimization"].get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError("deepspeed.config.zero_optimization.stage", f"must be 0-3, got {stage}")
+    if stage == 3 and tensor_parallel > 1:
+        raise ConfigError(
+            "deepspeed.zero_stage",
+            f"3 with parallel.tensor={tensor_parallel}: ZeRO-3 would cut the tensor-parallel shards again; use "
+            "ZeRO 0-2 (they shard the optimizer state and gradients over the data-parallel ranks)",
+        )
     return cfg
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, schedule: ScheduleConfig, t: TrainConfig):
+def build_engine(
+    model: torch.nn.Module, ds_config: dict, optim: OptimConfig, schedule: ScheduleConfig, t: TrainConfig, mpu=None
+):
     """The DeepSpeed engine training `model` with AdamW over its trainable parameters and the
-    recipe's lr schedule. With train.compile the engine compiles the module it wraps
+    recipe's lr schedule; `mpu`: the model-parallel groups (a `llm.train.tensor_parallel.TensorParallel`)
+    under tensor parallelism. With train.compile the engine compiles the module it wraps
     (`DeepSpeedEngine.compile`: torch.compile with the accelerator's backend, inductor on CPU
     and CUDA), after ZeRO has set up its hooks and partitions, so parameter names, checkpoints and
     exports are those of the eager model; the first steps pay the compilation."""
@@ -137,6 +150,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, sc
         model_parameters=param_groups(model, optim.weight_decay),
         config=ds_config,
         lr_scheduler=lr_scheduler(schedule, t.max_steps),
+        mpu=mpu,
     )
     if t.compile:
         engine.compile()

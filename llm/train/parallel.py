@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from llm.config import ConfigError, positive
 from llm.kernels.reference import IGNORE_INDEX
+from llm.models.config import ModelConfig
 
 DIMS = ("data", "sequence", "tensor")
 
@@ -102,18 +103,32 @@ def sequence_parallel(device_mesh) -> SequenceParallel | None:
     return SequenceParallel(device_mesh["sequence"].get_group())
 
 
-def check_heads(config: ParallelConfig, n_heads: int, kv_heads: int, path: str = "model") -> None:
-    """Ulysses gives each rank of a sequence group n_heads / sequence query heads and kv_heads / sequence key
-    and value heads (query head h reads key head h // (n_heads / kv_heads), on the same rank only then).
-    ConfigError naming model.n_heads or model.n_kv_heads otherwise."""
-    n = config.sequence
-    for field, heads in (("n_heads", n_heads), ("n_kv_heads", kv_heads)):
-        if heads % n:
-            raise ConfigError(
-                f"{path}.{field}",
-                f"{heads} {'query' if field == 'n_heads' else 'key/value'} heads do not divide over "
-                f"parallel.sequence={n} ranks (Ulysses splits the heads over a sequence group)",
-            )
+# the families whose blocks tensor parallelism splits (llm.train.tensor_parallel)
+TENSOR_FAMILIES = ("gpt", "llama")
+
+
+def check_model(config: ParallelConfig, model: ModelConfig, path: str = "model") -> None:
+    """The model splits as `config` asks. Ulysses gives each rank of a sequence group n_heads / sequence query
+    heads and kv_heads / sequence key and value heads (query head h reads key head h // (n_heads / kv_heads),
+    on the same rank only then); tensor parallelism gives each rank n_heads / tensor and kv_heads / tensor of
+    them, and d_ff / tensor of the MLP width, of a gpt or llama model; together each rank computes
+    n_heads / (sequence x tensor) heads. ConfigError naming the model's field otherwise."""
+    s, t = config.sequence, config.tensor
+    if t > 1 and model.family not in TENSOR_FAMILIES:
+        raise ConfigError(
+            f"{path}.family", f"tensor parallelism splits {' and '.join(TENSOR_FAMILIES)} models, not {model.family}"
+        )
+    over = " x ".join(f"parallel.{k}={n}" for k, n in (("sequence", s), ("tensor", t)) if n > 1)
+    if s > 1 and t > 1:
+        why = "Ulysses and tensor parallelism split the heads"
+    else:
+        why = "Ulysses splits the heads over a sequence group" if s > 1 else "tensor parallelism splits the heads"
+    for field, heads in (("n_heads", model.n_heads), ("n_kv_heads", model.kv_heads)):
+        if heads % (s * t):
+            kind = "query" if field == "n_heads" else "key/value"
+            raise ConfigError(f"{path}.{field}", f"{heads} {kind} heads do not divide over {over} ranks ({why})")
+    if model.d_ff % t:
+        raise ConfigError(f"{path}.d_ff", f"{model.d_ff} does not divide over parallel.tensor={t} ranks")
 
 
 # ----------------------------------------------------------------------------

@@ -83,10 +83,30 @@ def global_batch(recipe: dict, world_size: int) -> int:
     return t["micro_batch_size"] * t["grad_accum"] * data_ranks(recipe, world_size)
 
 
+def check_tensor_parallel(saved: dict, current: dict, where: str, saved_world: int | None, world_size: int) -> None:
+    """A tensor-parallel checkpoint holds each rank's part of every block, and its ZeRO states are sharded
+    per tensor rank: it resumes with its parallel.tensor on its number of ranks (ConfigError otherwise); its
+    export, or `init_from` of it, holds the whole model for any other layout."""
+    before, now = ((r.get("parallel") or {}).get("tensor", 1) for r in (saved, current))
+    if before != now:
+        raise ConfigError(
+            "parallel.tensor",
+            f"is {now} but the checkpoint {where} was trained with {before}; resume with parallel.tensor={before}, "
+            "or start a new run from it with init_from",
+        )
+    if now > 1 and saved_world is not None and saved_world != world_size:
+        raise ConfigError(
+            "parallel.tensor",
+            f"{now}: the tensor-parallel checkpoint {where} resumes on the {saved_world} ranks it was saved by, not "
+            f"{world_size}; or start a new run from it with init_from",
+        )
+
+
 def check_resume(saved: dict, current: dict, where: str, saved_world: int | None, world_size: int) -> dict:
     """`check`, and the global batch: `world_size` ranks must train with the checkpoint's global batch
     (`saved_world` ranks; None: not recorded). Returns the allowed changes; ConfigError otherwise."""
     changed = check(saved, current, where)
+    check_tensor_parallel(saved, current, where, saved_world, world_size)
     if saved_world is not None:
         before, now = global_batch(saved, saved_world), global_batch(current, world_size)
         if before != now:

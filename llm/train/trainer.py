@@ -27,6 +27,7 @@ from llm.train.config import Recipe
 from llm.train.distributed import DistInfo, Heartbeat, RankFailure
 from llm.train.metrics import MetricsWriter, memory_bytes
 from llm.train.parallel import SequenceParallel
+from llm.train.tensor_parallel import TensorParallel, grad_norm
 
 
 def _collective_error(e: BaseException) -> bool:
@@ -128,9 +129,11 @@ class Trainer:
         flops_per_token: float = 0.0,
         peak_flops: float | None = None,
         sequence: SequenceParallel | None = None,
+        tensor: TensorParallel | None = None,
     ):
         self.recipe, self.dist, self.engine, self.model, self.task = recipe, dist, engine, model, task
         self.sequence = sequence  # this rank's sequence-parallel group (its batches are slices), None without
+        self.tensor = tensor  # this rank's tensor-parallel group (its ranks read the same batches), None without
         self.rank, self.world_size = dist.rank, dist.world_size
         self.train_batches, self.callbacks = train_batches, list(callbacks)
         names = [callback_name(c) for c in self.callbacks]
@@ -307,7 +310,9 @@ class Trainer:
         the same as one batch holding every sample (a skipped micro-batch's replacement is
         weighted by its own count; the micro-batches before it keep the step's first N). Under sequence
         parallelism a rank's micro-batch is its slice of its group's samples, and its gradient a part of
-        theirs (llm.train.parallel): the same weights make the step's gradient exact."""
+        theirs (llm.train.parallel): the same weights make the step's gradient exact. The ranks of a tensor group
+        read the same samples, so N counts each token once per rank, and DeepSpeed, which averages over the
+        data-parallel ranks only (llm.train.tensor_parallel), finds the same mean."""
         self.engine.train()
         start = time.perf_counter()
         gas = self.recipe.train.grad_accum
@@ -331,7 +336,7 @@ class Trainer:
         self.step += 1
         loss_all, tokens_all = self._all_reduce([loss_sum, float(tokens)])
         loss = loss_all / max(total, 1.0)
-        tokens_per_s = tokens_all / elapsed
+        tokens_per_s = tokens_all / (self.tensor.size if self.tensor else 1) / elapsed  # a tensor group's once
         flops = self.flops_per_token * tokens_per_s
         reported = self.engine.get_global_grad_norm()
         if reported is not None:
@@ -356,10 +361,8 @@ class Trainer:
         DeepSpeed's ZeRO-0 path does not record their norm (stages 1-3 report their own)."""
         if self.engine.zero_optimization_stage() != 0:
             return None
-        grads = [p.grad.detach().float() for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return None
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return grad_norm(params, self.tensor) if params else None
 
     @torch.no_grad()
     def evaluate(self, batches, max_batches: int) -> dict | None:
@@ -378,8 +381,9 @@ class Trainer:
             output = self.engine(**batch)
             if self.sequence is not None:  # the loss of the group's samples, not of this rank's slice of them
                 output.loss = self.sequence.mean(output.loss, self.task.loss_tokens(batch))
+            counted = self.tensor is None or self.tensor.rank == 0  # a tensor group's batch once
             for key, value in self.task.eval_sums(batch, output).items():
-                sums[key] = sums.get(key, 0.0) + value
+                sums[key] = sums.get(key, 0.0) + (value if counted else 0.0)
         keys = sorted(sums)
         totals = dict(zip(keys, self._all_reduce([sums[k] for k in keys]))) if keys else {}
         self.engine.train()

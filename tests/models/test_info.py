@@ -88,3 +88,22 @@ def test_model_info_shards_zero_over_all_ranks_and_refuses_a_mesh_that_does_not_
     assert "2048 positions per rank" in out
     assert main(["model", "info", "gpt2-124m", "--ranks", "8", "--sequence", "8"]) == 2  # 12 heads over 8
     assert "model.n_heads: 12 query heads do not divide over parallel.sequence=8" in capsys.readouterr().err
+
+
+def test_model_info_counts_what_a_tensor_parallel_rank_holds(capsys):
+    """Llama-3-8B over tensor 8: each rank holds 1/8 of every block's q, k, v, o, gate, up and down weights, and
+    the embeddings, the untied output and the norms whole; ZeRO shards those over the 16 / 8 data-parallel ranks
+    (llm's tensor parallelism runs with ZeRO 0-2, so the table stops at 2). The 2-rank training test checks the
+    count against a real rank's parameters (tests/train/test_tensor_parallel.py)."""
+    from llm.cli import main
+
+    assert main(["model", "info", "llama-8b", "--ranks", "16", "--tensor", "8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    v, d, layers, kv, d_ff = 128256, 4096, 32, 8 * 128, 14336
+    split = layers * (d * (d + 2 * kv) + d * d + 3 * d * d_ff)
+    per_rank = split // 8 + layers * 2 * d + d + 2 * v * d
+    assert f"{per_rank:,} per tensor-parallel rank" in out[1]
+    assert "16 ranks = 2 data x 1 sequence x 8 tensor" in out[3]
+    assert f"{16 * per_rank / 2**30:,.2f} GiB" in out[5]  # ZeRO 0: all of a rank's 16 bytes per parameter
+    assert f"{(2 + 2 + 12 / 2) * per_rank / 2**30:,.2f} GiB" in out[6]  # ZeRO 1: the optimizer over 2
+    assert not any(line.strip().startswith("3 ") for line in out)

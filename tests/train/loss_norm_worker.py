@@ -30,20 +30,24 @@ class FixedBatches:
     def load_state_dict(self, state: dict) -> None:
         self.i = state["i"]
 
+    def rewind(self) -> None:
+        self.i = 0
+
 
 def one_step(recipe, batches: list[dict]) -> dict:
     """{"grads": {name: the whole gradient before the optimizer step}, "metrics": the step's metrics} on this
     rank (DeepSpeed's safe_get_full_grad: the gradient gathered from the ranks under ZeRO 1-3; every rank calls)."""
+    return stepped_trainer(recipe, batches)[1]
+
+
+def stepped_trainer(recipe, batches: list[dict]):
+    """(the trainer after one step, `one_step`'s result)."""
     from deepspeed.utils import safe_get_full_grad
 
-    from llm.train.parallel import Mesh, SequenceSlices
     from tests.train.helpers import assembled_trainer
 
     trainer = assembled_trainer(recipe)
-    mesh = Mesh.of(recipe.parallel, trainer.world_size)
-    mine = FixedBatches(batches[mesh.coordinates(trainer.rank)[0] :: mesh.data])
-    sequence = trainer.sequence
-    trainer.train_batches = SequenceSlices(mine, sequence.rank, sequence.size) if sequence else mine
+    feed(trainer, batches)
     engine, grads = trainer.engine, {}
     step = engine.step
 
@@ -55,7 +59,17 @@ def one_step(recipe, batches: list[dict]) -> dict:
 
     engine.step = capturing_step
     metrics = trainer.train_step()
-    return {"grads": grads, "metrics": metrics}
+    return trainer, {"grads": grads, "metrics": metrics}
+
+
+def feed(trainer, batches: list[dict]) -> None:
+    """Make `trainer` train on its rank's micro-batches of `batches` (see the module docstring)."""
+    from llm.train.parallel import Mesh, SequenceSlices
+
+    mesh = Mesh.of(trainer.recipe.parallel, trainer.world_size)
+    mine = FixedBatches(batches[mesh.coordinates(trainer.rank)[0] :: mesh.data])
+    sequence = trainer.sequence
+    trainer.train_batches = SequenceSlices(mine, sequence.rank, sequence.size) if sequence else mine
 
 
 if __name__ == "__main__":
