@@ -41,6 +41,11 @@ def inverse_hessian_factor(
     if not torch.isfinite(H).all():
         raise UserError(f"{name}: its calibration inputs are not finite (NaN or inf in the Hessian)")
     dead = H.diagonal() == 0
+    if dead.any():
+        logger.warning(
+            f"{name}: {int(dead.sum())} of its {len(H)} inputs are 0 on every calibration token (a singular "
+            "Hessian); their weights are set to 0, as the reference implementation does"
+        )
     H[dead, dead] = 1
     weight = weight.clone()
     weight[:, dead] = 0
@@ -112,10 +117,10 @@ def quantize_model(
     group: dist.ProcessGroup | None = None,
 ) -> Model:
     """GPTQ on every Linear of the blocks, calibrated on `batches` (this rank's model inputs), then the model
-    quantized in place by the `quantize` transform ({method, group_size}, recorded) with GPTQ's integers and
-    scales in the blocks' layers (the embeddings and the head are rounded to nearest, as the reference
-    leaves them). Raises what `calibrate` and the transform raise."""
-    settings = {"method": method, "group_size": group_size}
+    quantized in place by the `quantize` transform ({method, group_size, algorithm: gptq}, recorded) with GPTQ's
+    integers and scales in the blocks' layers (the embeddings and the head are rounded to nearest, as the
+    reference leaves them). Raises what `calibrate` and the transform raise."""
+    settings = {"method": method, "group_size": group_size, "algorithm": "gptq"}
     quantize.checked_settings(model, settings)
     grid = quantize.Grid.of(method, group_size)
     parts = {}

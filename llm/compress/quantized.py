@@ -86,7 +86,7 @@ class QuantizedWeight(nn.Module):
                     f"{part} is {value.dtype} {tuple(value.shape)}, the {self.method} weight needs "
                     f"{' or '.join(map(str, dtypes))} {shape}"
                 )
-        if zero_point.any():
+        if not zero_point.is_meta and zero_point.any():
             raise ValueError("zero_point holds nonzero values; llm's quantization is symmetric (zero points 0)")
         self.qweight.copy_(qdata ^ NIBBLE_OFFSET if self.group_size else qdata)
         self.scale.copy_(scale.reshape(self.scale.shape))
