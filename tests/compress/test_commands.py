@@ -4,6 +4,10 @@ batches, the record names the algorithm, 2:4 masks hold, and bad input is one li
 layer or the flag."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +17,7 @@ from llm import cli, transforms
 from llm.compress import awq, gptq, prune, quantize, sparsegpt
 from llm.run.compress import calibration_batches
 from llm.run.loader import load_model, save_pretrained
+from llm.train.distributed import DIST_ENV
 from tests.conftest import build
 
 SPEC = dict(
@@ -140,3 +145,22 @@ def test_bad_input_is_one_line_naming_what_and_where(tmp_path, setup, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, (argv, err)
     assert not out.exists()
+
+
+@pytest.mark.distributed
+def test_two_ranks_under_torchrun_write_the_one_rank_files(tmp_path, setup):
+    """torchrun --nproc_per_node 2 -m llm compress quantize --algorithm gptq: each rank calibrates on half of the
+    batches (gloo); rank 0 writes the very bytes the lone command writes."""
+    model_dir, data = setup
+    argv = ["compress", "quantize", model_dir, None, "--method", "int4", "--group-size", 32, "--algorithm", "gptq",
+            "--data", data, "--calibration-batches", 3, "--batch-size", 2]  # fmt: skip
+    assert run(*[tmp_path / "one" if a is None else a for a in argv]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "llm"]
+    done = subprocess.run([*launch, *(str(tmp_path / "two" if a is None else a) for a in argv)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "calibrated block 2/2 on 192 tokens over 2 ranks" in done.stderr  # the tokens of both ranks
+    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
