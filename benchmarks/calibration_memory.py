@@ -1,0 +1,96 @@
+"""Peak memory of layer-by-layer GPTQ calibration (llm.compress.calibrate) on a model shape, random weights (memory
+does not depend on the values), against the analytic figure: the float32 weights, the calibration hidden states
+at one block's input (tokens x d_model x 4 bytes), one block's forward on one batch, the block's float64
+statistics (sum of K^2 + K per Linear x 8 bytes), and the integers GPTQ keeps until the model is quantized
+(1 byte per block weight, plus the scales).
+
+    PYTHONPATH=. python benchmarks/calibration_memory.py [--model gpt2-355m] [--batches 8] [--batch-size 2]
+
+Prints and writes calibration_memory-<time>.json under benchmarks/results/: peak RSS (the kernel's ru_maxrss)
+after the imports, after building the model and after calibrating and quantizing, and each analytic term.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llm.compress import gptq, report  # noqa: E402
+from llm.compress.quantized import QuantizedLinear, QuantizedWeight  # noqa: E402
+from llm.config import with_base  # noqa: E402
+from llm.fileio import write_atomic  # noqa: E402
+from llm.tasks import build_model  # noqa: E402
+
+MB = 2**20
+
+
+def peak_rss() -> int:
+    """Bytes: the process's peak resident set so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt2-355m")
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--group-size", type=int, default=128)
+    args = p.parse_args()
+    imported = peak_rss()  # torch and llm, before any model
+    torch.manual_seed(0)
+    spec = with_base({"base": args.model, "max_seq_len": args.seq_len}, "models", "model")
+    model = build_model(spec, {"name": "causal_lm"}).eval()
+    built = peak_rss()
+    cfg = model.config
+    batches = [
+        {"input_ids": torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len))} for _ in range(args.batches)
+    ]
+    started = time.perf_counter()
+    gptq.quantize_model(model, batches, "int4", args.group_size)
+    seconds = time.perf_counter() - started
+    block = model.transformer.blocks[0]
+    tokens = args.batches * args.batch_size * args.seq_len
+    linears = [(m.weight.in_features, m.weight.out_features) for m in block.modules() if isinstance(m, QuantizedLinear)]
+    block_weights = cfg.n_layers * sum(k * n for k, n in linears)
+    params = sum(p.numel() for p in model.parameters()) + sum(
+        m.num_weights for m in model.modules() if isinstance(m, QuantizedWeight)
+    )
+    T, B, d, h = args.seq_len, args.batch_size, cfg.d_model, cfg.n_heads
+    analytic = {
+        "weights_fp32": 4 * params,
+        "hidden_states": 4 * tokens * d,
+        "block_forward_one_batch": 4 * B * (T * T * h + 2 * T * cfg.d_ff + 6 * T * d),
+        "block_statistics_fp64": 8 * sum(k * k + k for k, _ in linears),
+        "gptq_integers_and_scales": block_weights + 2 * block_weights // args.group_size,
+    }
+    figures = {
+        "model": args.model,
+        "parameters": params,
+        "calibration_tokens": tokens,
+        "peak_rss_after_imports_mb": imported / MB,
+        "peak_rss_after_build_mb": built / MB,
+        "peak_rss_mb": peak_rss() / MB,
+        "analytic_mb": {k: v / MB for k, v in analytic.items()},
+        "analytic_total_mb": sum(analytic.values()) / MB,
+        "peak_rss_above_imports_mb": (peak_rss() - imported) / MB,
+        "seconds": seconds,
+    }
+    out = Path("benchmarks/results") / f"calibration_memory-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    payload = {"command": "PYTHONPATH=. python " + " ".join(sys.argv), "environment": report.environment()}
+    write_atomic(out, json.dumps({**payload, "figures": figures}, indent=2) + "\n")
+    print(json.dumps(figures, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
