@@ -251,7 +251,7 @@ def compress_report(
     batch_size: int = 8,
     seq_len: int | None = None,
 ) -> dict:
-    """Size on disk, parameters, CPU speed and held-out quality of variants against the original.
+    """Size on disk, parameters, zeros, CPU speed and held-out quality of variants against the original.
 
     Speed: causal LMs generate (tokens/s, batch 1, with the bandwidth limit of each), other tasks run
     forward passes over the first batch of DATA (examples/s); rounds alternate between the models and
@@ -323,6 +323,7 @@ def compress_report(
                 "path": str(p),
                 "size_bytes": report.size_on_disk(p),
                 "parameters": m.num_parameters(),
+                "sparsity": prune.sparsity_of(m),
                 "transforms": m.transforms,
                 speed_key: speed.get(label, float("nan")),
                 "metrics": metrics,
