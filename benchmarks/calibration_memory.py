@@ -4,7 +4,10 @@ at one block's input (tokens x d_model x 4 bytes), one block's forward on one ba
 statistics (sum of K^2 + K per Linear x 8 bytes), and the integers GPTQ keeps until the model is quantized
 (1 byte per block weight, plus the scales).
 
-    PYTHONPATH=. python benchmarks/calibration_memory.py [--model gpt2-355m] [--batches 8] [--batch-size 2]
+    PYTHONPATH=. python benchmarks/calibration_memory.py [--model gpt2-355m] [--layers N] [--batches 4] [--batch-size 1]
+
+Each block adds only its weights and GPTQ's integers for it (the other terms are one block's, freed before the
+next), so --layers measures the per-block terms on a busy CPU in minutes; the whole shape's are then analytic.
 
 Prints and writes calibration_memory-<time>.json under benchmarks/results/: peak RSS (the kernel's ru_maxrss)
 after the imports, after building the model and after calibrating and quantizing, and each analytic term.
@@ -40,14 +43,17 @@ def peak_rss() -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2-355m")
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--layers", type=int, help="build this many of the shape's blocks (default: all)")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--group-size", type=int, default=128)
     args = p.parse_args()
     imported = peak_rss()  # torch and llm, before any model
     torch.manual_seed(0)
     spec = with_base({"base": args.model, "max_seq_len": args.seq_len}, "models", "model")
+    if args.layers:
+        spec["n_layers"] = args.layers
     model = build_model(spec, {"name": "causal_lm"}).eval()
     built = peak_rss()
     cfg = model.config
@@ -74,6 +80,7 @@ def main() -> int:
     }
     figures = {
         "model": args.model,
+        "layers": cfg.n_layers,
         "parameters": params,
         "calibration_tokens": tokens,
         "peak_rss_after_imports_mb": imported / MB,
