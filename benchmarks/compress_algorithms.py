@@ -29,37 +29,59 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from llm.compress import report  # noqa: E402
+from llm.compress.quantized import QuantizedLinear  # noqa: E402
 from llm.fileio import write_atomic  # noqa: E402
-from llm.run.compress import compress_report, prune_model, quantize_model  # noqa: E402
+from llm.run.compress import compress_report, prune_model, quantize_model, shard_config  # noqa: E402
+from llm.run.evaluate import evaluate  # noqa: E402
+from llm.run.loader import load_model  # noqa: E402
 
 QUANTIZED = ("rtn", "gptq", "awq")
 PRUNED = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = {"50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
 
 
-def variants(model: Path, work: Path, calibration: dict) -> dict[str, Path]:
-    """Every variant of `model`, by name: int4 g128 by each algorithm, each pruning method at 50% and 2:4."""
+def variants(model: Path, work: Path, calibration: dict, reuse: bool) -> dict[str, Path]:
+    """Every variant of `model`, by name: int4 g128 by each algorithm, each pruning method at 50% and 2:4
+    (`reuse`: those already under `work` are kept)."""
     made = {}
     for algorithm in QUANTIZED:
-        out = work / f"int4-g128-{algorithm}"
+        out = made[f"int4 g128 {algorithm}"] = work / f"int4-g128-{algorithm}"
         extra = calibration if algorithm != "rtn" else {}
-        quantize_model(str(model), str(out), method="int4", group_size=128, algorithm=algorithm, **extra)
-        made[f"int4 g128 {algorithm}"] = out
+        if not (reuse and (out / "model.safetensors").is_file()):
+            quantize_model(str(model), str(out), method="int4", group_size=128, algorithm=algorithm, **extra)
     for label, how in PATTERNS.items():
         for method in PRUNED:
-            out = work / f"{method}-{label.replace('%', '').replace(':', 'of')}"
+            out = made[f"{method} {label}"] = work / f"{method}-{label.replace('%', '').replace(':', 'of')}"
             extra = calibration if method != "magnitude" else {}
-            prune_model(str(model), str(out), method=method, **how, **extra)
-            made[f"{method} {label}"] = out
+            if not (reuse and (out / "model.safetensors").is_file()):
+                prune_model(str(model), str(out), method=method, **how, **extra)
     return made
+
+
+@torch.no_grad()
+def blocks_only(original: Path, variant: Path, val: str, work: Path, batch_size: int) -> dict:
+    """Held-out metrics of the original with the variant's blocks (quantized weights dequantized, AWQ's folded
+    norms too) and its own float embeddings and head: the blocks' share of a quantized variant's loss (the
+    embeddings and the head are rounded to nearest by every algorithm)."""
+    m, v = load_model(original).eval(), load_model(variant)
+    for key, tensor in m.state_dict().items():
+        if key.startswith("transformer.blocks."):
+            owner, _, leaf = key.rpartition(".")
+            module = v.get_submodule(owner)
+            quantized = isinstance(module, QuantizedLinear) and leaf == "weight"
+            tensor.copy_(module.weight.dequantize() if quantized else getattr(module, leaf))
+    config = shard_config(m, val, str(original))
+    return evaluate(m, config, batch_size=batch_size, out=work / "confusion-blocks-only", name=str(variant))
 
 
 def measure(name: str, model: Path, train: str, val: str, work: Path, args) -> dict:
     """Make the variants of one model, report them, and judge the goals on `key` (ppl or loss)."""
     calibration = {"data": train, "calibration_batches": args.calibration_batches, "batch_size": args.batch_size}
     started = time.perf_counter()
-    made = variants(model, work / name, calibration)
+    made = variants(model, work / name, calibration, args.reuse)
     made_s = time.perf_counter() - started
     result = compress_report(
         str(model), [str(p) for p in made.values()], data=val, out=str(args.results / name),
@@ -79,6 +101,11 @@ def measure(name: str, model: Path, train: str, val: str, work: Path, args) -> d
         sparse = quality[f"sparsegpt {label}"][key]
         for method in ("wanda", "magnitude"):
             checks[f"sparsegpt {label} {key} < {method} {label}"] = sparse < quality[f"{method} {label}"][key]
+    blocks = {
+        f"int4 g128 {a}": blocks_only(model, made[f"int4 g128 {a}"], val, work / name, args.eval_batch_size)
+        for a in QUANTIZED
+    }
+    blocks_increase = {n: m[key] - base for n, m in blocks.items()}
     return {
         "model": str(model),
         "calibration": {"data": train, "batches": args.calibration_batches, "batch_size": args.batch_size},
@@ -86,6 +113,13 @@ def measure(name: str, model: Path, train: str, val: str, work: Path, args) -> d
         "quality_key": key,
         "metrics": quality,
         f"{key}_increase": increase,
+        "blocks_only_metrics": blocks,
+        f"blocks_only_{key}_increase": blocks_increase,
+        "blocks_only_checks": {
+            f"{a} blocks' {key} increase <= half of RTN's": blocks_increase[f"int4 g128 {a}"]
+            <= blocks_increase["int4 g128 rtn"] / 2
+            for a in ("gptq", "awq")
+        },
         "variants_made_s": made_s,
         "report": {k: result[k] for k in ("table", "json", "png")},
         "checks": checks,
@@ -106,6 +140,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved speed rounds of the report")
     p.add_argument("--work", type=Path, default=Path("runs/compress_algorithms"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/compress_algorithms"))
+    p.add_argument("--reuse", action="store_true", help="keep the variants already under --work")
     args = p.parse_args()
     started = time.strftime("%Y%m%dT%H%M%S")
     models = {}
@@ -133,7 +168,9 @@ def main() -> int:
     for name, m in models.items():
         increase = m[f"{m['quality_key']}_increase"]
         print(f"{name}: {m['quality_key']} increase " + ", ".join(f"{k} {v:+.4f}" for k, v in increase.items()))
-        print(json.dumps(m["checks"], indent=2))
+        increase = m[f"blocks_only_{m['quality_key']}_increase"]
+        print(f"{name}: blocks only " + ", ".join(f"{k} {v:+.4f}" for k, v in increase.items()))
+        print(json.dumps({**m["checks"], **m["blocks_only_checks"]}, indent=2))
     print(f"wrote {out}")
     return 0 if all(all(m["checks"].values()) for m in models.values()) else 1
 

@@ -208,6 +208,8 @@ def _onnxruntime_int8(model_dir: Path, work: Path, job: dict):
     session = onnxruntime.InferenceSession(str(next(onnx_dir.glob("*.onnx"))), options)
     names = {i.name for i in session.get_inputs()}
     feed = {k: v.numpy() for k, v in job["inputs"].items() if k in names}
+    if "token_type_ids" in names and "token_type_ids" not in feed:  # one segment, as llm's model reads its absence
+        feed["token_type_ids"] = torch.zeros_like(job["inputs"]["input_ids"]).numpy()
     return lambda: session.run(None, feed)
 
 

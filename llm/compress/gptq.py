@@ -37,7 +37,7 @@ def inverse_hessian_factor(
     the weight's dtype. When the dampened H is not numerically positive definite, lambda grows tenfold (from
     1% of mean(diag H) when `damp` is 0) until it is, and a warning names the layer and the dampening used.
     Raises UserError naming the layer when H is not finite."""
-    H = hessian.to(weight.dtype).clone()
+    H = hessian.to(weight.dtype, copy=True)
     if not torch.isfinite(H).all():
         raise UserError(f"{name}: its calibration inputs are not finite (NaN or inf in the Hessian)")
     dead = H.diagonal() == 0
@@ -52,7 +52,10 @@ def inverse_hessian_factor(
     mean_diag = H.diagonal().mean()
     fraction = damp
     while fraction <= 100:
-        L, info = torch.linalg.cholesky_ex(H + fraction * mean_diag * torch.eye(len(H), dtype=H.dtype, device=H.device))
+        damped = H.clone()
+        damped.diagonal().add_(fraction * mean_diag)  # H + lambda I, without a K x K identity
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0 and torch.isfinite(U).all():
