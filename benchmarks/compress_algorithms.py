@@ -74,7 +74,9 @@ def blocks_only(original: Path, variant: Path, val: str, work: Path, batch_size:
             quantized = isinstance(module, QuantizedLinear) and leaf == "weight"
             tensor.copy_(module.weight.dequantize() if quantized else getattr(module, leaf))
     config = shard_config(m, val, str(original))
-    return evaluate(m, config, batch_size=batch_size, out=work / "confusion-blocks-only", name=str(variant))
+    return evaluate(
+        m, config, batch_size=batch_size, max_batches=None, out=work / "confusion-blocks-only", name=str(variant)
+    )
 
 
 def measure(name: str, model: Path, train: str, val: str, work: Path, args) -> dict:
