@@ -140,9 +140,9 @@ def quantize_model(
     group: dist.ProcessGroup | None = None,
 ) -> Model:
     """AWQ scales and clipping on every block, calibrated on `batches` (this rank's model inputs), then the
-    model quantized in place by the `quantize` transform ({method, group_size}, recorded). Raises what
+    model quantized in place by the `quantize` transform ({method, group_size, algorithm: awq}, recorded). Raises what
     `calibrate` and the transform raise."""
-    settings = {"method": method, "group_size": group_size}
+    settings = {"method": method, "group_size": group_size, "algorithm": "awq"}
     quantize.checked_settings(model, settings)
     grid = quantize.Grid.of(method, group_size)
 

@@ -221,4 +221,5 @@ def calibrate(
         for x in inputs:
             x.hidden = x.through(block)
         block.to(home)
-        logger.info(f"calibrated block {i + 1}/{len(trunk.blocks)} on {tokens:,} tokens")
+        ranks = f" over {calibration.world} ranks" if calibration.world > 1 else ""
+        logger.info(f"calibrated block {i + 1}/{len(trunk.blocks)} on {tokens:,} tokens{ranks}")

@@ -37,17 +37,25 @@ def inverse_hessian_factor(
     the weight's dtype. When the dampened H is not numerically positive definite, lambda grows tenfold (from
     1% of mean(diag H) when `damp` is 0) until it is, and a warning names the layer and the dampening used.
     Raises UserError naming the layer when H is not finite."""
-    H = hessian.to(weight.dtype).clone()
+    H = hessian.to(weight.dtype, copy=True)
     if not torch.isfinite(H).all():
         raise UserError(f"{name}: its calibration inputs are not finite (NaN or inf in the Hessian)")
     dead = H.diagonal() == 0
+    if dead.any():
+        logger.warning(
+            f"{name}: {int(dead.sum())} of its {len(H)} inputs are 0 on every calibration token (a singular "
+            "Hessian); their weights are set to 0, as the reference implementation does"
+        )
     H[dead, dead] = 1
     weight = weight.clone()
     weight[:, dead] = 0
     mean_diag = H.diagonal().mean()
     fraction = damp
     while fraction <= 100:
-        L, info = torch.linalg.cholesky_ex(H + fraction * mean_diag * torch.eye(len(H), dtype=H.dtype, device=H.device))
+        damped = H.clone()
+        damped.diagonal().add_(fraction * mean_diag)  # H + lambda I, without a K x K identity
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if info == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0 and torch.isfinite(U).all():
@@ -112,10 +120,10 @@ def quantize_model(
     group: dist.ProcessGroup | None = None,
 ) -> Model:
     """GPTQ on every Linear of the blocks, calibrated on `batches` (this rank's model inputs), then the model
-    quantized in place by the `quantize` transform ({method, group_size}, recorded) with GPTQ's integers and
-    scales in the blocks' layers (the embeddings and the head are rounded to nearest, as the reference
-    leaves them). Raises what `calibrate` and the transform raise."""
-    settings = {"method": method, "group_size": group_size}
+    quantized in place by the `quantize` transform ({method, group_size, algorithm: gptq}, recorded) with GPTQ's
+    integers and scales in the blocks' layers (the embeddings and the head are rounded to nearest, as the
+    reference leaves them). Raises what `calibrate` and the transform raise."""
+    settings = {"method": method, "group_size": group_size, "algorithm": "gptq"}
     quantize.checked_settings(model, settings)
     grid = quantize.Grid.of(method, group_size)
     parts = {}

@@ -27,6 +27,8 @@ trainer callback (magnitude masks recomputed every `every` steps, re-applied aft
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -54,8 +56,9 @@ def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 @torch.no_grad()
-def input_norms(model: nn.Module, batches, max_batches: int) -> dict[str, torch.Tensor]:
-    """||X_j||_2 over the real tokens of up to `max_batches` batches, per input feature of each prunable
+def input_norms(model: nn.Module, batches: Iterable[dict], max_batches: int) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over the real tokens of up to `max_batches` of `batches` (model inputs; `labels` are ignored),
+    per input feature of each prunable
     Linear: {name: (in_features,) float64}. Padding (the attention mask's zeros) never counts
     (locuslab/wanda#79: counted, it shifts the keep/prune decisions of short texts in a padded batch);
     a soft prompt's positions do, as the blocks see them. Memory: one vector per layer (forward
@@ -81,10 +84,7 @@ def input_norms(model: nn.Module, batches, max_batches: int) -> dict[str, torch.
     seen = 0
     try:
         model.eval()
-        while seen < max_batches:
-            batch = batches.next_batch()
-            if batch is None:
-                break
+        for batch in itertools.islice(batches, max_batches):
             model(**{k: v for k, v in batch.items() if k != "labels"})
             seen += 1
     finally:

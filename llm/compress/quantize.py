@@ -38,6 +38,7 @@ from llm.models.base import Model
 from llm.models.layers import LMHead
 
 METHODS = ("int8", "int4", "int8-dynamic")
+ALGORITHMS = ("rtn", "gptq", "awq")
 
 
 @dataclasses.dataclass
@@ -46,10 +47,15 @@ class QuantizeSettings:
 
     method: str = "int8"
     group_size: int = 32  # int4 only: input columns sharing one scale and zero point
+    # which algorithm chose the integers (gptq.py, awq.py): a record only. The modules and the file's layout are
+    # the same for all; this transform rounds to nearest, and a saved model's tensors replace what it rounded.
+    algorithm: str = "rtn"
 
     def validate(self, path: str) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"{path}.method", f"expected one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"{path}.algorithm", f"expected one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         if self.group_size <= 0 or self.group_size % 2:
             raise ConfigError(f"{path}.group_size", f"expected a positive even number, got {self.group_size}")
 

@@ -1,5 +1,6 @@
-"""What `llm compress report` measures and writes: size on disk, parameters, CPU speed and quality
-of compressed variants against their original; a table, JSON and a PNG.
+"""What `llm compress report` measures and writes: size on disk, parameters, the fraction of zeros among the
+blocks' Linear weights (unstructured and n:m pruning store zeros densely), CPU speed and quality of compressed
+variants against their original; a table, JSON and a PNG.
 
 Speed (measured by llm.bench.inference, with the peers and the bandwidth limit) of a language model is
 greedy generation of the same prompt for the same number of new tokens (KV cache on, batch 1), in
@@ -66,7 +67,10 @@ def table(rows: list[dict]) -> str:
     base = rows[0]
     key, label, _ = quality_key(base)
     speed, speed_label, _ = speed_key(base)
-    head = f"{'variant':<28} {'size MB':>9} {'x smaller':>9} {'params':>11} {speed_label:>8} {label:>11} {'vs orig':>8}"
+    head = (
+        f"{'variant':<28} {'size MB':>9} {'x smaller':>9} {'params':>11} {'zeros':>6} {speed_label:>8} {label:>11} "
+        f"{'vs orig':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         q, q0 = r["metrics"].get(key), base["metrics"].get(key)
@@ -75,7 +79,7 @@ def table(rows: list[dict]) -> str:
             rel = f"{(q - q0) * 100:+.2f}pt"
         lines.append(
             f"{r['name']:<28} {r['size_bytes'] / 1e6:>9.3f} {base['size_bytes'] / r['size_bytes']:>9.2f} "
-            f"{r['parameters']:>11,} {r.get(speed, float('nan')):>8.1f} "
+            f"{r['parameters']:>11,} {r.get('sparsity', 0.0):>6.1%} {r.get(speed, float('nan')):>8.1f} "
             f"{q if q is not None else float('nan'):>11.4f} {rel:>8}"
         )
     return "\n".join(lines)

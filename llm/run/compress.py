@@ -3,6 +3,9 @@ llm model directory (with the tokenizer beside the source), or measure variants 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 import shlex
 import sys
 import time
@@ -10,10 +13,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 from llm import transforms
 from llm.bench import inference
-from llm.compress import prune, report
+from llm.compress import awq, gptq, prune, report, sparsegpt
 from llm.data.config import DataConfig
 from llm.errors import UserError
 from llm.log import logger
@@ -21,6 +25,7 @@ from llm.models.base import Model
 from llm.run.evaluate import evaluate
 from llm.run.loader import find_tokenizer, load_model, save_pretrained
 from llm.tasks import task_of
+from llm.train.distributed import launcher_name
 
 
 def _check_out(model_path: str | Path, out: str | Path) -> Path:
@@ -31,35 +36,105 @@ def _check_out(model_path: str | Path, out: str | Path) -> Path:
 
 
 def quantize_model(
-    model: str, out: str, *, method: Literal["int8", "int4", "int8-dynamic"] = "int8", group_size: int = 32
+    model: str,
+    out: str,
+    *,
+    method: Literal["int8", "int4", "int8-dynamic"] = "int8",
+    algorithm: Literal["rtn", "gptq", "awq"] = "rtn",
+    group_size: int = 32,
+    data: str | None = None,
+    calibration_batches: int = 16,
+    batch_size: int = 4,
 ) -> Path:
     """Post-training quantization of every Linear, the head and the embeddings: int8 / int4 weight-only, or int8
     dynamic (activations too, for encoders and classifiers); run on llm's CPU kernels.
 
-    See llm.compress.quantize; the quantized model is saved as an llm model directory with the
-    source's tokenizer beside it.
+    The integers are rounded to nearest (rtn), or chosen for the blocks' Linear layers from calibration data,
+    block by block: GPTQ (each column's rounding error compensated in the columns after it) or AWQ (salient
+    input channels scaled up, weights clipped); the file's format is the same. Under torchrun each rank
+    calibrates on its share of the batches and the result is the one-rank result. See llm.compress.quantize,
+    gptq and awq; the quantized model is saved as an llm model directory with the source's tokenizer beside it.
 
     Args:
         model: a model, run or checkpoint directory, or a Hugging Face directory
         out: the llm model directory to write
-        method: int8 or int4 weight-only, or int8 weights with int8 dynamic activations
+        method: int8 or int4 weight-only, or int8 weights with int8 dynamic activations (rtn only)
+        algorithm: how the integers are chosen: round to nearest, or calibrated (gptq, awq: need --data)
         group_size: int4: input columns per scale
+        data: gptq, awq: calibration shard directory or example file
+        calibration_batches: gptq, awq: batches of calibration data
+        batch_size: gptq, awq: windows or examples per calibration batch
 
     Example:
         llm compress quantize runs/quickstart/export runs/quickstart/int8 --method int8
+        llm compress quantize runs/quickstart/export runs/quickstart/gptq --method int4 --group-size 128 \\
+            --algorithm gptq --data data/quickstart/train
     """
     out_dir = _check_out(model, out)
     m = load_model(model).float().eval()
-    try:
-        transforms.apply_transform(m, {"name": "quantize", "method": method, "group_size": group_size}, "quantize")
-    except Exception as e:
-        if isinstance(e, UserError):
-            raise UserError(f"{model}: {e}") from None
-        raise
-    path = save_pretrained(m, out_dir, find_tokenizer(model))
-    logger.info(f"{model} quantized ({method}) -> {path}")
-    print(path)
+    if algorithm != "rtn" and method == "int8-dynamic":
+        raise UserError(f"--algorithm {algorithm}: quantizes weights only (--method int4 or int8)")
+    with _launch() as (rank, world, group):
+        if algorithm == "rtn":
+            with _named_errors(model, data):
+                spec = {"name": "quantize", "method": method, "group_size": group_size}
+                transforms.apply_transform(m, spec, "quantize")
+        else:
+            batches = _share(m, data, model, f"--algorithm {algorithm}", calibration_batches, batch_size, rank, world)
+            with _named_errors(model, data):
+                (gptq.quantize_model if algorithm == "gptq" else awq.quantize_model)(
+                    m, batches, method, group_size, group=group
+                )
+        path = save_pretrained(m, out_dir, find_tokenizer(model)) if rank == 0 else out_dir
+    logger.info(f"{model} quantized ({method}, {algorithm}) -> {path}")
+    if rank == 0:
+        print(path)
     return path
+
+
+@contextlib.contextmanager
+def _named_errors(model: str, data: str | None):
+    """A UserError from the compression names where it comes from: the --data path for "calibration data: ..."
+    (llm.compress.calibrate's errors), else the model."""
+    try:
+        yield
+    except UserError as e:
+        text = str(e)
+        if text.startswith(CALIBRATION):
+            raise UserError(f"{data}: {text[len(CALIBRATION) :]}") from None
+        raise UserError(text if text.startswith(str(model)) else f"{model}: {text}") from None
+
+
+CALIBRATION = "calibration data: "
+
+
+@contextlib.contextmanager
+def _launch():
+    """(rank, world size, process group) of a launch (torchrun's environment; gloo: the calibration runs on the
+    CPU), the group started here and ended on leaving; (0, 1, None) for a lone process. Raises UserError under
+    an MPI launcher (its ranks would all write OUT)."""
+    launcher = launcher_name()
+    if launcher == "mpi":
+        raise UserError("llm compress: run it alone or under torchrun, not under an MPI launcher")
+    if launcher == "single" or os.environ["WORLD_SIZE"] == "1":
+        yield 0, 1, None
+        return
+    dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def _share(model: Model, data: str | None, model_path: str, what: str, n: int, batch_size: int, rank: int, world: int):
+    """This rank's share of the first `n` calibration batches of `data`: batches rank, rank + world, ... (every
+    rank reads the one-rank sequence, so the ranks together see exactly the one-rank samples)."""
+    if not data:
+        raise UserError(f"{what}: needs calibration data (--data SHARDS)")
+    if n <= 0:
+        raise UserError(f"--calibration-batches: expected a positive number, got {n}")
+    batches = calibration_batches(model, data, model_path, batch_size)
+    return [b for i, b in enumerate(itertools.islice(iter(batches.next_batch, None), n)) if i % world == rank]
 
 
 def shard_config(model: Model, data: str, model_path: str, seq_len: int | None = None) -> DataConfig:
@@ -75,8 +150,10 @@ def shard_config(model: Model, data: str, model_path: str, seq_len: int | None =
     )
 
 
-def _batches(model: Model, config: DataConfig, batch_size: int):
-    """The task's batches over `config.val`, in order (Wanda's calibration, the timed batch)."""
+def calibration_batches(model: Model, data: str, model_path: str, batch_size: int, seq_len: int | None = None):
+    """The task's batches over `data` in order, read as `shard_config` says (calibration, the timed batch);
+    `.next_batch()` gives each, then None."""
+    config = shard_config(model, data, model_path, seq_len)
     return task_of(model).batches(
         model.config, config, "val", seed=0, micro_batch_size=batch_size, rank=0, world_size=1
     )
@@ -86,59 +163,77 @@ def prune_model(
     model: str,
     out: str,
     *,
-    method: Literal["magnitude", "wanda"] = "magnitude",
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude",
     sparsity: float = 0.0,
+    pattern: str | None = None,
     scope: Literal["layer", "global"] = "layer",
     structured: str | None = None,
     data: str | None = None,
     calibration_batches: int = 8,
     batch_size: int = 4,
 ) -> dict:
-    """Unstructured (magnitude, Wanda) or structured (heads, neurons) pruning.
+    """Unstructured (magnitude, Wanda, SparseGPT), n:m or structured (heads, neurons) pruning.
 
     Unstructured pruning zeroes a fraction of the weights of every Linear layer inside the blocks,
-    those with the smallest |W| (magnitude) or |W| x input norm over calibration batches (Wanda);
-    structured pruning removes whole attention heads and MLP neurons (see llm.compress.prune).
-    Give --sparsity, --structured, or both.
+    those with the smallest |W| (magnitude) or |W| x input norm over calibration batches (Wanda), or
+    chooses them block by block from calibration data and updates the weights left to compensate
+    (SparseGPT); --pattern 2:4 zeroes 2 of every 4 consecutive weights of a row instead, for any method.
+    Structured pruning removes whole attention heads and MLP neurons (see llm.compress.prune).
+    Give --sparsity or --pattern, --structured, or both. Under torchrun SparseGPT calibrates each rank's
+    share of the batches and the result is the one-rank result.
 
     Args:
         model: a model, run or checkpoint directory, or a Hugging Face directory
         out: the llm model directory to write
-        method: how weights are scored for unstructured pruning
-        sparsity: fraction of block weights set to zero
-        scope: remove the fraction from every layer separately, or rank all layers' weights together
+        method: how weights are chosen for unstructured or n:m pruning
+        sparsity: fraction of block weights set to zero, 0 < S < 1
+        pattern: n:m, e.g. 2:4: n of every m consecutive weights of a row set to zero (instead of --sparsity)
+        scope: magnitude, wanda: remove the fraction from every layer separately, or rank all layers' weights together
         structured: units removed per block, heads=K,neurons=M
-        data: calibration shard directory or example file (needed by wanda)
-        calibration_batches: wanda: batches of calibration data
-        batch_size: wanda: windows or examples per calibration batch
+        data: calibration shard directory or example file (needed by wanda and sparsegpt)
+        calibration_batches: wanda, sparsegpt: batches of calibration data
+        batch_size: wanda, sparsegpt: windows or examples per calibration batch
 
     Example:
         llm compress prune runs/quickstart/export runs/quickstart/wanda50 --method wanda --sparsity 0.5 \\
             --data data/quickstart/train
+        llm compress prune runs/quickstart/export runs/quickstart/sparsegpt24 --method sparsegpt --pattern 2:4 \\
+            --data data/quickstart/train
         llm compress prune runs/quickstart/export runs/quickstart/pruned --structured heads=1,neurons=128
     """
-    if not sparsity and not structured:
-        raise UserError("llm compress prune: give --sparsity S (unstructured) and/or --structured heads=K,neurons=M")
+    if not sparsity and not pattern and not structured:
+        raise UserError(
+            "llm compress prune: give --sparsity S or --pattern n:m (unstructured) "
+            "and/or --structured heads=K,neurons=M"
+        )
+    if sparsity and pattern:
+        raise UserError(f"--pattern {pattern}: sets the sparsity (n/m); give --sparsity or --pattern, not both")
+    if sparsity and not 0 < sparsity < 1:
+        raise UserError(f"--sparsity: expected 0 < S < 1, got {sparsity}")
     out_dir = _check_out(model, out)
     m = load_model(model).float().eval()
     before = m.num_parameters()
     summary: dict = {"parameters_before": before}
-    if structured:
-        heads, neurons = prune.parse_structured(structured)
-        prune.prune_structured(m, heads, neurons)
-    if sparsity:
-        norms = None
-        if method == "wanda":
-            if not data:
-                raise UserError("--method wanda: needs calibration data (--data SHARDS)")
-            batches = _batches(m, shard_config(m, data, model), batch_size)
-            norms = prune.input_norms(m, batches, calibration_batches)
-        prune.prune_unstructured(m, sparsity, method, scope, norms)
-        summary["sparsity"] = prune.sparsity_of(m)
-    summary["parameters"] = m.num_parameters()
-    summary["path"] = str(save_pretrained(m, out_dir, find_tokenizer(model)))
+    with _launch() as (rank, world, group):
+        batches = None
+        if (sparsity or pattern) and method != "magnitude":  # wanda: the same batches on every rank
+            batches = _share(m, data, model, f"--method {method}", calibration_batches, batch_size,
+                             *((rank, world) if method == "sparsegpt" else (0, 1)))  # fmt: skip
+        with _named_errors(model, data):
+            if structured:
+                prune.prune_structured(m, *prune.parse_structured(structured))
+            if method == "sparsegpt" and batches is not None:
+                sparsegpt.prune_model(m, batches, sparsity, pattern, group=group)
+            elif sparsity or pattern:
+                norms = prune.input_norms(m, batches, calibration_batches) if batches is not None else None
+                prune.prune_unstructured(m, sparsity, method, scope, norms, pattern)
+        if sparsity or pattern:
+            summary["sparsity"] = prune.sparsity_of(m)
+        summary["parameters"] = m.num_parameters()
+        summary["path"] = str(save_pretrained(m, out_dir, find_tokenizer(model)) if rank == 0 else out_dir)
     logger.info(f"{model} pruned -> {out_dir}: {before:,} -> {summary['parameters']:,} parameters")
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    if rank == 0:
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return summary
 
 
@@ -156,7 +251,7 @@ def compress_report(
     batch_size: int = 8,
     seq_len: int | None = None,
 ) -> dict:
-    """Size on disk, parameters, CPU speed and held-out quality of variants against the original.
+    """Size on disk, parameters, zeros, CPU speed and held-out quality of variants against the original.
 
     Speed: causal LMs generate (tokens/s, batch 1, with the bandwidth limit of each), other tasks run
     forward passes over the first batch of DATA (examples/s); rounds alternate between the models and
@@ -197,7 +292,7 @@ def compress_report(
         job, peers, speed_key = {"prompt": prompt, "new_tokens": new_tokens}, inference.DECODE_PEERS, "tokens_per_s"
         speed_meta = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds, "batch": 1}
     else:
-        batch = _batches(base, shard_config(base, data, model, seq_len), batch_size).next_batch()
+        batch = calibration_batches(base, data, model, batch_size, seq_len).next_batch()
         if batch is None:
             raise UserError(f"{data}: no examples to time")
         job = {"inputs": {k: v for k, v in batch.items() if k != "labels"}}
@@ -228,6 +323,7 @@ def compress_report(
                 "path": str(p),
                 "size_bytes": report.size_on_disk(p),
                 "parameters": m.num_parameters(),
+                "sparsity": prune.sparsity_of(m),
                 "transforms": m.transforms,
                 speed_key: speed.get(label, float("nan")),
                 "metrics": metrics,

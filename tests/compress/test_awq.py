@@ -122,7 +122,7 @@ def test_clipping_finds_the_least_output_error():
 def test_awq_model_is_todays_format_and_reloads_bit_identical(tmp_path):
     spec = ARCHITECTURES["llama-gqa"][0]
     model = awq.quantize_model(build(spec).eval(), inputs(spec), "int4", 32)
-    assert model.transforms == [{"name": "quantize", "method": "int4", "group_size": 32}]
+    assert model.transforms == [{"name": "quantize", "method": "int4", "group_size": 32, "algorithm": "awq"}]
     assert isinstance(model.transformer.blocks[0].mlp.fc_in.weight, QuantizedWeight)
     ids = torch.randint(0, 100, (2, 11))
     before = model(ids).logits

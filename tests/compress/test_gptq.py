@@ -122,12 +122,12 @@ def batches(n=3, vocab=100, length=16):
 
 @pytest.mark.parametrize("method", ["int4", "int8"])
 def test_gptq_model_is_todays_format_and_reloads_bit_identical(tmp_path, method):
-    """The saved model holds the integers GPTQ chose (not RTN's) in today's layout, records the plain
-    quantize transform, and reloads with bit-identical logits."""
+    """The saved model holds the integers GPTQ chose (not RTN's) in today's layout, records the
+    quantize transform with the algorithm that chose them, and reloads with bit-identical logits."""
     model = build(LLAMA).eval()
     original = model.transformer.blocks[1].mlp.fc_out.weight.detach().clone()
     gptq.quantize_model(model, batches(), method, 32)
-    assert model.transforms == [{"name": "quantize", "method": method, "group_size": 32}]
+    assert model.transforms == [{"name": "quantize", "method": method, "group_size": 32, "algorithm": "gptq"}]
     weight = model.transformer.blocks[1].mlp.fc_out.weight
     qdata = weight.parts()[0]
     qdata = quantize.unpack_int4(qdata) if method == "int4" else qdata

@@ -108,14 +108,6 @@ def test_global_scope_uses_one_threshold():
     assert abs(prune.sparsity_of(model) - 0.4) < 1e-3
 
 
-class ListBatches:
-    def __init__(self, batches):
-        self.items = list(batches)
-
-    def next_batch(self):
-        return self.items.pop(0) if self.items else None
-
-
 def test_wanda_scores_weights_by_input_norms():
     """Input norms from the hooks equal norms of the inputs captured independently, and Wanda drops,
     per output row, the smallest |W| * ||X|| (numpy reference)."""
@@ -134,7 +126,7 @@ def test_wanda_scores_weights_by_input_norms():
     model(input_ids=batches[0]["input_ids"])
     for h in handles:
         h.remove()
-    norms = prune.input_norms(model, ListBatches(batches), 4)
+    norms = prune.input_norms(model, batches, 4)
     for name, x in captured.items():
         ref = np.linalg.norm(x.double().numpy().reshape(-1, x.shape[-1]), axis=0)
         assert rel_err(norms[name], torch.from_numpy(ref)) < 1e-12
@@ -160,7 +152,7 @@ def test_wanda_counts_real_tokens_only():
     mask = torch.zeros(2, 16, dtype=torch.long)
     for i, t in enumerate(texts):
         ids[i, : len(t)], mask[i, : len(t)] = t, 1
-    norms = prune.input_norms(model, ListBatches([{"input_ids": ids, "attention_mask": mask}]), 1)
+    norms = prune.input_norms(model, [{"input_ids": ids, "attention_mask": mask}], 1)
 
     reference = copy.deepcopy(model).double()
     layers = dict(prune.prunable_linears(reference))

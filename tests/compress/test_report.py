@@ -45,6 +45,7 @@ def test_report_measures_every_variant(tmp_path, shards):
         assert r["tokens_per_s"] > 0 and r["metrics"]["ppl"] > 1
     assert rows[2]["parameters"] < rows[0]["parameters"] == rows[1]["parameters"]
     assert rows[1]["transforms"][0]["name"] == "quantize"
+    assert rows[0]["sparsity"] == 0 and rows[2]["sparsity"] == 0  # structured pruning leaves no zeros
     assert (tmp_path / "report" / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert result["rows"] == rows
 
@@ -54,9 +55,11 @@ def test_classifiers_are_compared_by_accuracy(tmp_path):
     rows = [
         {"name": "orig", "size_bytes": 400, "metrics": {"accuracy": 0.9}, **common},
         {"name": "int8", "size_bytes": 100, "metrics": {"accuracy": 0.885}, **common},
+        {"name": "2:4", "size_bytes": 400, "metrics": {"accuracy": 0.8}, "sparsity": 0.5, **common},
     ]
     text = report.table(rows)
     assert "accuracy" in text.splitlines()[0] and "-1.50pt" in text and "4.00" in text
+    assert text.splitlines()[-1].split()[4] == "50.0%" and text.splitlines()[2].split()[4] == "0.0%"
     report.write(rows, tmp_path, {})
     assert (tmp_path / "report.png").is_file()
 

@@ -8,7 +8,7 @@ import torch
 from llm.compress import prune, sparsegpt
 from llm.errors import UserError
 from tests.compress.test_gptq import layer_and_inputs
-from tests.compress.test_prune import SPECS, ListBatches
+from tests.compress.test_prune import SPECS
 from tests.conftest import build, rel_err
 
 
@@ -77,7 +77,7 @@ def test_two_of_every_four_for_every_method(method):
     if method == "sparsegpt":
         sparsities = sparsegpt.prune_model(model, batches(), pattern="2:4")
     else:
-        norms = prune.input_norms(model, ListBatches(batches()), 3) if method == "wanda" else None
+        norms = prune.input_norms(model, batches(), 3) if method == "wanda" else None
         sparsities = prune.prune_unstructured(model, 0.0, method, norms=norms, pattern="2:4")
     layers = prune.prunable_linears(model)
     assert set(sparsities) == {name for name, _ in layers} and all(s == 0.5 for s in sparsities.values())
@@ -87,7 +87,7 @@ def test_two_of_every_four_for_every_method(method):
 
 def test_wanda_two_of_four_drops_the_lowest_scores():
     model = build(SPECS["mha-gelu"]).eval()
-    norms = prune.input_norms(model, ListBatches(batches()), 3)
+    norms = prune.input_norms(model, batches(), 3)
     original = {n: m.weight.detach().clone() for n, m in prune.prunable_linears(model)}
     prune.prune_unstructured(model, 0.0, "wanda", norms=norms, pattern="2:4")
     for name, m in prune.prunable_linears(model):
