@@ -294,11 +294,12 @@ def greedy_check(model: nn.Module, quantized: nn.Module, prompt: torch.Tensor, n
 
 
 def runner(model: nn.Module, job: dict) -> Callable[[], object]:
-    """One timed call: greedy generation of job["new_tokens"] after job["prompt"] (eos ignored), or a forward
-    pass over job["inputs"]."""
-    from llm.models.generation import generate
+    """One timed call: greedy generation of job["new_tokens"] after job["prompt"] (eos ignored), the weights laid
+    out as `llm generate` runs them (`decode_layout`, in place), or a forward pass over job["inputs"]."""
+    from llm.models.generation import decode_layout, generate
 
     if "prompt" in job:
+        decode_layout(model)
         return lambda: generate(
             model, job["prompt"], max_new_tokens=job["new_tokens"], temperature=0.0, eos_token_id=[]
         )

@@ -8,7 +8,7 @@ import torch
 
 from llm.data.tokenizer import Tokenizer
 from llm.errors import UserError
-from llm.models.generation import generate
+from llm.models.generation import decode_layout, generate
 from llm.run.loader import find_tokenizer, load_model
 
 
@@ -49,7 +49,7 @@ def generate_text(
         raise UserError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
     if top_k is not None and top_k <= 0:
         raise UserError(f"--top-k: must be > 0, got {top_k}")
-    lm = load_model(model, dtype=dtype)
+    lm = decode_layout(load_model(model, dtype=dtype))
     if lm.task not in ("causal_lm", "instruction"):
         raise UserError(f"{model}: a {lm.task!r} model; generation needs a causal_lm or instruction model")
     tok_path = tokenizer or find_tokenizer(model)

@@ -6,7 +6,7 @@ import torch
 
 from llm.cli import main
 from llm.models.config import ModelConfig
-from llm.models.generation import filter_logits, generate
+from llm.models.generation import decode_layout, filter_logits, generate
 from llm.run.generate import generate_text
 from llm.run.loader import save_pretrained
 from llm.tasks import build_model
@@ -37,6 +37,19 @@ def test_cached_greedy_equals_recompute(arch):
     cached = generate(model, ids, max_new_tokens=12, temperature=0)
     assert torch.equal(cached, generate(model, ids, max_new_tokens=12, temperature=0, use_cache=False))
     assert torch.equal(cached, recompute_greedy(model, ids, 12))
+
+
+@pytest.mark.parametrize("arch", [TINY, LLAMA], ids=["gpt", "llama-gqa"])
+def test_decode_layout_changes_the_memory_layout_only(arch, tmp_path):
+    model = tiny(arch)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 61, (2, 5))
+    decode_layout(model)
+    fc_in = model.transformer.blocks[0].mlp.fc_in
+    assert fc_in.weight.stride() == (1, fc_in.out_features)  # laid out as its transpose (in, out)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert torch.equal(generate(model, ids, max_new_tokens=8, temperature=0), recompute_greedy(model, ids, 8))
+    save_pretrained(model, tmp_path / "m")  # the saved weights are plain contiguous tensors again
 
 
 @pytest.mark.parametrize("arch", [TINY, LLAMA], ids=["gpt", "llama-gqa"])
