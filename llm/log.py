@@ -30,6 +30,8 @@ CHATTER = (
     # ZeRO-3's module hooks cannot see into ModelOutput (a dataclass); llm's ZeRO-3 runs match ZeRO-0's
     # (tests/train/test_zero.py), so the hook it means is not one llm needs
     ("DeepSpeed", "unknown inputs or outputs type"),
+    # said by DeepSpeed where torch sees no CUDA device (its detection asks torch): on a CPU machine, always
+    ("DeepSpeed", "Setting accelerator to CPU"),
 )
 # deprecations a dependency raises from its own code (the warning's module is not llm's)
 DEPENDENCY = r"(?!llm(\.|$))"
@@ -54,11 +56,12 @@ for _name in {name for name, _ in CHATTER}:
 
 @contextlib.contextmanager
 def dependency_output(what: str):
-    """What a dependency prints to stdout inside the block (DeepSpeed's "... built successfully"),
-    logged at DEBUG under `what`; printed to stderr after all when the block raises."""
+    """What a dependency prints to stdout or stderr inside the block (DeepSpeed's "... built
+    successfully", zero_to_fp32's progress bars), logged at DEBUG under `what`; printed to stderr after
+    all when the block raises. llm's own log lines are not caught: its handler holds the real stderr."""
     buffer = io.StringIO()
     try:
-        with contextlib.redirect_stdout(buffer):
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
             yield
     except BaseException:
         sys.stderr.write(buffer.getvalue())

@@ -58,7 +58,8 @@ def test_validation_line_is_not_glued_to_the_progress_bar(tmp_path):
 
 def test_the_terminal_shows_only_what_llm_says(tmp_path):
     """Dependency chatter stays out of the terminal (issue 21): a ZeRO-3 run (DeepSpeed's start-up print,
-    torch's deprecations inside its collectives, its ZeRO-3 hook warning) and a quantization print llm's
+    torch's deprecations inside its collectives, its ZeRO-3 hook warning), a convert of its checkpoint
+    without DS_ACCELERATOR (DeepSpeed's "Setting accelerator to CPU") and a quantization print llm's
     lines only, at INFO and at LLM_LOG_LEVEL=DEBUG (a quantization no longer imports torchao, whose
     "Failed to load ... _C_mxfp8" was its chatter). Real commands, one process each (~20 s): the chatter
     comes from imports and process-group start-up."""
@@ -69,6 +70,15 @@ def test_the_terminal_shows_only_what_llm_says(tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:]
     assert [line for line in run.stdout.splitlines() if not line.startswith("llm: ")] == []
+    no_accelerator_named = {k: v for k, v in env().items() if k != "DS_ACCELERATOR"}  # as a user runs it
+    convert = ["convert", str(tmp_path / "run" / "checkpoints"), str(tmp_path / "hf"), "--to", "hf"]
+    converted = subprocess.run(
+        [sys.executable, "-m", "llm", *convert],
+        cwd=ROOT, env=no_accelerator_named, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )  # fmt: skip
+    assert converted.returncode == 0, converted.stdout[-3000:]
+    answer = f"read training checkpoint {tmp_path / 'run' / 'checkpoints'} "  # the command's answer, on stdout
+    assert [line for line in converted.stdout.splitlines() if not line.startswith(("llm: ", answer))] == []
     quantize = ["compress", "quantize", str(tmp_path / "run" / "export")]
     for level, out in (("INFO", "q"), ("DEBUG", "q-debug")):
         proc = subprocess.run(
