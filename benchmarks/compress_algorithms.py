@@ -12,7 +12,7 @@ loss increase for the classifier (accuracy moves by whole examples: reported, no
 
     PYTHONPATH=. python benchmarks/compress_algorithms.py                       # runs/quickstart/export
     PYTHONPATH=. python benchmarks/compress_algorithms.py --lm runs/gpt2-124m-ctx64 --lm-data /tmp/p2/data \
-        --lm-name gpt2-124m --calibration-batches 8 --eval-batches 16 --variants quantize
+        --lm-name gpt2-124m --calibration-batches 6 --eval-batches 8 --variants rtn gptq
     PYTHONPATH=. python benchmarks/compress_algorithms.py --classifier runs/minilm/export \\
         --classifier-train runs/minilm/train.jsonl --classifier-val runs/minilm/val.jsonl --val-limit 1000
 
@@ -46,17 +46,17 @@ PRUNED = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = {"50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
 
 
-def variants(model: Path, work: Path, calibration: dict, reuse: bool, kinds: list[str]) -> dict[str, Path]:
-    """The variants of `model`, by name: int4 g128 by each algorithm (`kinds` holds "quantize"), each pruning
-    method at 50% and 2:4 ("prune"); `reuse`: those already under `work` are kept."""
+def variants(model: Path, work: Path, calibration: dict, reuse: bool, chosen: list[str]) -> dict[str, Path]:
+    """The `chosen` variants of `model`, by name: int4 g128 by each algorithm, each pruning method at 50% and
+    2:4; `reuse`: those already under `work` are kept."""
     made = {}
-    for algorithm in QUANTIZED if "quantize" in kinds else ():
+    for algorithm in (a for a in QUANTIZED if a in chosen):
         out = made[f"int4 g128 {algorithm}"] = work / f"int4-g128-{algorithm}"
         extra = calibration if algorithm != "rtn" else {}
         if not (reuse and (out / "model.safetensors").is_file()):
             quantize_model(str(model), str(out), method="int4", group_size=128, algorithm=algorithm, **extra)
-    for label, how in PATTERNS.items() if "prune" in kinds else ():
-        for method in PRUNED:
+    for label, how in PATTERNS.items():
+        for method in (m for m in PRUNED if m in chosen):
             out = made[f"{method} {label}"] = work / f"{method}-{label.replace('%', '').replace(':', 'of')}"
             extra = calibration if method != "magnitude" else {}
             if not (reuse and (out / "model.safetensors").is_file()):
@@ -99,24 +99,25 @@ def measure(name: str, model: Path, train: str, val: str, work: Path, args) -> d
     quality = {n: r["metrics"] for n, r in rows.items()}
     increase = {n: m[key] - base for n, m in quality.items()}
     checks, blocks_checks, blocks, blocks_increase = {}, {}, {}, {}
-    if "quantize" in args.variants:
-        rtn = increase["int4 g128 rtn"]
-        for a in ("gptq", "awq"):
-            checks[f"{a} int4 g128 {key} increase <= half of RTN's"] = increase[f"int4 g128 {a}"] <= rtn / 2
-        blocks = {
-            f"int4 g128 {a}": blocks_only(
-                model, made[f"int4 g128 {a}"], val, work / name, args.eval_batch_size, args.eval_batches
-            )
-            for a in QUANTIZED
-        }
-        blocks_increase = {n: m[key] - base for n, m in blocks.items()}
-        for a in ("gptq", "awq"):
-            blocks_checks[f"{a} blocks' {key} increase <= half of RTN's"] = (
-                blocks_increase[f"int4 g128 {a}"] <= blocks_increase["int4 g128 rtn"] / 2
-            )
-    for label in PATTERNS if "prune" in args.variants else ():
+    quantized = [a for a in QUANTIZED if a in args.variants]
+    blocks = {
+        f"int4 g128 {a}": blocks_only(
+            model, made[f"int4 g128 {a}"], val, work / name, args.eval_batch_size, args.eval_batches
+        )
+        for a in quantized
+    }
+    blocks_increase = {n: m[key] - base for n, m in blocks.items()}
+    checks, blocks_checks = {}, {}
+    for a in (a for a in ("gptq", "awq") if a in quantized and "rtn" in quantized):
+        checks[f"{a} int4 g128 {key} increase <= half of RTN's"] = (
+            increase[f"int4 g128 {a}"] <= increase["int4 g128 rtn"] / 2
+        )
+        blocks_checks[f"{a} blocks' {key} increase <= half of RTN's"] = (
+            blocks_increase[f"int4 g128 {a}"] <= blocks_increase["int4 g128 rtn"] / 2
+        )
+    for label in PATTERNS if "sparsegpt" in args.variants else ():
         sparse = quality[f"sparsegpt {label}"][key]
-        for method in ("wanda", "magnitude"):
+        for method in (m for m in ("wanda", "magnitude") if m in args.variants):
             checks[f"sparsegpt {label} {key} < {method} {label}"] = sparse < quality[f"{method} {label}"][key]
     return {
         "model": str(model),
@@ -151,7 +152,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--eval-batches", type=int, help="held-out batches scored (default: all)")
-    p.add_argument("--variants", nargs="+", choices=("quantize", "prune"), default=["quantize", "prune"])
+    p.add_argument("--variants", nargs="+", choices=QUANTIZED + PRUNED, default=QUANTIZED + PRUNED, help="to make")
     p.add_argument("--rounds", type=int, default=2, help="interleaved speed rounds of the report")
     p.add_argument("--work", type=Path, default=Path("runs/compress_algorithms"))
     p.add_argument("--results", type=Path, default=Path("benchmarks/results/compress_algorithms"))
