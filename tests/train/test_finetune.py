@@ -376,7 +376,9 @@ def test_eval_loss_is_the_mean_over_examples_as_scikit_learn_gives_it(mnli, tmp_
         model=str(tmp_path / "model"), data=str(tmp_path / "ten.jsonl"), batch_size=4, out=str(tmp_path)
     )
     assert result["batches"] == 3
-    assert result["loss"] == pytest.approx(sklearn_metrics.log_loss(truth, probs, labels=[0, 1, 2]), rel=1e-5)
+    # fp32 logits scaled by 300 carry the padded and unpadded forwards' rounding (~1e-5 relative);
+    # the mean of 3 batch means (4, 4 and 2 examples) this test guards against is far further off
+    assert result["loss"] == pytest.approx(sklearn_metrics.log_loss(truth, probs, labels=[0, 1, 2]), rel=1e-4)
     assert result["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(truth, probs.argmax(-1)), abs=1e-12)
 
 
