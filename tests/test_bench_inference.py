@@ -70,7 +70,11 @@ def test_classify_peers_run_a_mean_pooled_bert_classifier(tmp_path):
 
 
 def test_bench_decode_end_to_end(tmp_path, capsys):
-    path = inference.decode("gpt2-tiny", prompt_tokens=4, new_tokens=3, rounds=1, out_dir=tmp_path)
+    from llm.cli import main
+
+    argv = ["bench", "decode", "--model", "gpt2-tiny", "--prompt-tokens", "4", "--new-tokens", "3", "--rounds", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("decode-*.json")
     record = json.loads(path.read_text())
     names = [r["name"] for r in record["rows"]]
     assert names[:3] == ["llm fp32", "llm int8", "llm int4 g32"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import statistics
 import tempfile
 import time
@@ -360,12 +361,21 @@ def speed_table(rows: list[dict], missing: dict) -> str:
 def _write(name: str, rows: list[dict], missing: dict, out_dir, title: str, **extra) -> Path:
     from llm.kernels import cpu_build
 
-    print(speed_table(rows, missing))
     isa = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "kernel_builds": cpu_build.cpu_isas()}
     path = write_results(name, rows, out_dir, not_measured=missing, cpu_isa=isa, **extra)
     plot(rows, path.with_suffix(".png"), title)
-    print(f"wrote {path} and {path.with_suffix('.png').name}")
     return path
+
+
+def report(path: Path) -> str:
+    """What a benchmark's results JSON at `path` says, for the terminal: its table, the peers not measured,
+    the greedy check of a decode run and where the results are."""
+    results = json.loads(Path(path).read_text())
+    lines = [speed_table(results["rows"], results["not_measured"])]
+    if "greedy_int8" in results:
+        lines.append(f"greedy tokens, llm int8 vs the dequantized fp32 model: {results['greedy_int8']}")
+    lines.append(f"wrote {path} and {Path(path).with_suffix('.png').name}")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -416,7 +426,6 @@ def decode(model: str, prompt_tokens: int, new_tokens: int, rounds: int, out_dir
     tokenizer = find_tokenizer(model) if Path(model).exists() else None  # a preset has none: no llama.cpp rows
     rows, missing = measure(models, DECODE_PEERS, {"prompt": prompt, "new_tokens": new_tokens}, rounds, tokenizer)
     check = greedy_check(base, models["llm int8"], prompt, new_tokens)
-    print(f"greedy tokens, llm int8 vs the dequantized fp32 model: {check}")
     settings = dict(model=model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, rounds=rounds, batch=1)
     title = f"decode, {model}: batch 1, {prompt_tokens}-token prompt, {new_tokens} new tokens"
     return _write("decode", rows, missing, out_dir, title, settings=settings, greedy_int8=check)

@@ -20,6 +20,7 @@ import torch
 from llm.bench.common import format_table, write_results
 from llm.bench.ranks import run_on_ranks
 from llm.bench.train import bench_trainer
+from llm.log import logger
 
 MIB = 2**20
 
@@ -124,7 +125,7 @@ def run(
                    "params_m": r["params"] / 1e6}  # fmt: skip
             row["fits"] = row["step_mib"] <= budget_mib
             rows.append(row)
-            print(format_table([row], COLUMNS, HEADERS).splitlines()[-1], flush=True)
+            logger.info(f"sequence-parallel {n}, seq {seq}: step {row['step_mib']:.0f} MiB per rank")  # progress
             if not row["fits"]:
                 break
             longest[n] = seq

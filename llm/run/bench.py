@@ -184,7 +184,9 @@ def decode(
     """
     from llm.bench import inference
 
-    return inference.decode(model, prompt_tokens, new_tokens, rounds, out)
+    path = inference.decode(model, prompt_tokens, new_tokens, rounds, out)
+    print(inference.report(path))
+    return path
 
 
 def classify(
@@ -210,4 +212,6 @@ def classify(
     """
     from llm.bench import inference
 
-    return inference.classify(model, batch, seq_len, rounds, out)
+    path = inference.classify(model, batch, seq_len, rounds, out)
+    print(inference.report(path))
+    return path
